@@ -1,0 +1,97 @@
+//! The admin listener: `/metrics`, `/ready`, `/live`, `/config`, `/shutdown`.
+//!
+//! Nothing here is writable except `/shutdown` (POST), which drains the
+//! proxy and exits so a Job's pod can finish.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+/// What `/config` shows: produced on demand from the live state.
+pub type ConfigView = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
+#[derive(Clone)]
+pub struct Admin {
+    pub metrics: Arc<Metrics>,
+    pub ready: Arc<AtomicBool>,
+    pub config: ConfigView,
+    pub shutdown: CancellationToken,
+}
+
+impl tower::Service<Request<Incoming>> for Admin {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let rsp = self.respond(req.method(), req.uri().path());
+        Box::pin(async move { Ok(rsp) })
+    }
+}
+
+impl Admin {
+    fn respond(&self, method: &Method, path: &str) -> Response<Full<Bytes>> {
+        match (method, path) {
+            (&Method::GET, "/metrics") => match self.metrics.encode() {
+                Ok(text) => reply(StatusCode::OK, "text/plain; version=0.0.4", text),
+                Err(e) => reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    format!("{e}\n"),
+                ),
+            },
+            (&Method::GET, "/live") => reply(StatusCode::OK, "text/plain", "live\n".into()),
+            (&Method::GET, "/ready") => {
+                if self.ready.load(Ordering::Acquire) {
+                    reply(StatusCode::OK, "text/plain", "ready\n".into())
+                } else {
+                    reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        "not ready\n".into(),
+                    )
+                }
+            }
+            (&Method::GET, "/config") => {
+                let body = serde_json::to_string_pretty(&(self.config)()).unwrap_or_default();
+                reply(StatusCode::OK, "application/json", body + "\n")
+            }
+            (&Method::POST, "/shutdown") => {
+                tracing::info!("shutdown requested on the admin port");
+                self.shutdown.cancel();
+                reply(StatusCode::OK, "text/plain", "shutting down\n".into())
+            }
+            (_, "/metrics" | "/live" | "/ready" | "/config" | "/shutdown") => reply(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "method not allowed\n".into(),
+            ),
+            _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        }
+    }
+}
+
+fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut rsp = Response::new(Full::new(Bytes::from(body)));
+    *rsp.status_mut() = status;
+    rsp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    rsp
+}

@@ -1,0 +1,220 @@
+//! Wires the proxy together: builds the stacks, binds the listeners, runs
+//! until SIGTERM (or `/shutdown`), then drains.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::access_log::AccessLog;
+use crate::admin::Admin;
+use crate::config::{Config, FileConfig};
+use crate::metrics::{Direction, Metrics};
+use crate::router::{Selector, Target};
+use crate::serve::{accept_loop, ConnMetrics};
+use crate::{inbound, outbound, stack};
+
+type Loop<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+pub async fn run(config: Config, file: FileConfig) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new().context("metrics registry")?);
+    let log = AccessLog::start(&config.access_log, metrics.access_log_dropped.clone())
+        .await
+        .context("opening the access log")?;
+    let out = outbound::build(&config, &metrics).context("DNS resolver")?;
+    let app = config
+        .inbound
+        .as_ref()
+        .map(|i| inbound::app_target(&config, i, &metrics));
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let shutdown = CancellationToken::new();
+    let stop_accepting = CancellationToken::new();
+    let graceful = GracefulShutdown::new();
+    let conn_metrics = |d: Direction| ConnMetrics {
+        open: metrics.open_connections.with_label_values(&[d.as_str()]),
+        accepted: metrics.connections.with_label_values(&[d.as_str()]),
+    };
+
+    let mut loops: Vec<Loop<'_>> = Vec::new();
+    let mut bound = Vec::new();
+    let outbound_listener = bind("outbound", config.outbound_listen).await?;
+    bound.push(("outbound", local(&outbound_listener)));
+    loops.push(Box::pin(accept_loop(
+        "outbound",
+        outbound_listener,
+        stack::http(
+            Direction::Outbound,
+            Selector::Authority(Arc::clone(&out.table)),
+            &metrics,
+            log.clone(),
+        ),
+        conn_metrics(Direction::Outbound),
+        &graceful,
+        stop_accepting.clone(),
+    )));
+    for (addr, target) in &out.upstreams {
+        let listener = bind("upstream", *addr).await?;
+        bound.push(("upstream", local(&listener)));
+        loops.push(Box::pin(accept_loop(
+            "upstream",
+            listener,
+            stack::http(
+                Direction::Outbound,
+                Selector::Fixed(Arc::clone(target)),
+                &metrics,
+                log.clone(),
+            ),
+            conn_metrics(Direction::Outbound),
+            &graceful,
+            stop_accepting.clone(),
+        )));
+    }
+    if let (Some(inb), Some(app)) = (&config.inbound, &app) {
+        let listener = bind("inbound", inb.listen).await?;
+        bound.push(("inbound", local(&listener)));
+        loops.push(Box::pin(accept_loop(
+            "inbound",
+            listener,
+            stack::http(
+                Direction::Inbound,
+                Selector::Fixed(Arc::clone(app)),
+                &metrics,
+                log.clone(),
+            ),
+            conn_metrics(Direction::Inbound),
+            &graceful,
+            stop_accepting.clone(),
+        )));
+    }
+    let admin_listener = bind("admin", config.admin_listen).await?;
+    bound.push(("admin", local(&admin_listener)));
+    let admin = Admin {
+        metrics: Arc::clone(&metrics),
+        ready: Arc::clone(&ready),
+        config: config_view(&config, &file, &out.targets, app.clone()),
+        shutdown: shutdown.clone(),
+    };
+    // The admin port keeps answering during the drain (probes see not-ready), so
+    // it stops only with the process.
+    let admin_stop = CancellationToken::new();
+    let admin_graceful = GracefulShutdown::new();
+    let admin_loop = accept_loop(
+        "admin",
+        admin_listener,
+        admin,
+        ConnMetrics {
+            open: prometheus::IntGauge::new("admin_open", "admin connections")?,
+            accepted: prometheus::IntCounter::new("admin_accepted", "admin connections")?,
+        },
+        &admin_graceful,
+        admin_stop.clone(),
+    );
+
+    for (name, addr) in &bound {
+        tracing::info!(listener = name, %addr, "listening");
+    }
+    // Tests and the demo wait for this line on stderr-free stdout consumers;
+    // it names every bound address, including ports chosen by the OS.
+    println!(
+        "tern-proxy ready: {}",
+        bound
+            .iter()
+            .map(|(n, a)| format!("{n}={a}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    ready.store(true, Ordering::Release);
+
+    let serving = futures::future::join_all(loops);
+    let signals = wait_for_signal(shutdown.clone());
+    tokio::pin!(admin_loop);
+    tokio::select! {
+        _ = &mut admin_loop => {}
+        _ = async {
+            tokio::join!(serving, async {
+                signals.await;
+                tracing::info!(grace = ?config.drain_grace, "draining");
+                ready.store(false, Ordering::Release);
+                stop_accepting.cancel();
+            });
+        } => {}
+    }
+    let drained = tokio::time::timeout(config.drain_grace, graceful.shutdown()).await;
+    match drained {
+        Ok(()) => tracing::info!("drained"),
+        Err(_) => {
+            tracing::warn!(grace = ?config.drain_grace, "grace period over; closing connections with requests in flight")
+        }
+    }
+    if let Some(log) = &log {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), log.flush()).await;
+    }
+    admin_stop.cancel();
+    Ok(())
+}
+
+async fn bind(name: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the {name} listener on {addr}"))
+}
+
+fn local(l: &TcpListener) -> String {
+    l.local_addr().map(|a| a.to_string()).unwrap_or_default()
+}
+
+async fn wait_for_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            shutdown.cancelled().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        _ = shutdown.cancelled() => {}
+    }
+}
+
+fn config_view(
+    config: &Config,
+    file: &FileConfig,
+    targets: &[Arc<Target>],
+    app: Option<Arc<Target>>,
+) -> crate::admin::ConfigView {
+    let config = serde_json::to_value(config).unwrap_or_default();
+    let file = serde_json::to_value(file).unwrap_or_default();
+    let targets: Vec<Arc<Target>> = targets.to_vec();
+    Arc::new(move || {
+        let services: Vec<serde_json::Value> = targets
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "name": t.service.as_ref(),
+                    "endpoints": t.balancer.endpoint_addrs(),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "version": "bootstrap",
+            "source": "bootstrap",
+            "bootstrap": file,
+            "config": config,
+            "discovered": {
+                "services": services,
+                "inbound_app": app.as_ref().map(|a| a.balancer.endpoint_addrs()),
+            },
+        })
+    })
+}

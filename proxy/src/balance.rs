@@ -1,0 +1,170 @@
+//! Per-request load balancing over a service's endpoints.
+//!
+//! The endpoint list lives behind an `ArcSwap`: a request reads it without a
+//! lock, and a discovery update swaps in a new list that reuses the clients
+//! (and so the pooled connections) of endpoints that stayed. A request already
+//! holding a removed endpoint's client finishes on it; new requests never see it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::{Request, Response};
+use prometheus::IntGauge;
+use tokio::sync::watch;
+
+use crate::body::Body;
+use crate::discovery::EndpointSet;
+use crate::endpoint::EndpointClient;
+use crate::errors::ProxyError;
+
+/// Which endpoint served a response; read by the access log and metrics.
+#[derive(Clone, Copy, Debug)]
+pub struct Upstream(pub SocketAddr);
+
+pub struct Balancer {
+    service: Arc<str>,
+    endpoints: ArcSwap<Vec<Arc<EndpointClient>>>,
+    next: AtomicUsize,
+}
+
+/// What the balancer needs to make clients for new endpoints.
+#[derive(Clone)]
+pub struct ClientParams {
+    pub connect_timeout: Duration,
+    pub open_connections: IntGauge,
+    /// `tern_endpoints{service}`; none for the inbound app.
+    pub endpoints_gauge: Option<IntGauge>,
+}
+
+impl Balancer {
+    /// Starts following `updates`; the balancer keeps the last set if the
+    /// source goes away.
+    pub fn spawn(
+        service: Arc<str>,
+        mut updates: watch::Receiver<EndpointSet>,
+        params: ClientParams,
+    ) -> Arc<Self> {
+        let this = Arc::new(Self {
+            service,
+            endpoints: ArcSwap::from_pointee(Vec::new()),
+            next: AtomicUsize::new(0),
+        });
+        this.update(&updates.borrow_and_update(), &params);
+        let weak = Arc::downgrade(&this);
+        tokio::spawn(async move {
+            while updates.changed().await.is_ok() {
+                let Some(this) = weak.upgrade() else { break };
+                let set = updates.borrow_and_update().clone();
+                this.update(&set, &params);
+            }
+        });
+        this
+    }
+
+    fn update(&self, set: &EndpointSet, params: &ClientParams) {
+        let old = self.endpoints.load();
+        let mut by_addr: HashMap<SocketAddr, &Arc<EndpointClient>> =
+            old.iter().map(|c| (c.addr(), c)).collect();
+        let next: Vec<Arc<EndpointClient>> = set
+            .iter()
+            .map(|ep| match by_addr.remove(&ep.addr) {
+                Some(c) => Arc::clone(c),
+                None => Arc::new(EndpointClient::new(
+                    self.service.clone(),
+                    ep.addr,
+                    params.connect_timeout,
+                    params.open_connections.clone(),
+                )),
+            })
+            .collect();
+        tracing::info!(service = %self.service, endpoints = next.len(), "endpoints updated");
+        if let Some(g) = &params.endpoints_gauge {
+            g.set(next.len() as i64);
+        }
+        self.endpoints.store(Arc::new(next));
+    }
+
+    /// Round robin: each request takes the next endpoint in turn.
+    pub fn pick(&self) -> Result<Arc<EndpointClient>, ProxyError> {
+        let eps = self.endpoints.load();
+        if eps.is_empty() {
+            return Err(ProxyError::NoEndpoints {
+                service: self.service.clone(),
+            });
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % eps.len();
+        Ok(Arc::clone(&eps[i]))
+    }
+
+    pub async fn send(&self, req: Request<Body>) -> Result<Response<Body>, ProxyError> {
+        let ep = self.pick()?;
+        let mut rsp = ep.send(req).await?;
+        rsp.extensions_mut().insert(Upstream(ep.addr()));
+        Ok(rsp)
+    }
+
+    pub fn endpoint_addrs(&self) -> Vec<SocketAddr> {
+        self.endpoints.load().iter().map(|c| c.addr()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::discovery::Endpoint;
+
+    fn params() -> ClientParams {
+        ClientParams {
+            connect_timeout: Duration::from_secs(1),
+            open_connections: IntGauge::new("c", "c").unwrap(),
+            endpoints_gauge: None,
+        }
+    }
+
+    fn set(ports: &[u16]) -> EndpointSet {
+        Arc::new(
+            ports
+                .iter()
+                .map(|p| Endpoint::new(SocketAddr::from(([127, 0, 0, 1], *p))))
+                .collect(),
+        )
+    }
+
+    #[tokio::test]
+    async fn round_robin_is_even_and_follows_updates() {
+        let (tx, rx) = watch::channel(set(&[1, 2, 3]));
+        let b = Balancer::spawn("pay".into(), rx, params());
+        let mut counts = HashMap::new();
+        for _ in 0..999 {
+            *counts.entry(b.pick().unwrap().addr().port()).or_insert(0) += 1;
+        }
+        assert_eq!(counts.values().copied().collect::<Vec<_>>(), vec![333; 3]);
+
+        let kept = b.pick().unwrap();
+        tx.send(set(&[2, 3])).unwrap();
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+            if b.endpoint_addrs().len() == 2 {
+                break;
+            }
+        }
+        assert_eq!(b.endpoint_addrs().len(), 2);
+        for _ in 0..10 {
+            assert_ne!(b.pick().unwrap().addr().port(), 1);
+        }
+        // The client of an endpoint that stayed is the same object (pooled connections survive).
+        if kept.addr().port() != 1 {
+            assert!(b.endpoint_addrs().contains(&kept.addr()));
+        }
+        tx.send(set(&[])).unwrap();
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert!(matches!(b.pick(), Err(ProxyError::NoEndpoints { .. })));
+    }
+}

@@ -1,0 +1,162 @@
+//! Command-line flags and `TERN_*` environment variables, merged over the YAML file.
+//!
+//! Precedence: flag > environment variable > file > default. Repeatable flags
+//! (`--upstream`, `--endpoints`, `--dns`) take `;`-separated lists from the
+//! environment, since Kubernetes can only set one value per variable.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use super::{err, Config, ConfigError, FileConfig, ServiceFile};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tern-proxy",
+    version,
+    about = "Tern sidecar proxy: carries a workload's gRPC and HTTP traffic through the mesh."
+)]
+pub struct Args {
+    /// Bootstrap YAML file; flags and TERN_* variables override what it sets.
+    #[arg(long, env = "TERN_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Service the local workload belongs to (labels inbound metrics and logs).
+    #[arg(long, env = "TERN_SERVICE_NAME")]
+    pub service_name: Option<String>,
+
+    /// Inbound listener: mesh traffic for the local app [default: 0.0.0.0:4143].
+    #[arg(long, env = "TERN_INBOUND_LISTEN")]
+    pub inbound_listen: Option<String>,
+
+    /// The local app inbound traffic is forwarded to; without it there is no inbound listener.
+    #[arg(long, env = "TERN_INBOUND_APP")]
+    pub inbound_app: Option<String>,
+
+    /// Generic outbound listener, routing by :authority / Host [default: 127.0.0.1:4140].
+    #[arg(long, env = "TERN_OUTBOUND_LISTEN")]
+    pub outbound_listen: Option<String>,
+
+    /// Admin listener: /metrics, /ready, /live, /config, /shutdown [default: 127.0.0.1:4191].
+    #[arg(long, env = "TERN_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
+
+    /// NAME=ADDR: an explicit outbound port; every request accepted on ADDR goes to service NAME.
+    #[arg(long = "upstream", env = "TERN_UPSTREAMS", value_delimiter = ';')]
+    pub upstreams: Vec<String>,
+
+    /// NAME=ADDR[,ADDR...]: static endpoints of service NAME.
+    #[arg(long = "endpoints", env = "TERN_ENDPOINTS", value_delimiter = ';')]
+    pub endpoints: Vec<String>,
+
+    /// NAME=HOST:PORT: service NAME's endpoints are HOST's A/AAAA records, re-resolved at TTL.
+    #[arg(long = "dns", env = "TERN_DNS", value_delimiter = ';')]
+    pub dns: Vec<String>,
+
+    /// Nameserver (IP:port) for DNS discovery [default: the system's resolv.conf].
+    #[arg(long, env = "TERN_DNS_NAMESERVER")]
+    pub dns_nameserver: Option<String>,
+
+    /// Where access log lines go: stdout, stderr, off, or a file path [default: stdout].
+    #[arg(long, env = "TERN_ACCESS_LOG")]
+    pub access_log: Option<String>,
+
+    /// How long SIGTERM waits for in-flight requests before exiting [default: 30s].
+    #[arg(long, env = "TERN_DRAIN_GRACE")]
+    pub drain_grace: Option<String>,
+
+    /// Timeout for connecting to an endpoint [default: 1s].
+    #[arg(long, env = "TERN_CONNECT_TIMEOUT")]
+    pub connect_timeout: Option<String>,
+
+    /// Tokio worker threads [default: 1].
+    #[arg(long, env = "TERN_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
+
+    /// Diagnostic log filter (tracing EnvFilter syntax), written to stderr.
+    #[arg(long = "log", env = "TERN_LOG", default_value = "info")]
+    pub log: String,
+}
+
+impl Args {
+    /// Reads the file (if any), applies flags over it and validates the result.
+    pub fn load(&self) -> Result<(FileConfig, Config), ConfigError> {
+        let mut file = match &self.config {
+            None => FileConfig::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| err("--config", format!("{}: {e}", path.display())))?;
+                serde_yaml::from_str::<FileConfig>(&text).map_err(|e| {
+                    err(
+                        format!("{}", path.display()),
+                        // serde_yaml names the field path and line for unknown or mistyped fields.
+                        e.to_string(),
+                    )
+                })?
+            }
+        };
+        self.apply(&mut file)?;
+        let config = file.validate()?;
+        Ok((file, config))
+    }
+
+    fn apply(&self, f: &mut FileConfig) -> Result<(), ConfigError> {
+        fn set(dst: &mut Option<String>, src: &Option<String>) {
+            if src.is_some() {
+                dst.clone_from(src);
+            }
+        }
+        set(&mut f.service_name, &self.service_name);
+        set(&mut f.inbound.listen, &self.inbound_listen);
+        set(&mut f.inbound.app, &self.inbound_app);
+        set(&mut f.outbound.listen, &self.outbound_listen);
+        set(&mut f.admin.listen, &self.admin_listen);
+        set(&mut f.dns.nameserver, &self.dns_nameserver);
+        set(&mut f.access_log, &self.access_log);
+        set(&mut f.drain_grace, &self.drain_grace);
+        set(&mut f.connect_timeout, &self.connect_timeout);
+        if self.worker_threads.is_some() {
+            f.worker_threads = self.worker_threads;
+        }
+        for u in self.upstreams.iter().filter(|s| !s.trim().is_empty()) {
+            let (name, addr) = split_pair("--upstream", u)?;
+            service(f, name).upstream = Some(addr.to_string());
+        }
+        for e in self.endpoints.iter().filter(|s| !s.trim().is_empty()) {
+            let (name, addrs) = split_pair("--endpoints", e)?;
+            service(f, name).endpoints = addrs
+                .split(',')
+                .map(str::trim)
+                .filter(|a| !a.is_empty())
+                .map(String::from)
+                .collect();
+        }
+        for d in self.dns.iter().filter(|s| !s.trim().is_empty()) {
+            let (name, host) = split_pair("--dns", d)?;
+            service(f, name).dns = Some(host.to_string());
+        }
+        Ok(())
+    }
+}
+
+fn split_pair<'a>(flag: &str, value: &'a str) -> Result<(&'a str, &'a str), ConfigError> {
+    match value.split_once('=') {
+        Some((n, v)) if !n.trim().is_empty() => Ok((n.trim(), v.trim())),
+        _ => Err(err(flag, format!("{value:?} is not NAME=VALUE"))),
+    }
+}
+
+/// The named service's entry in the file, created when the flags name a new one.
+fn service<'a>(f: &'a mut FileConfig, name: &str) -> &'a mut ServiceFile {
+    let pos = match f.services.iter().position(|s| s.name == name) {
+        Some(p) => p,
+        None => {
+            f.services.push(ServiceFile {
+                name: name.to_string(),
+                ..ServiceFile::default()
+            });
+            f.services.len() - 1
+        }
+    };
+    &mut f.services[pos]
+}

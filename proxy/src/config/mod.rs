@@ -1,0 +1,339 @@
+//! Bootstrap configuration: plain data, validated once at the edge.
+//!
+//! [`args`] reads flags, `TERN_*` variables and an optional YAML file into a
+//! [`FileConfig`]; [`FileConfig::validate`] turns it into a [`Config`] or an
+//! error naming the field and the reason. Nothing past this module parses
+//! configuration again.
+
+pub mod args;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The bootstrap document as written in YAML (and as filled from flags).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub service_name: Option<String>,
+    #[serde(default)]
+    pub inbound: InboundFile,
+    #[serde(default)]
+    pub outbound: OutboundFile,
+    #[serde(default)]
+    pub admin: AdminFile,
+    #[serde(default)]
+    pub dns: DnsFile,
+    pub access_log: Option<String>,
+    pub drain_grace: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub worker_threads: Option<usize>,
+    #[serde(default)]
+    pub services: Vec<ServiceFile>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundFile {
+    pub listen: Option<String>,
+    pub app: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboundFile {
+    pub listen: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminFile {
+    pub listen: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsFile {
+    pub nameserver: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceFile {
+    pub name: String,
+    pub namespace: Option<String>,
+    /// A local listener whose connections all go to this service.
+    pub upstream: Option<String>,
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// `host:port` whose A/AAAA records are the endpoints.
+    pub dns: Option<String>,
+}
+
+/// Validated configuration.
+#[derive(Clone, Debug, Serialize)]
+pub struct Config {
+    pub service_name: String,
+    pub inbound: Option<InboundConfig>,
+    pub outbound_listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub dns_nameserver: Option<SocketAddr>,
+    pub access_log: AccessLogTarget,
+    #[serde(with = "humantime_serde_compat")]
+    pub drain_grace: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub connect_timeout: Duration,
+    pub worker_threads: usize,
+    pub services: Vec<ServiceConfig>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct InboundConfig {
+    pub listen: SocketAddr,
+    pub app: SocketAddr,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessLogTarget {
+    Off,
+    Stdout,
+    Stderr,
+    File(PathBuf),
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub namespace: String,
+    pub upstream: Option<SocketAddr>,
+    pub discovery: DiscoveryConfig,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiscoveryConfig {
+    Static(Vec<SocketAddr>),
+    Dns { host: String, port: u16 },
+}
+
+/// A configuration error: which field, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid config: {field}: {reason}")]
+pub struct ConfigError {
+    pub field: String,
+    pub reason: String,
+}
+
+fn err(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+fn addr(field: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value
+        .trim()
+        .parse()
+        .map_err(|_| err(field, format!("{value:?} is not an IP:port address")))
+}
+
+fn duration(field: &str, value: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(v) => humantime::parse_duration(v.trim()).map_err(|e| {
+            err(
+                field,
+                format!("{v:?} is not a duration (like 500ms, 30s): {e}"),
+            )
+        }),
+    }
+}
+
+/// A DNS label as Kubernetes names services: lowercase alphanumerics and '-'.
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+impl FileConfig {
+    pub fn validate(&self) -> Result<Config, ConfigError> {
+        let service_name = self
+            .service_name
+            .clone()
+            .unwrap_or_else(|| "unknown".to_string());
+        let inbound = match (&self.inbound.listen, &self.inbound.app) {
+            (_, None) => None,
+            (listen, Some(app)) => Some(InboundConfig {
+                listen: addr(
+                    "inbound.listen",
+                    listen.as_deref().unwrap_or("0.0.0.0:4143"),
+                )?,
+                app: addr("inbound.app", app)?,
+            }),
+        };
+        let outbound_listen = addr(
+            "outbound.listen",
+            self.outbound.listen.as_deref().unwrap_or("127.0.0.1:4140"),
+        )?;
+        let admin_listen = addr(
+            "admin.listen",
+            self.admin.listen.as_deref().unwrap_or("127.0.0.1:4191"),
+        )?;
+        let dns_nameserver = match self.dns.nameserver.as_deref() {
+            None | Some("") | Some("system") => None,
+            Some(v) => Some(addr("dns.nameserver", v)?),
+        };
+        let access_log = match self.access_log.as_deref().map(str::trim) {
+            None | Some("stdout") | Some("-") => AccessLogTarget::Stdout,
+            Some("off") | Some("none") | Some("false") => AccessLogTarget::Off,
+            Some("stderr") => AccessLogTarget::Stderr,
+            Some("") => {
+                return Err(err(
+                    "access_log",
+                    "empty; use stdout, stderr, off or a path",
+                ))
+            }
+            Some(path) => AccessLogTarget::File(PathBuf::from(path)),
+        };
+        let drain_grace = duration(
+            "drain_grace",
+            self.drain_grace.as_deref(),
+            Duration::from_secs(30),
+        )?;
+        let connect_timeout = duration(
+            "connect_timeout",
+            self.connect_timeout.as_deref(),
+            Duration::from_secs(1),
+        )?;
+        if connect_timeout.is_zero() {
+            return Err(err("connect_timeout", "must be greater than zero"));
+        }
+        let worker_threads = self.worker_threads.unwrap_or(1);
+        if !(1..=64).contains(&worker_threads) {
+            return Err(err("worker_threads", "must be between 1 and 64"));
+        }
+
+        let mut names = BTreeSet::new();
+        let mut listeners: Vec<(String, SocketAddr)> = vec![
+            ("outbound.listen".into(), outbound_listen),
+            ("admin.listen".into(), admin_listen),
+        ];
+        if let Some(i) = &inbound {
+            listeners.push(("inbound.listen".into(), i.listen));
+        }
+        let mut services = Vec::with_capacity(self.services.len());
+        for (i, s) in self.services.iter().enumerate() {
+            let field = |f: &str| format!("services[{i}].{f}");
+            if !is_dns_label(&s.name) {
+                return Err(err(
+                    field("name"),
+                    format!(
+                        "{:?} is not a DNS label (lowercase letters, digits, '-')",
+                        s.name
+                    ),
+                ));
+            }
+            if !names.insert(s.name.clone()) {
+                return Err(err(
+                    field("name"),
+                    format!("service {:?} is defined twice", s.name),
+                ));
+            }
+            let namespace = s.namespace.clone().unwrap_or_else(|| "default".into());
+            if !is_dns_label(&namespace) {
+                return Err(err(
+                    field("namespace"),
+                    format!("{namespace:?} is not a DNS label"),
+                ));
+            }
+            let upstream = match &s.upstream {
+                None => None,
+                Some(u) => {
+                    let a = addr(&field("upstream"), u)?;
+                    listeners.push((field("upstream"), a));
+                    Some(a)
+                }
+            };
+            let discovery = match (&s.dns, s.endpoints.is_empty()) {
+                (Some(_), false) => {
+                    return Err(err(
+                        field("dns"),
+                        "a service takes either static endpoints or dns, not both",
+                    ))
+                }
+                (Some(d), true) => {
+                    let (host, port) = d
+                        .trim()
+                        .rsplit_once(':')
+                        .ok_or_else(|| err(field("dns"), format!("{d:?} is not host:port")))?;
+                    let port = port
+                        .parse::<u16>()
+                        .map_err(|_| err(field("dns"), format!("{port:?} is not a port")))?;
+                    if host.is_empty() || port == 0 {
+                        return Err(err(field("dns"), format!("{d:?} is not host:port")));
+                    }
+                    DiscoveryConfig::Dns {
+                        host: host.to_string(),
+                        port,
+                    }
+                }
+                (None, _) => {
+                    let mut eps = Vec::with_capacity(s.endpoints.len());
+                    for (j, e) in s.endpoints.iter().enumerate() {
+                        eps.push(addr(&format!("services[{i}].endpoints[{j}]"), e)?);
+                    }
+                    eps.sort();
+                    eps.dedup();
+                    DiscoveryConfig::Static(eps)
+                }
+            };
+            services.push(ServiceConfig {
+                name: s.name.clone(),
+                namespace,
+                upstream,
+                discovery,
+            });
+        }
+        for (i, (fa, a)) in listeners.iter().enumerate() {
+            if a.port() == 0 {
+                continue;
+            }
+            if let Some((fb, _)) = listeners[..i].iter().find(|(_, b)| b == a) {
+                return Err(err(fa.clone(), format!("{a} is already used by {fb}")));
+            }
+        }
+        Ok(Config {
+            service_name,
+            inbound,
+            outbound_listen,
+            admin_listen,
+            dns_nameserver,
+            access_log,
+            drain_grace,
+            connect_timeout,
+            worker_threads,
+            services,
+        })
+    }
+}
+
+/// Durations appear in `/config` the way they are written in YAML.
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests;

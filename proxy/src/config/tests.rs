@@ -1,0 +1,106 @@
+//! Validation of bootstrap config: every bad field is named.
+#![allow(clippy::unwrap_used)]
+
+use clap::Parser;
+
+use super::args::Args;
+use super::*;
+
+fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+    let mut v = vec!["tern-proxy"];
+    v.extend_from_slice(args);
+    let a = Args::try_parse_from(v).unwrap();
+    a.load().map(|(_, c)| c)
+}
+
+#[test]
+fn flags_build_services() {
+    let c = parse(&[
+        "--upstream",
+        "pay=127.0.0.1:5001",
+        "--endpoints",
+        "pay=127.0.0.1:7002,127.0.0.1:7001",
+        "--dns",
+        "echo=echo.mesh.test:9000",
+    ])
+    .unwrap();
+    assert_eq!(c.services.len(), 2);
+    let pay = &c.services[0];
+    assert_eq!(pay.upstream, Some("127.0.0.1:5001".parse().unwrap()));
+    match &pay.discovery {
+        DiscoveryConfig::Static(e) => assert_eq!(e[0], "127.0.0.1:7001".parse().unwrap()),
+        other => panic!("unexpected {other:?}"),
+    }
+    match &c.services[1].discovery {
+        DiscoveryConfig::Dns { host, port } => {
+            assert_eq!(host, "echo.mesh.test");
+            assert_eq!(*port, 9000);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn bad_values_name_the_field() {
+    let e = parse(&["--endpoints", "pay=127.0.0.1:7001,nope"]).unwrap_err();
+    assert_eq!(e.field, "services[0].endpoints[1]");
+    let e = parse(&["--drain-grace", "soon"]).unwrap_err();
+    assert_eq!(e.field, "drain_grace");
+    let e = parse(&["--endpoints", "Pay=127.0.0.1:1"]).unwrap_err();
+    assert_eq!(e.field, "services[0].name");
+    let e = parse(&["--upstream", "nameless"]).unwrap_err();
+    assert_eq!(e.field, "--upstream");
+    let e = parse(&[
+        "--inbound-app",
+        "127.0.0.1:80",
+        "--inbound-listen",
+        "127.0.0.1:4191",
+    ])
+    .unwrap_err();
+    assert!(e.to_string().contains("already used"), "{e}");
+}
+
+#[test]
+fn dns_and_static_are_exclusive() {
+    let e = parse(&["--endpoints", "pay=127.0.0.1:1", "--dns", "pay=pay.test:1"]).unwrap_err();
+    assert_eq!(e.field, "services[0].dns");
+}
+
+#[test]
+fn yaml_unknown_field_is_rejected_with_location() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tern.yaml");
+    std::fs::write(
+        &path,
+        "services:\n  - name: pay\n    endpoint: [127.0.0.1:1]\n",
+    )
+    .unwrap();
+    let e = parse(&["--config", path.to_str().unwrap()]).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("unknown field `endpoint`"), "{msg}");
+    assert!(msg.contains("line 3"), "{msg}");
+}
+
+#[test]
+fn yaml_and_flags_merge() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tern.yaml");
+    std::fs::write(
+        &path,
+        "service_name: order\naccess_log: off\nservices:\n  - name: pay\n    endpoints: [127.0.0.1:7001]\n",
+    )
+    .unwrap();
+    let c = parse(&[
+        "--config",
+        path.to_str().unwrap(),
+        "--upstream",
+        "pay=127.0.0.1:5001",
+    ])
+    .unwrap();
+    assert_eq!(c.service_name, "order");
+    assert_eq!(c.access_log, AccessLogTarget::Off);
+    assert_eq!(
+        c.services[0].upstream,
+        Some("127.0.0.1:5001".parse().unwrap())
+    );
+}

@@ -1,0 +1,40 @@
+//! Discovery: turns a service name into a live set of endpoints.
+//!
+//! Each source (static bootstrap config, DNS) publishes the whole current set on a
+//! `tokio::sync::watch` channel; the balancer subscribes and swaps its endpoint list
+//! when the set changes, so requests already in flight to a removed endpoint finish.
+
+pub mod dns;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// One instance of a service.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// Labels such as `version: v2`, used by later routing features.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Endpoint {
+    pub fn new(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            labels: BTreeMap::new(),
+        }
+    }
+}
+
+/// The endpoints of one service at one moment, sorted by address.
+pub type EndpointSet = Arc<Vec<Endpoint>>;
+
+/// A set that never changes: static endpoints from bootstrap config.
+pub fn fixed(addrs: &[SocketAddr]) -> tokio::sync::watch::Receiver<EndpointSet> {
+    let mut set: Vec<Endpoint> = addrs.iter().copied().map(Endpoint::new).collect();
+    set.sort();
+    set.dedup();
+    // Dropping the sender is fine: receivers keep the last value.
+    tokio::sync::watch::channel(Arc::new(set)).1
+}

@@ -1,0 +1,327 @@
+//! A client for one endpoint: the last hop of every stack.
+//!
+//! HTTP/2 requests share one multiplexed connection per endpoint, made on first
+//! use and remade when it closes; HTTP/1.1 requests take an idle keep-alive
+//! connection from a small pool, or open one. The request keeps the protocol
+//! its caller spoke. Dropping the client (the endpoint left discovery) lets its
+//! connections close once the requests in flight on them finish.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use http::{header, uri, HeaderMap, HeaderValue, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus::IntGauge;
+use tokio::net::TcpStream;
+
+use crate::body::Body;
+use crate::errors::ProxyError;
+
+/// Idle HTTP/1.1 connections kept per endpoint; more are closed when freed.
+const MAX_IDLE_H1: usize = 32;
+
+pub struct EndpointClient {
+    service: Arc<str>,
+    addr: SocketAddr,
+    connect_timeout: Duration,
+    h2: ArcSwapOption<http2::SendRequest<Body>>,
+    /// Serialises HTTP/2 connects so a burst of first requests opens one connection.
+    h2_connecting: tokio::sync::Mutex<()>,
+    h1_idle: Mutex<Vec<http1::SendRequest<Body>>>,
+    open_connections: IntGauge,
+}
+
+impl EndpointClient {
+    pub fn new(
+        service: Arc<str>,
+        addr: SocketAddr,
+        connect_timeout: Duration,
+        open_connections: IntGauge,
+    ) -> Self {
+        Self {
+            service,
+            addr,
+            connect_timeout,
+            h2: ArcSwapOption::empty(),
+            h2_connecting: tokio::sync::Mutex::new(()),
+            h1_idle: Mutex::new(Vec::new()),
+            open_connections,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Sends `req` with the protocol the caller used and returns the response
+    /// head; the body streams from the connection.
+    pub async fn send(
+        self: &Arc<Self>,
+        mut req: Request<Body>,
+    ) -> Result<Response<Body>, ProxyError> {
+        strip_hop_by_hop(req.headers_mut());
+        let rsp = if req.version() == Version::HTTP_2 {
+            self.absolute_uri(&mut req);
+            self.send_h2(req).await?
+        } else {
+            origin_form(&mut req);
+            self.send_h1(req).await?
+        };
+        let (mut parts, body) = rsp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        Ok(Response::from_parts(parts, crate::body::boxed(body)))
+    }
+
+    async fn send_h2(&self, req: Request<Body>) -> Result<Response<Incoming>, ProxyError> {
+        let mut tx = self.h2_sender().await?;
+        match tx.try_send_request(req).await {
+            Ok(rsp) => Ok(rsp),
+            Err(mut e) => match e.take_message() {
+                // The connection closed before the stream was sent (GOAWAY,
+                // peer restart): the request is untouched, so one fresh
+                // connection may carry it.
+                Some(req) => {
+                    self.h2.store(None);
+                    let mut tx = self.h2_sender().await?;
+                    tx.send_request(req).await.map_err(|e| self.upstream(e))
+                }
+                None => Err(self.upstream(e.into_error())),
+            },
+        }
+    }
+
+    async fn h2_sender(&self) -> Result<http2::SendRequest<Body>, ProxyError> {
+        if let Some(tx) = self.h2.load().as_deref() {
+            if !tx.is_closed() {
+                return Ok(tx.clone());
+            }
+        }
+        let _connecting = self.h2_connecting.lock().await;
+        if let Some(tx) = self.h2.load().as_deref() {
+            if !tx.is_closed() {
+                return Ok(tx.clone());
+            }
+        }
+        let io = self.connect().await?;
+        let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .adaptive_window(true)
+            .max_frame_size(64 * 1024)
+            .keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .handshake(io)
+            .await
+            .map_err(|e| self.upstream(e))?;
+        self.spawn_conn(conn);
+        self.h2.store(Some(Arc::new(tx.clone())));
+        Ok(tx)
+    }
+
+    async fn send_h1(
+        self: &Arc<Self>,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let mut tx = match self.take_idle_h1() {
+            Some(tx) => tx,
+            None => self.connect_h1().await?,
+        };
+        let rsp = match tx.try_send_request(req).await {
+            Ok(rsp) => rsp,
+            Err(mut e) => match e.take_message() {
+                // A pooled keep-alive connection the server had just closed.
+                Some(req) => {
+                    tx = self.connect_h1().await?;
+                    tx.send_request(req).await.map_err(|e| self.upstream(e))?
+                }
+                None => return Err(self.upstream(e.into_error())),
+            },
+        };
+        // The connection is free again once this response's body has been read.
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            if tx.ready().await.is_ok() {
+                this.put_idle_h1(tx);
+            }
+        });
+        Ok(rsp)
+    }
+
+    fn take_idle_h1(&self) -> Option<http1::SendRequest<Body>> {
+        let mut idle = self.h1_idle.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(tx) = idle.pop() {
+            if tx.is_ready() {
+                return Some(tx);
+            }
+        }
+        None
+    }
+
+    fn put_idle_h1(&self, tx: http1::SendRequest<Body>) {
+        let mut idle = self.h1_idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < MAX_IDLE_H1 {
+            idle.push(tx);
+        }
+    }
+
+    async fn connect_h1(&self) -> Result<http1::SendRequest<Body>, ProxyError> {
+        let io = self.connect().await?;
+        let (tx, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|e| self.upstream(e))?;
+        self.spawn_conn(conn);
+        Ok(tx)
+    }
+
+    fn spawn_conn<F>(&self, conn: F)
+    where
+        F: std::future::Future<Output = Result<(), hyper::Error>> + Send + 'static,
+    {
+        let gauge = self.open_connections.clone();
+        let addr = self.addr;
+        gauge.inc();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%addr, error = %e, "upstream connection ended with error");
+            }
+            gauge.dec();
+        });
+    }
+
+    async fn connect(&self) -> Result<TokioIo<TcpStream>, ProxyError> {
+        let stream =
+            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr)).await {
+                Err(_) => {
+                    return Err(ProxyError::ConnectTimeout {
+                        service: self.service.clone(),
+                        addr: self.addr,
+                    })
+                }
+                Ok(Err(source)) => {
+                    return Err(ProxyError::Connect {
+                        service: self.service.clone(),
+                        addr: self.addr,
+                        source,
+                    })
+                }
+                Ok(Ok(s)) => s,
+            };
+        // Small gRPC messages must not wait for Nagle.
+        let _ = stream.set_nodelay(true);
+        Ok(TokioIo::new(stream))
+    }
+
+    fn upstream(&self, source: hyper::Error) -> ProxyError {
+        ProxyError::Upstream {
+            service: self.service.clone(),
+            addr: self.addr,
+            source,
+        }
+    }
+
+    /// HTTP/2 needs `:scheme` and `:authority`; keep the caller's authority so the
+    /// app sees the name it was called by.
+    fn absolute_uri(&self, req: &mut Request<Body>) {
+        let uri = req.uri();
+        if uri.scheme().is_some() && uri.authority().is_some() {
+            return;
+        }
+        let authority = uri
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| self.addr.to_string());
+        let mut parts = uri::Parts::default();
+        parts.scheme = Some(uri::Scheme::HTTP);
+        parts.authority = authority.parse().ok();
+        parts.path_and_query = uri
+            .path_and_query()
+            .cloned()
+            .or_else(|| Some(uri::PathAndQuery::from_static("/")));
+        if let Ok(u) = Uri::from_parts(parts) {
+            *req.uri_mut() = u;
+        }
+        req.headers_mut().remove(header::HOST);
+    }
+}
+
+/// HTTP/1.1 origin servers expect `GET /path`, with the name in `Host`.
+fn origin_form(req: &mut Request<Body>) {
+    let uri = req.uri().clone();
+    if let Some(authority) = uri.authority() {
+        if !req.headers().contains_key(header::HOST) {
+            if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+                req.headers_mut().insert(header::HOST, v);
+            }
+        }
+        let pq = uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| uri::PathAndQuery::from_static("/"));
+        *req.uri_mut() = Uri::from(pq);
+    }
+}
+
+/// Connection-level headers belong to one hop; the next hop frames its own.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if let Some(conn) = headers.remove(header::CONNECTION) {
+        if let Ok(list) = conn.to_str() {
+            for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                if !name.eq_ignore_ascii_case("te") {
+                    headers.remove(name);
+                }
+            }
+        }
+    }
+    for h in ["keep-alive", "proxy-connection", "upgrade"] {
+        headers.remove(h);
+    }
+    headers.remove(header::TRANSFER_ENCODING);
+    if headers
+        .get(header::TE)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    {
+        headers.remove(header::TE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed_but_te_trailers_kept() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-hop"),
+        );
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-end", HeaderValue::from_static("kept"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("x-hop").is_none());
+        assert!(h.get("keep-alive").is_none());
+        assert_eq!(h[header::TE], "trailers");
+        assert_eq!(h["x-end"], "kept");
+    }
+
+    #[test]
+    fn origin_form_moves_authority_to_host() {
+        let mut req = Request::new(crate::body::empty());
+        *req.uri_mut() = Uri::from_static("http://pay:50051/orders?x=1");
+        origin_form(&mut req);
+        assert_eq!(req.uri(), "/orders?x=1");
+        assert_eq!(req.headers()[header::HOST], "pay:50051");
+    }
+}

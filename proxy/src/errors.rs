@@ -1,0 +1,252 @@
+//! Errors the proxy itself makes, and the one place they become a response.
+//!
+//! A gRPC caller gets a trailers-only response with `grpc-status` and
+//! `grpc-message`; an HTTP caller gets 502/503/504. Either way the response
+//! carries `x-tern-proxy-error` so a caller can tell the proxy's failure from
+//! the application's.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{header, HeaderValue, Request, Response, StatusCode};
+
+use crate::balance::Upstream;
+use crate::body::{self, Body};
+use crate::metrics::{Direction, Metrics};
+use crate::router::Target;
+
+pub const PROXY_ERROR_HEADER: &str = "x-tern-proxy-error";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route: authority {authority:?} names no known service")]
+    NoRoute { authority: String },
+    #[error("service {service}: no endpoints available")]
+    NoEndpoints { service: Arc<str> },
+    #[error("service {service}: connect to {addr} failed: {source}")]
+    Connect {
+        service: Arc<str>,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("service {service}: connect to {addr} timed out")]
+    ConnectTimeout { service: Arc<str>, addr: SocketAddr },
+    #[error("service {service}: endpoint {addr} failed: {source}")]
+    Upstream {
+        service: Arc<str>,
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
+}
+
+/// gRPC status codes the proxy produces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GrpcCode {
+    DeadlineExceeded = 4,
+    Unavailable = 14,
+}
+
+impl ProxyError {
+    /// A short, bounded label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NoRoute { .. } => "no_route",
+            Self::NoEndpoints { .. } => "no_endpoints",
+            Self::Connect { .. } => "connect",
+            Self::ConnectTimeout { .. } => "connect_timeout",
+            Self::Upstream { .. } => "upstream",
+        }
+    }
+
+    pub fn endpoint(&self) -> Option<SocketAddr> {
+        match self {
+            Self::Connect { addr, .. }
+            | Self::ConnectTimeout { addr, .. }
+            | Self::Upstream { addr, .. } => Some(*addr),
+            _ => None,
+        }
+    }
+
+    fn http_status(&self) -> StatusCode {
+        match self {
+            Self::NoRoute { .. } | Self::NoEndpoints { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ConnectTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::Connect { .. } | Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    fn grpc_code(&self) -> GrpcCode {
+        GrpcCode::Unavailable
+    }
+
+    /// The response a caller sees for this error.
+    pub fn to_response(&self, grpc: bool) -> Response<Body> {
+        let message = self.to_string();
+        let mut rsp = Response::new(body::empty());
+        if let Ok(v) = HeaderValue::from_str(&message) {
+            rsp.headers_mut().insert(PROXY_ERROR_HEADER, v);
+        }
+        if grpc {
+            let h = rsp.headers_mut();
+            // Trailers-only: the status travels in the one HEADERS frame.
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            h.insert("grpc-status", grpc_status_value(self.grpc_code() as u16));
+            if let Ok(v) = HeaderValue::from_str(&percent_encode(&message)) {
+                h.insert("grpc-message", v);
+            }
+        } else {
+            *rsp.status_mut() = self.http_status();
+            rsp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            *rsp.body_mut() = body::boxed(http_body_util::Full::new(bytes::Bytes::from(format!(
+                "{message}\n"
+            ))));
+        }
+        rsp
+    }
+}
+
+/// Set on a response the proxy made itself, for logs and metrics.
+#[derive(Clone, Copy, Debug)]
+pub struct ProxyErrorReason(pub &'static str);
+
+/// Turns a [`ProxyError`] into the caller's response, with a log line and a metric.
+#[derive(Clone)]
+pub struct ErrorResponseLayer {
+    direction: Direction,
+    metrics: Arc<Metrics>,
+}
+
+impl ErrorResponseLayer {
+    pub fn new(direction: Direction, metrics: Arc<Metrics>) -> Self {
+        Self { direction, metrics }
+    }
+}
+
+impl<S> tower::Layer<S> for ErrorResponseLayer {
+    type Service = ErrorResponse<S>;
+    fn layer(&self, inner: S) -> ErrorResponse<S> {
+        ErrorResponse {
+            layer: self.clone(),
+            inner,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct ErrorResponse<S> {
+    layer: ErrorResponseLayer,
+    inner: S,
+}
+
+impl<S> tower::Service<Request<Body>> for ErrorResponse<S>
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // The stack's services are always ready; an error here would be a
+        // programming error, surfaced per request by `call` instead.
+        let _ = self.inner.poll_ready(cx);
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let grpc = is_grpc(req.headers());
+        let service = req
+            .extensions()
+            .get::<Arc<Target>>()
+            .map(|t| Arc::clone(&t.service));
+        let layer = self.layer.clone();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            match fut.await {
+                Ok(rsp) => Ok(rsp),
+                Err(e) => {
+                    let service = service.as_deref().unwrap_or("unknown");
+                    tracing::warn!(
+                        direction = layer.direction.as_str(),
+                        service,
+                        reason = e.reason(),
+                        error = %e,
+                        "request failed in proxy"
+                    );
+                    layer
+                        .metrics
+                        .proxy_errors
+                        .with_label_values(&[layer.direction.as_str(), service, e.reason()])
+                        .inc();
+                    let mut rsp = e.to_response(grpc);
+                    rsp.extensions_mut().insert(ProxyErrorReason(e.reason()));
+                    if let Some(addr) = e.endpoint() {
+                        rsp.extensions_mut().insert(Upstream(addr));
+                    }
+                    Ok(rsp)
+                }
+            }
+        })
+    }
+}
+
+fn grpc_status_value(code: u16) -> HeaderValue {
+    HeaderValue::from(code)
+}
+
+/// Percent-encodes a grpc-message as the gRPC HTTP/2 spec asks: every byte
+/// outside printable ASCII, and '%' itself.
+pub fn percent_encode(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    for b in msg.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+pub fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_error_is_trailers_only_unavailable() {
+        let e = ProxyError::NoEndpoints {
+            service: "pay".into(),
+        };
+        let rsp = e.to_response(true);
+        assert_eq!(rsp.status(), StatusCode::OK);
+        assert_eq!(rsp.headers()["grpc-status"], "14");
+        let msg = rsp.headers()["grpc-message"].to_str().unwrap_or_default();
+        assert!(msg.contains("service pay"), "{msg}");
+        assert_eq!(
+            e.to_response(false).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+
+    #[test]
+    fn percent_encoding_follows_grpc_spec() {
+        assert_eq!(percent_encode("a%b é"), "a%25b %C3%A9");
+    }
+}

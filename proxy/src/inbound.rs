@@ -1,0 +1,32 @@
+//! Inbound: mesh traffic for the local app.
+//!
+//! The app is a target with one static endpoint, so inbound requests go
+//! through the same stack (metrics, access log, pooled connections) as
+//! outbound ones.
+
+use std::sync::Arc;
+
+use crate::balance::{Balancer, ClientParams};
+use crate::config::{Config, InboundConfig};
+use crate::discovery;
+use crate::metrics::Metrics;
+use crate::router::Target;
+
+pub fn app_target(config: &Config, inbound: &InboundConfig, metrics: &Metrics) -> Arc<Target> {
+    let service: Arc<str> = Arc::from(config.service_name.as_str());
+    let params = ClientParams {
+        connect_timeout: config.connect_timeout,
+        open_connections: metrics
+            .upstream_open_connections
+            .with_label_values(&[&config.service_name]),
+        endpoints_gauge: None,
+    };
+    Arc::new(Target {
+        balancer: Balancer::spawn(
+            Arc::clone(&service),
+            discovery::fixed(&[inbound.app]),
+            params,
+        ),
+        service,
+    })
+}

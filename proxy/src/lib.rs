@@ -1,0 +1,23 @@
+//! tern-proxy: the Tern sidecar.
+//!
+//! One HTTP request path ([`stack::http`]) serves both directions: inbound
+//! (mesh → local app) and outbound (local app → mesh). Connection handling
+//! lives in [`serve`]; what a request passes through, in order, in [`stack`].
+
+pub mod access_log;
+pub mod admin;
+pub mod app;
+pub mod balance;
+pub mod body;
+pub mod config;
+pub mod discovery;
+pub mod endpoint;
+pub mod errors;
+pub mod inbound;
+pub mod metrics;
+pub mod observe;
+pub mod outbound;
+pub mod router;
+pub mod serve;
+pub mod stack;
+pub mod trace_context;

@@ -1,0 +1,43 @@
+//! The `tern-proxy` binary: parse bootstrap config, start the runtime, run.
+
+use clap::Parser;
+use tern_proxy::config::args::Args;
+
+fn main() {
+    let args = Args::parse();
+    let (file, config) = match args.load() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tern-proxy: {e}");
+            std::process::exit(2);
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+
+    let runtime = if config.worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.worker_threads)
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tern-proxy: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(tern_proxy::app::run(config, file)) {
+        eprintln!("tern-proxy: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,327 @@
+//! Prometheus metrics of the proxy, all prefixed `tern_`.
+//!
+//! Label sets stay bounded: services come from config, routes are gRPC methods
+//! capped per service (extra ones count as `overflow`), never paths of HTTP
+//! requests, endpoint addresses or anything per request.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use prometheus::{
+    core::{Collector, Desc},
+    proto::MetricFamily,
+    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry,
+};
+
+/// How many distinct routes one service may have in labels.
+const MAX_ROUTES_PER_SERVICE: usize = 100;
+pub const OVERFLOW_ROUTE: &str = "overflow";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Inbound => "inbound",
+            Self::Outbound => "outbound",
+        }
+    }
+}
+
+/// Per direction: service → route → handles.
+type RoutesByService = HashMap<Arc<str>, HashMap<Box<str>, Arc<RouteMetrics>>>;
+
+pub struct Metrics {
+    pub registry: Registry,
+    requests: IntCounterVec,
+    responses: IntCounterVec,
+    duration: HistogramVec,
+    pub proxy_errors: IntCounterVec,
+    pub stream_errors: IntCounterVec,
+    pub open_connections: IntGaugeVec,
+    pub connections: IntCounterVec,
+    pub upstream_open_connections: IntGaugeVec,
+    pub endpoints: IntGaugeVec,
+    pub access_log_dropped: IntCounter,
+    routes: [RwLock<RoutesByService>; 2],
+}
+
+/// Metric handles of one (direction, service, route), resolved once and reused.
+pub struct RouteMetrics {
+    pub direction: Direction,
+    pub service: Arc<str>,
+    pub route: Arc<str>,
+    pub requests: IntCounter,
+    pub duration: Histogram,
+    responses: IntCounterVec,
+}
+
+impl RouteMetrics {
+    pub fn response(&self, status_class: &str, grpc_status: &str) -> IntCounter {
+        self.responses.with_label_values(&[
+            self.direction.as_str(),
+            &self.service,
+            &self.route,
+            status_class,
+            grpc_status,
+        ])
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "tern_requests_total",
+                "Requests received, by direction, target service and route (gRPC method).",
+            ),
+            &["direction", "service", "route"],
+        )?;
+        let responses = IntCounterVec::new(
+            Opts::new("tern_responses_total", "Responses completed, by direction, service, route, HTTP status class and gRPC status."),
+            &["direction", "service", "route", "status_class", "grpc_status"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "tern_request_duration_seconds",
+                "Time from request received to response end.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ]),
+            &["direction", "service", "route"],
+        )?;
+        let proxy_errors = IntCounterVec::new(
+            Opts::new(
+                "tern_proxy_errors_total",
+                "Requests the proxy answered itself because it could not forward them, by reason.",
+            ),
+            &["direction", "service", "reason"],
+        )?;
+        let stream_errors = IntCounterVec::new(
+            Opts::new("tern_stream_errors_total", "Responses that ended without a clean end of stream (cancelled by the caller, reset by the peer)."),
+            &["direction", "service", "reason"],
+        )?;
+        let open_connections = IntGaugeVec::new(
+            Opts::new(
+                "tern_open_connections",
+                "Accepted connections currently open, by listener direction.",
+            ),
+            &["direction"],
+        )?;
+        let connections = IntCounterVec::new(
+            Opts::new(
+                "tern_connections_total",
+                "Connections accepted, by listener direction.",
+            ),
+            &["direction"],
+        )?;
+        let upstream_open_connections = IntGaugeVec::new(
+            Opts::new(
+                "tern_upstream_open_connections",
+                "Connections currently open to endpoints, by service.",
+            ),
+            &["service"],
+        )?;
+        let endpoints = IntGaugeVec::new(
+            Opts::new("tern_endpoints", "Endpoints currently known, by service."),
+            &["service"],
+        )?;
+        let access_log_dropped = IntCounter::new(
+            "tern_access_log_dropped_total",
+            "Access log lines dropped because the writer could not keep up.",
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(responses.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(proxy_errors.clone()))?;
+        registry.register(Box::new(stream_errors.clone()))?;
+        registry.register(Box::new(open_connections.clone()))?;
+        registry.register(Box::new(connections.clone()))?;
+        registry.register(Box::new(upstream_open_connections.clone()))?;
+        registry.register(Box::new(endpoints.clone()))?;
+        registry.register(Box::new(access_log_dropped.clone()))?;
+        registry.register(Box::new(ProcessCollector::new()?))?;
+        Ok(Self {
+            registry,
+            requests,
+            responses,
+            duration,
+            proxy_errors,
+            stream_errors,
+            open_connections,
+            connections,
+            upstream_open_connections,
+            endpoints,
+            access_log_dropped,
+            routes: [RwLock::default(), RwLock::default()],
+        })
+    }
+
+    /// The handles for one route, created on first use.
+    pub fn route(
+        &self,
+        direction: Direction,
+        service: &Arc<str>,
+        route: &str,
+    ) -> Arc<RouteMetrics> {
+        let table = &self.routes[direction as usize];
+        {
+            let read = table.read().unwrap_or_else(|p| p.into_inner());
+            if let Some(r) = read.get(service.as_ref()).and_then(|s| s.get(route)) {
+                return Arc::clone(r);
+            }
+        }
+        let mut write = table.write().unwrap_or_else(|p| p.into_inner());
+        let routes = write.entry(Arc::clone(service)).or_default();
+        let key: &str = if routes.len() >= MAX_ROUTES_PER_SERVICE && !routes.contains_key(route) {
+            OVERFLOW_ROUTE
+        } else {
+            route
+        };
+        if let Some(r) = routes.get(key) {
+            return Arc::clone(r);
+        }
+        let labels = [direction.as_str(), service.as_ref(), key];
+        let r = Arc::new(RouteMetrics {
+            direction,
+            service: Arc::clone(service),
+            route: Arc::from(key),
+            requests: self.requests.with_label_values(&labels),
+            duration: self.duration.with_label_values(&labels),
+            responses: self.responses.clone(),
+        });
+        routes.insert(key.into(), Arc::clone(&r));
+        r
+    }
+
+    pub fn encode(&self) -> Result<String, prometheus::Error> {
+        prometheus::TextEncoder::new().encode_to_string(&self.registry.gather())
+    }
+}
+
+/// Process RSS and CPU, read from /proc at scrape time.
+struct ProcessCollector {
+    descs: Vec<Desc>,
+    rss: Gauge,
+    cpu: prometheus::Counter,
+    start: Gauge,
+}
+
+impl ProcessCollector {
+    fn new() -> Result<Self, prometheus::Error> {
+        let rss = Gauge::new(
+            "tern_process_resident_memory_bytes",
+            "Resident memory of the proxy process.",
+        )?;
+        let cpu = prometheus::Counter::new(
+            "tern_process_cpu_seconds_total",
+            "User and system CPU time of the proxy process.",
+        )?;
+        let start = Gauge::new(
+            "tern_process_start_time_seconds",
+            "Start time of the process since the Unix epoch.",
+        )?;
+        start.set(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
+        );
+        let mut descs = Vec::new();
+        for c in [&rss as &dyn Collector, &cpu, &start] {
+            descs.extend(c.desc().into_iter().cloned());
+        }
+        Ok(Self {
+            descs,
+            rss,
+            cpu,
+            start,
+        })
+    }
+}
+
+impl Collector for ProcessCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        if let Some(rss) = read_rss_bytes() {
+            self.rss.set(rss as f64);
+        }
+        if let Some(cpu) = read_cpu_seconds() {
+            // Counters only go up: add what was used since the last scrape.
+            let delta = cpu - self.cpu.get();
+            if delta > 0.0 {
+                self.cpu.inc_by(delta);
+            }
+        }
+        let mut out = Vec::with_capacity(3);
+        out.extend(self.rss.collect());
+        out.extend(self.cpu.collect());
+        out.extend(self.start.collect());
+        out
+    }
+}
+
+fn read_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// utime + stime from /proc/self/stat, in USER_HZ ticks (100 per second on Linux).
+fn read_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name may hold spaces; fields resume after its closing ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn routes_are_capped_per_service() {
+        let m = Metrics::new().unwrap();
+        let svc: Arc<str> = "pay".into();
+        for i in 0..(MAX_ROUTES_PER_SERVICE + 10) {
+            m.route(Direction::Outbound, &svc, &format!("pkg.Svc/M{i}"))
+                .requests
+                .inc();
+        }
+        let text = m.encode().unwrap();
+        assert!(text.contains("route=\"overflow\""));
+        let routes = text
+            .lines()
+            .filter(|l| l.starts_with("tern_requests_total{"))
+            .count();
+        assert_eq!(routes, MAX_ROUTES_PER_SERVICE + 1);
+    }
+
+    #[test]
+    fn process_metrics_are_exposed() {
+        let m = Metrics::new().unwrap();
+        let text = m.encode().unwrap();
+        assert!(
+            text.contains("# TYPE tern_process_cpu_seconds_total counter"),
+            "{text}"
+        );
+        assert!(text.contains("tern_process_resident_memory_bytes "));
+    }
+}

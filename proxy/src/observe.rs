@@ -1,0 +1,408 @@
+//! The layer that measures every request: metrics and the access log line.
+//!
+//! It counts the request when it arrives, then follows the response body to
+//! its end (or its reset, or the caller going away) to learn the gRPC status
+//! from trailers, the bytes moved and the total duration, and records
+//! everything once.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, Version};
+use http_body::{Body as _, Frame, SizeHint};
+
+use crate::access_log::{self, AccessLog};
+use crate::balance::Upstream;
+use crate::body::{self, Body, BoxError};
+use crate::errors::{self, ProxyErrorReason};
+use crate::metrics::{Direction, Metrics, RouteMetrics};
+use crate::router::Target;
+use crate::trace_context;
+
+const UNKNOWN_SERVICE: &str = "unknown";
+const HTTP_ROUTE: &str = "http";
+
+#[derive(Clone)]
+pub struct ObserveLayer {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    direction: Direction,
+    metrics: Arc<Metrics>,
+    log: Option<AccessLog>,
+    unknown: Arc<str>,
+}
+
+impl ObserveLayer {
+    pub fn new(direction: Direction, metrics: Arc<Metrics>, log: Option<AccessLog>) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                direction,
+                metrics,
+                log,
+                unknown: Arc::from(UNKNOWN_SERVICE),
+            }),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+    fn layer(&self, inner: S) -> Observe<S> {
+        Observe {
+            shared: Arc::clone(&self.shared),
+            inner,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Observe<S> {
+    shared: Arc<Shared>,
+    inner: S,
+}
+
+impl<S, B> tower::Service<Request<B>> for Observe<S>
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<ObservedBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let start = Instant::now();
+        let sh = &self.shared;
+        let grpc = errors::is_grpc(req.headers());
+        let service = req
+            .extensions()
+            .get::<Arc<Target>>()
+            .map(|t| Arc::clone(&t.service))
+            .unwrap_or_else(|| Arc::clone(&sh.unknown));
+        let path = req.uri().path();
+        let route_name = if grpc {
+            path.strip_prefix('/').unwrap_or(path)
+        } else {
+            HTTP_ROUTE
+        };
+        let route = sh.metrics.route(sh.direction, &service, route_name);
+        route.requests.inc();
+        let log = sh.log.as_ref().map(|_| {
+            Box::new(LogInfo {
+                method: req.method().to_string(),
+                authority: crate::router::authority(&req).to_string(),
+                path: path.to_string(),
+                protocol: protocol(req.version()),
+                trace_id: trace_context::trace_id(req.headers()).to_string(),
+            })
+        });
+        let bytes_in = Arc::new(AtomicU64::new(0));
+        let req = req.map(|b| {
+            body::boxed(CountingBody {
+                inner: b,
+                bytes: Arc::clone(&bytes_in),
+            })
+        });
+        let mut pending = Pending(Some(Box::new(Completion {
+            shared: Arc::clone(sh),
+            route,
+            start,
+            grpc,
+            status: 0,
+            grpc_status: None,
+            bytes_in,
+            bytes_out: 0,
+            upstream: None,
+            error: None,
+            log,
+        })));
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let Ok(rsp) = fut.await;
+            let (parts, inner) = rsp.into_parts();
+            let mut done = pending.0.take();
+            if let Some(c) = done.as_mut() {
+                c.status = parts.status.as_u16();
+                c.grpc_status = grpc_status(&parts.headers);
+                c.upstream = parts.extensions.get::<Upstream>().map(|u| u.0);
+                c.error = parts.extensions.get::<ProxyErrorReason>().map(|r| r.0);
+            }
+            let mut body = ObservedBody { inner, done };
+            if body.inner.is_end_stream() {
+                body.finish(Outcome::Complete);
+            }
+            Ok(Response::from_parts(parts, body))
+        })
+    }
+}
+
+struct LogInfo {
+    method: String,
+    authority: String,
+    path: String,
+    protocol: &'static str,
+    trace_id: String,
+}
+
+/// Everything recorded once the response ends.
+struct Completion {
+    shared: Arc<Shared>,
+    route: Arc<RouteMetrics>,
+    start: Instant,
+    grpc: bool,
+    status: u16,
+    grpc_status: Option<u32>,
+    bytes_in: Arc<AtomicU64>,
+    bytes_out: u64,
+    upstream: Option<std::net::SocketAddr>,
+    error: Option<&'static str>,
+    log: Option<Box<LogInfo>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    Complete,
+    /// The caller went away before the response ended.
+    Cancelled,
+    /// The response stream failed (reset by the peer, connection lost).
+    Reset,
+}
+
+impl Completion {
+    fn finish(self, outcome: Outcome) {
+        let elapsed = self.start.elapsed();
+        let sh = &self.shared;
+        let dir = sh.direction;
+        if self.status != 0 {
+            let class = status_class(self.status);
+            let grpc = match (self.grpc, self.grpc_status) {
+                (true, Some(code)) => grpc_code_name(code),
+                _ => "",
+            };
+            self.route.response(class, grpc).inc();
+        }
+        self.route.duration.observe(elapsed.as_secs_f64());
+        let error = match outcome {
+            Outcome::Complete => self.error,
+            Outcome::Cancelled => Some("cancelled"),
+            Outcome::Reset => Some("reset"),
+        };
+        if outcome != Outcome::Complete {
+            sh.metrics
+                .stream_errors
+                .with_label_values(&[dir.as_str(), &self.route.service, error.unwrap_or("")])
+                .inc();
+        }
+        if let (Some(log), Some(info)) = (&sh.log, &self.log) {
+            log.log(&access_log::Line {
+                time: access_log::now_rfc3339(),
+                direction: dir,
+                protocol: info.protocol,
+                method: &info.method,
+                authority: &info.authority,
+                path: &info.path,
+                grpc_method: self.grpc.then(|| info.path.trim_start_matches('/')),
+                service: &self.route.service,
+                status: self.status,
+                grpc_status: self.grpc_status,
+                duration_ms: elapsed.as_secs_f64() * 1000.0,
+                bytes_in: self.bytes_in.load(Ordering::Relaxed),
+                bytes_out: self.bytes_out,
+                upstream: self.upstream,
+                peer_identity: None,
+                attempts: u32::from(self.upstream.is_some() || self.error.is_some()),
+                trace_id: &info.trace_id,
+                error,
+            });
+        }
+    }
+}
+
+/// Records a request whose caller left before any response came back.
+struct Pending(Option<Box<Completion>>);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            (*c).finish(Outcome::Cancelled);
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response body, passed through frame by frame while it is measured.
+    pub struct ObservedBody {
+        #[pin]
+        inner: Body,
+        done: Option<Box<Completion>>,
+    }
+
+    impl PinnedDrop for ObservedBody {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(c) = this.project().done.take() {
+                (*c).finish(Outcome::Cancelled);
+            }
+        }
+    }
+}
+
+impl ObservedBody {
+    fn finish(&mut self, outcome: Outcome) {
+        if let Some(c) = self.done.take() {
+            (*c).finish(outcome);
+        }
+    }
+}
+
+impl http_body::Body for ObservedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(c) = this.done.as_mut() {
+                    if let Some(d) = frame.data_ref() {
+                        c.bytes_out += d.len() as u64;
+                    } else if let Some(t) = frame.trailers_ref() {
+                        c.grpc_status = grpc_status(t).or(c.grpc_status);
+                    }
+                }
+                // A server writing a Content-Length body stops polling after the
+                // last byte, so the end is seen here rather than as `None`.
+                if this.inner.is_end_stream() {
+                    if let Some(c) = this.done.take() {
+                        (*c).finish(Outcome::Complete);
+                    }
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(c) = this.done.take() {
+                    (*c).finish(Outcome::Reset);
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(c) = this.done.take() {
+                    (*c).finish(Outcome::Complete);
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The request body, counted as it streams upstream.
+    struct CountingBody<B> {
+        #[pin]
+        inner: B,
+        bytes: Arc<AtomicU64>,
+    }
+}
+
+impl<B> http_body::Body for CountingBody<B>
+where
+    B: http_body::Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(d) = frame.data_ref() {
+                this.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn grpc_status(headers: &HeaderMap) -> Option<u32> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.parse().ok())
+}
+
+fn protocol(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP/1.1",
+    }
+}
+
+fn status_class(status: u16) -> &'static str {
+    match status / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        _ => "5xx",
+    }
+}
+
+pub fn grpc_code_name(code: u32) -> &'static str {
+    const NAMES: [&str; 17] = [
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    ];
+    NAMES.get(code as usize).copied().unwrap_or("INVALID_CODE")
+}

@@ -1,0 +1,189 @@
+//! Which service a request is for, and forwarding it there.
+//!
+//! [`RouteLayer`] names the target (fixed per listener, or looked up by
+//! `:authority`/`Host`) and records it in the request's extensions, so every
+//! layer below (metrics, logs, errors) knows it; [`Forward`] at the bottom of
+//! the stack hands the request to that target's balancer. Transparent
+//! interception adds one more [`Selector`]: the connection's original
+//! destination.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{header, Request, Response};
+
+use crate::balance::Balancer;
+use crate::body::Body;
+use crate::errors::ProxyError;
+
+/// A service requests can be sent to.
+pub struct Target {
+    pub service: Arc<str>,
+    pub balancer: Arc<Balancer>,
+}
+
+/// How a listener picks the target of each request.
+#[derive(Clone)]
+pub enum Selector {
+    /// Every request on this listener goes to one target (explicit upstream
+    /// ports, and the inbound listener's local app).
+    Fixed(Arc<Target>),
+    /// The request's authority names the service.
+    Authority(Arc<RouteTable>),
+}
+
+/// Names under which each service is known: `pay`, `pay.ns`, `pay.ns.svc`,
+/// `pay.ns.svc.cluster.local`, each with or without a port.
+#[derive(Default)]
+pub struct RouteTable {
+    by_name: HashMap<String, Arc<Target>>,
+}
+
+impl RouteTable {
+    pub fn insert(&mut self, namespace: &str, target: Arc<Target>) {
+        let name = target.service.to_string();
+        for n in [
+            name.clone(),
+            format!("{name}.{namespace}"),
+            format!("{name}.{namespace}.svc"),
+            format!("{name}.{namespace}.svc.cluster.local"),
+        ] {
+            self.by_name.insert(n, Arc::clone(&target));
+        }
+    }
+
+    pub fn lookup(&self, authority: &str) -> Option<&Arc<Target>> {
+        let host = strip_port(authority);
+        let host = host.strip_suffix('.').unwrap_or(host);
+        self.by_name.get(host).or_else(|| {
+            // Names are case-insensitive; only allocate for the rare mixed-case one.
+            host.bytes()
+                .any(|b| b.is_ascii_uppercase())
+                .then(|| self.by_name.get(&host.to_ascii_lowercase()))
+                .flatten()
+        })
+    }
+}
+
+fn strip_port(authority: &str) -> &str {
+    if authority.starts_with('[') {
+        return authority
+            .split(']')
+            .next()
+            .map(|h| &h[1..])
+            .unwrap_or(authority);
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => authority,
+    }
+}
+
+/// The authority a request names: `:authority` for HTTP/2, `Host` for HTTP/1.
+pub fn authority<B>(req: &Request<B>) -> &str {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .unwrap_or("")
+}
+
+#[derive(Clone)]
+pub struct RouteLayer {
+    selector: Selector,
+}
+
+impl RouteLayer {
+    pub fn new(selector: Selector) -> Self {
+        Self { selector }
+    }
+}
+
+impl<S> tower::Layer<S> for RouteLayer {
+    type Service = Route<S>;
+    fn layer(&self, inner: S) -> Route<S> {
+        Route {
+            selector: self.selector.clone(),
+            inner,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Route<S> {
+    selector: Selector,
+    inner: S,
+}
+
+impl<S, B> tower::Service<Request<B>> for Route<S>
+where
+    S: tower::Service<Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let target = match &self.selector {
+            Selector::Fixed(t) => Some(Arc::clone(t)),
+            Selector::Authority(table) => table.lookup(authority(&req)).cloned(),
+        };
+        if let Some(t) = target {
+            req.extensions_mut().insert(t);
+        }
+        self.inner.call(req)
+    }
+}
+
+/// The bottom of the stack: send to the routed target's balancer.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Forward;
+
+impl tower::Service<Request<Body>> for Forward {
+    type Response = Response<Body>;
+    type Error = ProxyError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, ProxyError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let target = req.extensions().get::<Arc<Target>>().cloned();
+        Box::pin(async move {
+            match target {
+                Some(t) => t.balancer.send(req).await,
+                None => Err(ProxyError::NoRoute {
+                    authority: authority(&req).to_string(),
+                }),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_are_stripped() {
+        assert_eq!(strip_port("pay:50051"), "pay");
+        assert_eq!(strip_port("pay"), "pay");
+        assert_eq!(strip_port("[::1]:80"), "::1");
+        assert_eq!(
+            strip_port("pay.default.svc.cluster.local:50051"),
+            "pay.default.svc.cluster.local"
+        );
+    }
+}
