@@ -1,1 +1,50 @@
-fn main() {}
+//! `ternctl`: run the meshed demo on loopback, or benchmark the proxy.
+
+mod bench;
+mod demo;
+mod procs;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "ternctl", version, about = "Tern's command-line tool")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run order → pay (two replicas), each behind its own tern-proxy, with load, on loopback.
+    Demo(demo::DemoArgs),
+    /// Measure gRPC unary traffic direct, through one sidecar and through two.
+    Bench(bench::BenchArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ternctl: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = runtime.block_on(async {
+        let result = match cli.command {
+            Command::Demo(args) => demo::run(args).await,
+            Command::Bench(args) => bench::run(args).await,
+        };
+        match result {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("ternctl: {e:#}");
+                1
+            }
+        }
+    });
+    std::process::exit(code);
+}

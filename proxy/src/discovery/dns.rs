@@ -50,9 +50,11 @@ pub enum Nameserver {
     /// The `nameserver` lines of `/etc/resolv.conf` (port 53). Its `search` and `options`
     /// lines are ignored: names are fully qualified and timeouts are Tern's own.
     System,
+    /// One server, e.g. the cluster DNS; queried over UDP and TCP on the given port.
     Addr(SocketAddr),
 }
 
+/// Why a resolver could not be built or a name could not be resolved.
 #[derive(Debug, thiserror::Error)]
 pub enum DnsError {
     #[error("cannot read /etc/resolv.conf: {0}")]

@@ -1,0 +1,326 @@
+//! What each measured path needs running: the `pay` server, tern-proxy
+//! sidecars, and haproxy as the reference a user could pick instead.
+//!
+//! Every listener Tern binds uses port 0 and is read back from the process's
+//! ready line, so concurrent runs on one machine cannot collide; haproxy does
+//! not report its ports, so it gets a free port picked beforehand.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use serde::Serialize;
+
+use crate::procs::{self, Proc};
+
+/// How long a stopped child may drain before it is killed.
+pub const GRACE: Duration = Duration::from_secs(3);
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One way from the load generator to `pay`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PathKind {
+    Direct,
+    One,
+    Two,
+    HaproxyOne,
+    HaproxyTwo,
+}
+
+impl PathKind {
+    pub const ALL: [PathKind; 5] = [
+        PathKind::Direct,
+        PathKind::One,
+        PathKind::Two,
+        PathKind::HaproxyOne,
+        PathKind::HaproxyTwo,
+    ];
+
+    pub fn key(self) -> &'static str {
+        match self {
+            PathKind::Direct => "direct",
+            PathKind::One => "one",
+            PathKind::Two => "two",
+            PathKind::HaproxyOne => "haproxy-one",
+            PathKind::HaproxyTwo => "haproxy-two",
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            PathKind::Direct => "client → pay",
+            PathKind::One => "client → tern-proxy (outbound) → pay",
+            PathKind::Two => "client → tern-proxy (outbound) → tern-proxy (inbound) → pay",
+            PathKind::HaproxyOne => "client → haproxy → pay",
+            PathKind::HaproxyTwo => "client → haproxy → haproxy → pay",
+        }
+    }
+
+    pub fn is_haproxy(self) -> bool {
+        matches!(self, PathKind::HaproxyOne | PathKind::HaproxyTwo)
+    }
+
+    /// The haproxy path of the same shape as a Tern path.
+    pub fn haproxy_peer(self) -> Option<PathKind> {
+        match self {
+            PathKind::One => Some(PathKind::HaproxyOne),
+            PathKind::Two => Some(PathKind::HaproxyTwo),
+            _ => None,
+        }
+    }
+}
+
+/// A proxy process whose memory and CPU are measured.
+pub struct Sidecar {
+    pub name: String,
+    pub pid: u32,
+}
+
+/// The processes of one path, and the address the load generator dials.
+pub struct Topology {
+    pub target: SocketAddr,
+    pub sidecars: Vec<Sidecar>,
+    procs: Vec<Proc>,
+    // haproxy reads its config from here; removed when the path is done.
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Topology {
+    pub async fn start(kind: PathKind, pay: SocketAddr, haproxy: Option<&Path>) -> anyhow::Result<Self> {
+        let mut t = Topology {
+            target: pay,
+            sidecars: Vec::new(),
+            procs: Vec::new(),
+            _dir: None,
+        };
+        match kind {
+            PathKind::Direct => {}
+            PathKind::One => {
+                t.target = t.tern_outbound("tern-proxy (outbound)", pay).await?;
+            }
+            PathKind::Two => {
+                let inbound = t.tern_inbound("tern-proxy (inbound)", pay).await?;
+                t.target = t.tern_outbound("tern-proxy (outbound)", inbound).await?;
+            }
+            PathKind::HaproxyOne | PathKind::HaproxyTwo => {
+                let bin = haproxy.context("haproxy is not installed")?;
+                let dir = tempfile::tempdir().context("creating a directory for haproxy's config")?;
+                let mut next = pay;
+                // Started from the app outwards, so each hop's upstream is listening.
+                let hops = if kind == PathKind::HaproxyTwo { 2 } else { 1 };
+                for hop in (0..hops).rev() {
+                    let name = if hop == 0 { "haproxy (client side)" } else { "haproxy (server side)" };
+                    next = t.haproxy(name, bin, dir.path(), hop, next).await?;
+                }
+                t.target = next;
+                t._dir = Some(dir);
+            }
+        }
+        Ok(t)
+    }
+
+    /// Stops the proxies, the one nearest the client first, so no hop sees its
+    /// upstream vanish while it still has a caller.
+    pub async fn stop(mut self) {
+        for p in self.procs.iter_mut().rev() {
+            p.stop(GRACE).await;
+        }
+    }
+
+    fn keep(&mut self, p: Proc) -> anyhow::Result<()> {
+        let pid = p.pid().with_context(|| format!("{} exited at start", p.name))?;
+        self.sidecars.push(Sidecar {
+            name: p.name.clone(),
+            pid,
+        });
+        self.procs.push(p);
+        Ok(())
+    }
+
+    /// A client-side sidecar whose explicit upstream port leads to `endpoint`.
+    async fn tern_outbound(&mut self, name: &str, endpoint: SocketAddr) -> anyhow::Result<SocketAddr> {
+        let mut args = common_tern_args();
+        args.extend([
+            "--upstream".into(),
+            "pay=127.0.0.1:0".into(),
+            "--endpoints".into(),
+            format!("pay={endpoint}"),
+        ]);
+        let (p, line) = start_tern(name, &args).await?;
+        self.keep(p)?;
+        ready_addr(&line, "upstream")
+    }
+
+    /// A server-side sidecar whose inbound listener forwards to `app`.
+    async fn tern_inbound(&mut self, name: &str, app: SocketAddr) -> anyhow::Result<SocketAddr> {
+        let mut args = common_tern_args();
+        args.extend([
+            "--inbound-listen".into(),
+            "127.0.0.1:0".into(),
+            "--inbound-app".into(),
+            app.to_string(),
+            "--service-name".into(),
+            "pay".into(),
+        ]);
+        let (p, line) = start_tern(name, &args).await?;
+        self.keep(p)?;
+        ready_addr(&line, "inbound")
+    }
+
+    async fn haproxy(
+        &mut self,
+        name: &str,
+        bin: &Path,
+        dir: &Path,
+        hop: usize,
+        upstream: SocketAddr,
+    ) -> anyhow::Result<SocketAddr> {
+        let listen = SocketAddr::from(([127, 0, 0, 1], procs::free_port()?));
+        let cfg = dir.join(format!("hop{hop}.cfg"));
+        std::fs::write(&cfg, haproxy_config(listen, upstream))
+            .with_context(|| format!("writing {}", cfg.display()))?;
+        let cfg_arg = cfg.display().to_string();
+        // haproxy's complaints go to stderr, which a running child does not
+        // keep; a check run first turns a bad config into a readable error.
+        let check = tokio::process::Command::new(bin)
+            .args(["-c", "-f", &cfg_arg])
+            .output()
+            .await
+            .with_context(|| format!("running {} -c", bin.display()))?;
+        if !check.status.success() {
+            bail!(
+                "haproxy rejected its config {}: {}",
+                cfg.display(),
+                String::from_utf8_lossy(&check.stderr).trim()
+            );
+        }
+        let mut p = Proc::spawn_program(name, bin, &["-db".into(), "-f".into(), cfg_arg])?;
+        wait_listening(&mut p, listen).await?;
+        self.keep(p)?;
+        Ok(listen)
+    }
+}
+
+/// Starts `pay` on a free port; returns it with its address.
+pub async fn start_pay() -> anyhow::Result<(Proc, SocketAddr)> {
+    let args: Vec<String> = ["--listen", "127.0.0.1:0", "--replica", "bench"]
+        .map(String::from)
+        .into();
+    let mut p = Proc::spawn("pay", "pay", &args)?;
+    let line = p.wait_for_line("pay listening on ", READY_TIMEOUT).await?;
+    let addr = line
+        .split_whitespace()
+        .nth(3)
+        .and_then(|a| a.parse().ok())
+        .with_context(|| format!("pay printed an unexpected line: {line:?}"))?;
+    Ok((p, addr))
+}
+
+/// The haproxy binary: on PATH, or where Debian installs it (not on a
+/// non-root user's PATH).
+pub fn find_haproxy() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/local/sbin"].map(PathBuf::from))
+        .map(|d| d.join("haproxy"))
+        .find(|p| p.is_file())
+}
+
+fn common_tern_args() -> Vec<String> {
+    [
+        "--outbound-listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--access-log",
+        "off",
+        "--worker-threads",
+        "1",
+        "--drain-grace",
+        "1s",
+        "--log",
+        "warn",
+    ]
+    .map(String::from)
+    .into()
+}
+
+async fn start_tern(name: &str, args: &[String]) -> anyhow::Result<(Proc, String)> {
+    let mut p = Proc::spawn(name, "tern-proxy", args)?;
+    let line = p.wait_for_line("tern-proxy ready:", READY_TIMEOUT).await?;
+    Ok((p, line))
+}
+
+/// `key=ADDR` from `tern-proxy ready: outbound=… upstream=… inbound=… admin=…`.
+fn ready_addr(line: &str, key: &str) -> anyhow::Result<SocketAddr> {
+    line.split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, a)| a.parse().ok())
+        .with_context(|| format!("no {key}=ADDR in tern-proxy's ready line {line:?}"))
+}
+
+/// HTTP/2 without TLS on both sides, one thread, connections to the server
+/// reused across requests: the same shape as a Tern hop.
+fn haproxy_config(listen: SocketAddr, upstream: SocketAddr) -> String {
+    format!(
+        "global
+    nbthread 1
+    maxconn 4096
+    tune.h2.max-concurrent-streams 1000
+
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 30s
+    timeout server 30s
+    http-reuse always
+
+frontend bench
+    bind {listen} proto h2
+    default_backend app
+
+backend app
+    server app {upstream} proto h2
+"
+    )
+}
+
+/// haproxy prints nothing when ready: wait until its port accepts.
+async fn wait_listening(p: &mut Proc, addr: SocketAddr) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        if let Ok(Some(status)) = p.child.try_wait() {
+            bail!("{} exited at start ({status})", p.name);
+        }
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        if start.elapsed() > READY_TIMEOUT {
+            bail!("{} did not listen on {addr} within {READY_TIMEOUT:?}", p.name);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_addresses_from_the_ready_line() {
+        let line = "tern-proxy ready: outbound=127.0.0.1:4140 upstream=127.0.0.1:39001 \
+                    inbound=127.0.0.1:39002 admin=127.0.0.1:4191";
+        assert_eq!(
+            ready_addr(line, "upstream").ok(),
+            Some(SocketAddr::from(([127, 0, 0, 1], 39001)))
+        );
+        assert_eq!(
+            ready_addr(line, "inbound").ok(),
+            Some(SocketAddr::from(([127, 0, 0, 1], 39002)))
+        );
+        assert!(ready_addr("tern-proxy ready: admin=x", "admin").is_err());
+    }
+}
