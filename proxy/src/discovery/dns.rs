@@ -47,8 +47,8 @@ const CACHE_ENTRIES: u64 = 1024;
 /// Where DNS discovery sends its queries.
 #[derive(Clone, Debug)]
 pub enum Nameserver {
-    /// The `nameserver` lines of `/etc/resolv.conf` (port 53). Its `search` and `options`
-    /// lines are ignored: names are fully qualified and timeouts are Tern's own.
+    /// The nameservers of `/etc/resolv.conf`. Its `search` and `ndots` are not applied:
+    /// names are taken as fully qualified.
     System,
     /// One server, e.g. the cluster DNS; queried over UDP and TCP on the given port.
     Addr(SocketAddr),
@@ -57,10 +57,8 @@ pub enum Nameserver {
 /// Why a resolver could not be built or a name could not be resolved.
 #[derive(Debug, thiserror::Error)]
 pub enum DnsError {
-    #[error("cannot read /etc/resolv.conf: {0}")]
-    ResolvConf(#[source] std::io::Error),
-    #[error("/etc/resolv.conf lists no usable nameserver")]
-    NoNameserver,
+    #[error("cannot read the system DNS config (/etc/resolv.conf): {0}")]
+    SystemConf(#[source] NetError),
     #[error("cannot build the DNS resolver: {0}")]
     Build(#[source] NetError),
     #[error("invalid DNS name {name:?}: {source}")]
@@ -75,18 +73,12 @@ pub enum DnsError {
 
 /// Builds one shared resolver querying `ns` over UDP, falling back to TCP for truncated answers.
 pub fn resolver(ns: &Nameserver) -> Result<Resolver, DnsError> {
-    let servers = match ns {
-        Nameserver::Addr(addr) => vec![nameserver_config(*addr)],
-        Nameserver::System => {
-            let text = std::fs::read_to_string("/etc/resolv.conf").map_err(DnsError::ResolvConf)?;
-            let ips = parse_resolv_conf(&text);
-            if ips.is_empty() {
-                return Err(DnsError::NoNameserver);
-            }
-            ips.into_iter()
-                .map(|ip| nameserver_config(SocketAddr::new(ip, 53)))
-                .collect()
-        }
+    let config = match ns {
+        Nameserver::Addr(addr) => ResolverConfig::from_name_servers(vec![nameserver_config(*addr)]),
+        // The resolver's own resolv.conf reader; its search/ndots options are replaced below.
+        Nameserver::System => hickory_resolver::system_conf::read_system_conf()
+            .map_err(DnsError::SystemConf)?
+            .0,
     };
     let mut opts = ResolverOpts::default();
     opts.ndots = 0;
@@ -98,7 +90,6 @@ pub fn resolver(ns: &Nameserver) -> Result<Resolver, DnsError> {
     // (typical SOA minimum: an hour) would hide newly added records.
     opts.positive_max_ttl = Some(MAX_REFRESH);
     opts.negative_max_ttl = Some(MAX_REFRESH);
-    let config = ResolverConfig::from_name_servers(servers);
     Resolver::builder_with_config(config, TokioRuntimeProvider::default())
         .with_options(opts)
         .build()
@@ -111,19 +102,6 @@ fn nameserver_config(addr: SocketAddr) -> NameServerConfig {
     let mut tcp = ConnectionConfig::tcp();
     tcp.port = addr.port();
     NameServerConfig::new(addr.ip(), true, vec![udp, tcp])
-}
-
-/// The addresses of the `nameserver` lines; zone-scoped IPv6 addresses are skipped.
-fn parse_resolv_conf(text: &str) -> Vec<IpAddr> {
-    text.lines()
-        .filter_map(|line| {
-            let mut words = line.split_whitespace();
-            match (words.next(), words.next()) {
-                (Some("nameserver"), Some(addr)) => addr.parse().ok(),
-                _ => None,
-            }
-        })
-        .collect()
 }
 
 /// Spawns a task that keeps `tx` holding the endpoints of `host` (see the module docs).
@@ -404,14 +382,6 @@ mod tests {
         ]);
         assert_eq!(picked, target(&["10.0.0.3:1", "10.0.0.4:2"]).addrs);
         assert!(pick_srv(vec![(10, target(&[]))]).is_empty());
-    }
-
-    #[test]
-    fn resolv_conf_nameservers() {
-        let text = "# comment\nsearch svc.cluster.local\nnameserver 10.0.0.53\n\
-                    nameserver  fe80::1%eth0\nnameserver ::1\noptions ndots:5\nnameserver\n";
-        let ips: Vec<IpAddr> = vec!["10.0.0.53".parse().unwrap(), "::1".parse().unwrap()];
-        assert_eq!(parse_resolv_conf(text), ips);
     }
 
     #[test]
