@@ -12,11 +12,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use http::{Request, Response};
-use prometheus::IntGauge;
+use prometheus::{IntCounter, IntGauge};
 use tokio::sync::watch;
 
-use crate::body::Body;
+use crate::accrual::now_ms;
+use crate::config::policy::AccrualPolicy;
 use crate::discovery::EndpointSet;
 use crate::endpoint::EndpointClient;
 use crate::errors::ProxyError;
@@ -29,6 +29,9 @@ pub struct Balancer {
     service: Arc<str>,
     endpoints: ArcSwap<Vec<Arc<EndpointClient>>>,
     next: AtomicUsize,
+    accrual: AccrualPolicy,
+    ejections: IntCounter,
+    ejected: IntGauge,
 }
 
 /// What the balancer needs to make clients for new endpoints.
@@ -38,6 +41,9 @@ pub struct ClientParams {
     pub open_connections: IntGauge,
     /// `tern_endpoints{service}`; none for the inbound app.
     pub endpoints_gauge: Option<IntGauge>,
+    pub accrual: AccrualPolicy,
+    pub ejections: IntCounter,
+    pub ejected: IntGauge,
 }
 
 impl Balancer {
@@ -52,6 +58,9 @@ impl Balancer {
             service,
             endpoints: ArcSwap::from_pointee(Vec::new()),
             next: AtomicUsize::new(0),
+            accrual: params.accrual.clone(),
+            ejections: params.ejections.clone(),
+            ejected: params.ejected.clone(),
         });
         this.update(&updates.borrow_and_update(), &params);
         let weak = Arc::downgrade(&this);
@@ -81,6 +90,12 @@ impl Balancer {
                 )),
             })
             .collect();
+        let now = now_ms();
+        for gone in by_addr.values() {
+            if gone.accrual.is_ejected(now) {
+                self.ejected.dec();
+            }
+        }
         tracing::info!(service = %self.service, endpoints = next.len(), "endpoints updated");
         if let Some(g) = &params.endpoints_gauge {
             g.set(next.len() as i64);
@@ -88,23 +103,55 @@ impl Balancer {
         self.endpoints.store(Arc::new(next));
     }
 
-    /// Round robin: each request takes the next endpoint in turn.
-    pub fn pick(&self) -> Result<Arc<EndpointClient>, ProxyError> {
+    /// Round robin: each request takes the next endpoint in turn, skipping
+    /// ejected endpoints and the one to avoid. When nothing else is left it
+    /// fails open rather than refusing the request.
+    pub fn pick(&self, avoid: Option<SocketAddr>) -> Result<Arc<EndpointClient>, ProxyError> {
         let eps = self.endpoints.load();
-        if eps.is_empty() {
+        let n = eps.len();
+        if n == 0 {
             return Err(ProxyError::NoEndpoints {
                 service: self.service.clone(),
             });
         }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % eps.len();
-        Ok(Arc::clone(&eps[i]))
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let now = now_ms();
+        let mut fallback: Option<&Arc<EndpointClient>> = None;
+        for k in 0..n {
+            let ep = &eps[(start + k) % n];
+            if Some(ep.addr()) == avoid {
+                continue;
+            }
+            if ep.accrual.try_acquire(now) {
+                return Ok(Arc::clone(ep));
+            }
+            fallback.get_or_insert(ep);
+        }
+        let ep = fallback.unwrap_or(&eps[start % n]);
+        Ok(Arc::clone(ep))
     }
 
-    pub async fn send(&self, req: Request<Body>) -> Result<Response<Body>, ProxyError> {
-        let ep = self.pick()?;
-        let mut rsp = ep.send(req).await?;
-        rsp.extensions_mut().insert(Upstream(ep.addr()));
-        Ok(rsp)
+    /// Feeds an attempt's outcome to failure accrual.
+    pub fn report(&self, addr: SocketAddr, success: bool) {
+        let eps = self.endpoints.load();
+        let Some(ep) = eps.iter().find(|e| e.addr() == addr) else {
+            return;
+        };
+        if success {
+            if ep.accrual.success() {
+                self.ejected.dec();
+                tracing::info!(service = %self.service, endpoint = %addr, "endpoint back in rotation");
+            }
+            return;
+        }
+        let now = now_ms();
+        let available = eps.iter().filter(|e| !e.accrual.is_ejected(now)).count();
+        let may_eject = available > self.accrual.min_available;
+        if ep.accrual.failure(&self.accrual, now, may_eject) {
+            self.ejections.inc();
+            self.ejected.inc();
+            tracing::warn!(service = %self.service, endpoint = %addr, "endpoint ejected after consecutive failures");
+        }
     }
 
     pub fn endpoint_addrs(&self) -> Vec<SocketAddr> {
@@ -123,6 +170,14 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             open_connections: IntGauge::new("c", "c").unwrap(),
             endpoints_gauge: None,
+            accrual: AccrualPolicy {
+                consecutive_failures: 0,
+                backoff_min: Duration::from_secs(1),
+                backoff_max: Duration::from_secs(1),
+                min_available: 1,
+            },
+            ejections: IntCounter::new("x", "x").unwrap(),
+            ejected: IntGauge::new("y", "y").unwrap(),
         }
     }
 
@@ -141,11 +196,13 @@ mod tests {
         let b = Balancer::spawn("pay".into(), rx, params());
         let mut counts = HashMap::new();
         for _ in 0..999 {
-            *counts.entry(b.pick().unwrap().addr().port()).or_insert(0) += 1;
+            *counts
+                .entry(b.pick(None).unwrap().addr().port())
+                .or_insert(0) += 1;
         }
         assert_eq!(counts.values().copied().collect::<Vec<_>>(), vec![333; 3]);
 
-        let kept = b.pick().unwrap();
+        let kept = b.pick(None).unwrap();
         tx.send(set(&[2, 3])).unwrap();
         for _ in 0..100 {
             tokio::task::yield_now().await;
@@ -155,7 +212,7 @@ mod tests {
         }
         assert_eq!(b.endpoint_addrs().len(), 2);
         for _ in 0..10 {
-            assert_ne!(b.pick().unwrap().addr().port(), 1);
+            assert_ne!(b.pick(None).unwrap().addr().port(), 1);
         }
         // The client of an endpoint that stayed is the same object (pooled connections survive).
         if kept.addr().port() != 1 {
@@ -165,6 +222,6 @@ mod tests {
         for _ in 0..100 {
             tokio::task::yield_now().await;
         }
-        assert!(matches!(b.pick(), Err(ProxyError::NoEndpoints { .. })));
+        assert!(matches!(b.pick(None), Err(ProxyError::NoEndpoints { .. })));
     }
 }

@@ -33,6 +33,7 @@ pub struct EndpointClient {
     h2_connecting: tokio::sync::Mutex<()>,
     h1_idle: Mutex<Vec<http1::SendRequest<Body>>>,
     open_connections: IntGauge,
+    pub accrual: crate::accrual::Accrual,
 }
 
 impl EndpointClient {
@@ -50,6 +51,7 @@ impl EndpointClient {
             h2_connecting: tokio::sync::Mutex::new(()),
             h1_idle: Mutex::new(Vec::new()),
             open_connections,
+            accrual: crate::accrual::Accrual::default(),
         }
     }
 

@@ -41,6 +41,19 @@ pub enum ProxyError {
         addr: SocketAddr,
         source: hyper::Error,
     },
+    #[error("service {service}: endpoint {addr} reset the response stream")]
+    Reset { service: Arc<str>, addr: SocketAddr },
+    #[error("service {service}: no response within the per-try timeout of {timeout:?}")]
+    PerTryTimeout {
+        service: Arc<str>,
+        addr: Option<SocketAddr>,
+        timeout: std::time::Duration,
+    },
+    #[error("service {service}: deadline exceeded after {elapsed:?}")]
+    DeadlineExceeded {
+        service: Arc<str>,
+        elapsed: std::time::Duration,
+    },
 }
 
 /// gRPC status codes the proxy produces.
@@ -59,6 +72,21 @@ impl ProxyError {
             Self::Connect { .. } => "connect",
             Self::ConnectTimeout { .. } => "connect_timeout",
             Self::Upstream { .. } => "upstream",
+            Self::Reset { .. } => "reset",
+            Self::PerTryTimeout { .. } => "per_try_timeout",
+            Self::DeadlineExceeded { .. } => "deadline_exceeded",
+        }
+    }
+
+    /// Whether another attempt is safe: the request never reached the
+    /// endpoint's application (refused connection, refused stream, a stream
+    /// the server's GOAWAY left unprocessed) or the attempt timed out before
+    /// any of its response reached the caller.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Connect { .. } | Self::ConnectTimeout { .. } | Self::PerTryTimeout { .. } => true,
+            Self::Upstream { source, .. } => unprocessed(source),
+            _ => false,
         }
     }
 
@@ -66,7 +94,9 @@ impl ProxyError {
         match self {
             Self::Connect { addr, .. }
             | Self::ConnectTimeout { addr, .. }
-            | Self::Upstream { addr, .. } => Some(*addr),
+            | Self::Upstream { addr, .. }
+            | Self::Reset { addr, .. } => Some(*addr),
+            Self::PerTryTimeout { addr, .. } => *addr,
             _ => None,
         }
     }
@@ -74,13 +104,20 @@ impl ProxyError {
     fn http_status(&self) -> StatusCode {
         match self {
             Self::NoRoute { .. } | Self::NoEndpoints { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            Self::ConnectTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            Self::Connect { .. } | Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            Self::ConnectTimeout { .. }
+            | Self::PerTryTimeout { .. }
+            | Self::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::Connect { .. } | Self::Upstream { .. } | Self::Reset { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
         }
     }
 
     fn grpc_code(&self) -> GrpcCode {
-        GrpcCode::Unavailable
+        match self {
+            Self::DeadlineExceeded { .. } => GrpcCode::DeadlineExceeded,
+            _ => GrpcCode::Unavailable,
+        }
     }
 
     /// The response a caller sees for this error.
@@ -199,6 +236,21 @@ where
             }
         })
     }
+}
+
+/// An HTTP/2 stream the server refused, or one above a GOAWAY's last stream id.
+fn unprocessed(e: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away()
+                    && h2.is_remote()
+                    && h2.reason() == Some(h2::Reason::NO_ERROR));
+        }
+        source = s.source();
+    }
+    false
 }
 
 fn grpc_status_value(code: u16) -> HeaderValue {

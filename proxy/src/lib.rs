@@ -5,6 +5,7 @@
 //! lives in [`serve`]; what a request passes through, in order, in [`stack`].
 
 pub mod access_log;
+pub mod accrual;
 pub mod admin;
 pub mod app;
 pub mod balance;
@@ -17,6 +18,7 @@ pub mod inbound;
 pub mod metrics;
 pub mod observe;
 pub mod outbound;
+pub mod retry;
 pub mod router;
 pub mod serve;
 pub mod stack;

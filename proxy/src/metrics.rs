@@ -49,6 +49,11 @@ pub struct Metrics {
     pub upstream_open_connections: IntGaugeVec,
     pub endpoints: IntGaugeVec,
     pub access_log_dropped: IntCounter,
+    pub retries: IntCounterVec,
+    pub retry_budget_exhausted: IntCounterVec,
+    pub timeouts: IntCounterVec,
+    pub ejections: IntCounterVec,
+    pub ejected: IntGaugeVec,
     routes: [RwLock<RoutesByService>; 2],
 }
 
@@ -139,6 +144,45 @@ impl Metrics {
             "tern_access_log_dropped_total",
             "Access log lines dropped because the writer could not keep up.",
         )?;
+        let retries = IntCounterVec::new(
+            Opts::new(
+                "tern_retries_total",
+                "Retries made, by service and reason (what failed in the previous attempt).",
+            ),
+            &["service", "reason"],
+        )?;
+        let retry_budget_exhausted = IntCounterVec::new(
+            Opts::new(
+                "tern_retry_budget_exhausted_total",
+                "Retryable failures not retried because the service's retry budget was spent.",
+            ),
+            &["service"],
+        )?;
+        let timeouts = IntCounterVec::new(
+            Opts::new(
+                "tern_timeouts_total",
+                "Attempts that hit the per-try timeout, and requests that hit their deadline.",
+            ),
+            &["service", "kind"],
+        )?;
+        let ejections = IntCounterVec::new(
+            Opts::new(
+                "tern_ejections_total",
+                "Endpoints ejected by failure accrual.",
+            ),
+            &["service"],
+        )?;
+        let ejected = IntGaugeVec::new(
+            Opts::new(
+                "tern_ejected_endpoints",
+                "Endpoints currently ejected by failure accrual.",
+            ),
+            &["service"],
+        )?;
+        for c in [&retries, &retry_budget_exhausted, &timeouts, &ejections] {
+            registry.register(Box::new(c.clone()))?;
+        }
+        registry.register(Box::new(ejected.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(responses.clone()))?;
         registry.register(Box::new(duration.clone()))?;
@@ -162,6 +206,11 @@ impl Metrics {
             upstream_open_connections,
             endpoints,
             access_log_dropped,
+            retries,
+            retry_budget_exhausted,
+            timeouts,
+            ejections,
+            ejected,
             routes: [RwLock::default(), RwLock::default()],
         })
     }

@@ -22,6 +22,7 @@ use crate::balance::Upstream;
 use crate::body::{self, Body, BoxError};
 use crate::errors::{self, ProxyErrorReason};
 use crate::metrics::{Direction, Metrics, RouteMetrics};
+use crate::retry::Attempts;
 use crate::router::Target;
 use crate::trace_context;
 
@@ -111,12 +112,14 @@ where
             })
         });
         let bytes_in = Arc::new(AtomicU64::new(0));
-        let req = req.map(|b| {
+        let attempts = Attempts::default();
+        let mut req = req.map(|b| {
             body::boxed(CountingBody {
                 inner: b,
                 bytes: Arc::clone(&bytes_in),
             })
         });
+        req.extensions_mut().insert(attempts.clone());
         let mut pending = Pending(Some(Box::new(Completion {
             shared: Arc::clone(sh),
             route,
@@ -128,6 +131,7 @@ where
             bytes_out: 0,
             upstream: None,
             error: None,
+            attempts,
             log,
         })));
         let fut = self.inner.call(req);
@@ -170,6 +174,7 @@ struct Completion {
     bytes_out: u64,
     upstream: Option<std::net::SocketAddr>,
     error: Option<&'static str>,
+    attempts: Attempts,
     log: Option<Box<LogInfo>>,
 }
 
@@ -224,7 +229,7 @@ impl Completion {
                 bytes_out: self.bytes_out,
                 upstream: self.upstream,
                 peer_identity: None,
-                attempts: u32::from(self.upstream.is_some() || self.error.is_some()),
+                attempts: self.attempts.0.load(Ordering::Relaxed),
                 trace_id: &info.trace_id,
                 error,
             });

@@ -57,11 +57,12 @@ pub fn build(config: &Config, metrics: &Metrics) -> Result<Outbound, dns::DnsErr
                 .upstream_open_connections
                 .with_label_values(&[&svc.name]),
             endpoints_gauge: Some(metrics.endpoints.with_label_values(&[&svc.name])),
+            accrual: svc.policy.accrual.clone(),
+            ejections: metrics.ejections.with_label_values(&[&svc.name]),
+            ejected: metrics.ejected.with_label_values(&[&svc.name]),
         };
-        let target = Arc::new(Target {
-            balancer: Balancer::spawn(Arc::clone(&service), updates, params),
-            service,
-        });
+        let balancer = Balancer::spawn(Arc::clone(&service), updates, params);
+        let target = Arc::new(Target::new(service, balancer, svc.policy.clone()));
         table.insert(&svc.namespace, Arc::clone(&target));
         if let Some(addr) = svc.upstream {
             upstreams.push((addr, Arc::clone(&target)));

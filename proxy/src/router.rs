@@ -15,14 +15,34 @@ use std::task::{Context, Poll};
 
 use http::{header, Request, Response};
 
-use crate::balance::Balancer;
+use tower::retry::budget::TpsBudget;
+
+use crate::balance::{Balancer, Upstream};
 use crate::body::Body;
+use crate::config::policy::ServicePolicy;
+use crate::endpoint::EndpointClient;
 use crate::errors::ProxyError;
 
 /// A service requests can be sent to.
 pub struct Target {
     pub service: Arc<str>,
     pub balancer: Arc<Balancer>,
+    pub policy: ServicePolicy,
+    /// Shared by every request to this service, so retries stay a bounded share of traffic.
+    pub budget: TpsBudget,
+}
+
+impl Target {
+    pub fn new(service: Arc<str>, balancer: Arc<Balancer>, policy: ServicePolicy) -> Self {
+        let r = &policy.retry;
+        let budget = TpsBudget::new(r.budget_ttl, r.budget_min_per_second, r.budget_percent);
+        Self {
+            service,
+            balancer,
+            policy,
+            budget,
+        }
+    }
 }
 
 /// How a listener picks the target of each request.
@@ -146,7 +166,8 @@ where
     }
 }
 
-/// The bottom of the stack: send to the routed target's balancer.
+/// The bottom of the stack: send to the endpoint chosen for this attempt,
+/// or to the target's balancer's next pick.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Forward;
 
@@ -159,15 +180,22 @@ impl tower::Service<Request<Body>> for Forward {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        let endpoint = req.extensions_mut().remove::<Arc<EndpointClient>>();
         let target = req.extensions().get::<Arc<Target>>().cloned();
         Box::pin(async move {
-            match target {
-                Some(t) => t.balancer.send(req).await,
-                None => Err(ProxyError::NoRoute {
-                    authority: authority(&req).to_string(),
-                }),
-            }
+            let ep = match (endpoint, target) {
+                (Some(ep), _) => ep,
+                (None, Some(t)) => t.balancer.pick(None)?,
+                (None, None) => {
+                    return Err(ProxyError::NoRoute {
+                        authority: authority(&req).to_string(),
+                    })
+                }
+            };
+            let mut rsp = ep.send(req).await?;
+            rsp.extensions_mut().insert(Upstream(ep.addr()));
+            Ok(rsp)
         })
     }
 }

@@ -11,10 +11,11 @@ use crate::access_log::AccessLog;
 use crate::errors::{ErrorResponse, ErrorResponseLayer};
 use crate::metrics::{Direction, Metrics};
 use crate::observe::{Observe, ObserveLayer};
+use crate::retry::{Retry, RetryLayer};
 use crate::router::{Forward, Route, RouteLayer, Selector};
 use crate::trace_context::{TraceContext, TraceContextLayer};
 
-pub type HttpStack = TraceContext<Route<Observe<ErrorResponse<Forward>>>>;
+pub type HttpStack = TraceContext<Route<Observe<ErrorResponse<Retry<Forward>>>>>;
 
 pub fn http(
     direction: Direction,
@@ -31,6 +32,9 @@ pub fn http(
         .layer(ObserveLayer::new(direction, Arc::clone(metrics), log))
         // 4. the proxy's own failures become a gRPC status or HTTP 5xx
         .layer(ErrorResponseLayer::new(direction, Arc::clone(metrics)))
-        // 5. balance over the target's endpoints; send on a pooled connection
+        // 5. retries within a budget, per-try timeouts, deadlines; each attempt
+        //    picks an endpoint (round robin, skipping ejected ones)
+        .layer(RetryLayer::new(Arc::clone(metrics)))
+        // 6. send on the endpoint's pooled connection
         .service(Forward)
 }

@@ -69,6 +69,30 @@ pub struct Args {
     #[arg(long, env = "TERN_CONNECT_TIMEOUT")]
     pub connect_timeout: Option<String>,
 
+    /// Attempts per request, the first included (1 = no retries) [default: 3].
+    #[arg(long, env = "TERN_RETRY_ATTEMPTS")]
+    pub retry_attempts: Option<u32>,
+
+    /// gRPC codes that are retried, comma-separated names or numbers [default: UNAVAILABLE].
+    #[arg(long, env = "TERN_RETRY_GRPC_CODES", value_delimiter = ',')]
+    pub retry_grpc_codes: Vec<String>,
+
+    /// Largest request body buffered for replay; larger ones are not retried [default: 65536].
+    #[arg(long, env = "TERN_RETRY_BUFFER_BYTES")]
+    pub retry_buffer_bytes: Option<usize>,
+
+    /// Timeout of each attempt, until response headers (and, for gRPC, its first message).
+    #[arg(long, env = "TERN_PER_TRY_TIMEOUT")]
+    pub per_try_timeout: Option<String>,
+
+    /// Timeout of the whole request, retries included; an incoming grpc-timeout can only shorten it.
+    #[arg(long, env = "TERN_REQUEST_TIMEOUT")]
+    pub request_timeout: Option<String>,
+
+    /// Consecutive failures that eject an endpoint for a backoff period (0 = never) [default: 5].
+    #[arg(long, env = "TERN_FAILURE_ACCRUAL")]
+    pub failure_accrual: Option<u32>,
+
     /// Tokio worker threads [default: 1].
     #[arg(long, env = "TERN_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
@@ -117,6 +141,25 @@ impl Args {
         set(&mut f.connect_timeout, &self.connect_timeout);
         if self.worker_threads.is_some() {
             f.worker_threads = self.worker_threads;
+        }
+        let d = &mut f.defaults;
+        let retry = d.retry.get_or_insert_with(Default::default);
+        if self.retry_attempts.is_some() {
+            retry.max_attempts = self.retry_attempts;
+        }
+        if !self.retry_grpc_codes.is_empty() {
+            retry.grpc_codes = Some(self.retry_grpc_codes.clone());
+        }
+        if self.retry_buffer_bytes.is_some() {
+            retry.buffer_bytes = self.retry_buffer_bytes;
+        }
+        let timeout = d.timeout.get_or_insert_with(Default::default);
+        set(&mut timeout.per_try, &self.per_try_timeout);
+        set(&mut timeout.overall, &self.request_timeout);
+        if self.failure_accrual.is_some() {
+            d.failure_accrual
+                .get_or_insert_with(Default::default)
+                .consecutive_failures = self.failure_accrual;
         }
         for u in self.upstreams.iter().filter(|s| !s.trim().is_empty()) {
             let (name, addr) = split_pair("--upstream", u)?;

@@ -6,6 +6,7 @@
 //! configuration again.
 
 pub mod args;
+pub mod policy;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -13,6 +14,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use policy::{PolicyFile, ServicePolicy};
 
 /// The bootstrap document as written in YAML (and as filled from flags).
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -31,6 +34,9 @@ pub struct FileConfig {
     pub drain_grace: Option<String>,
     pub connect_timeout: Option<String>,
     pub worker_threads: Option<usize>,
+    /// Retry, timeout and failure-accrual settings for services that do not set their own.
+    #[serde(default)]
+    pub defaults: PolicyFile,
     #[serde(default)]
     pub services: Vec<ServiceFile>,
 }
@@ -71,6 +77,9 @@ pub struct ServiceFile {
     pub endpoints: Vec<String>,
     /// `host:port` whose A/AAAA records are the endpoints.
     pub dns: Option<String>,
+    pub retry: Option<policy::RetryFile>,
+    pub timeout: Option<policy::TimeoutFile>,
+    pub failure_accrual: Option<policy::AccrualFile>,
 }
 
 /// Validated configuration.
@@ -111,6 +120,7 @@ pub struct ServiceConfig {
     pub namespace: String,
     pub upstream: Option<SocketAddr>,
     pub discovery: DiscoveryConfig,
+    pub policy: ServicePolicy,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -296,11 +306,20 @@ impl FileConfig {
                     DiscoveryConfig::Static(eps)
                 }
             };
+            let own = PolicyFile {
+                retry: s.retry.clone(),
+                timeout: s.timeout.clone(),
+                failure_accrual: s.failure_accrual.clone(),
+            };
+            let policy = own
+                .over(&self.defaults)
+                .validate(&format!("services[{i}]"))?;
             services.push(ServiceConfig {
                 name: s.name.clone(),
                 namespace,
                 upstream,
                 discovery,
+                policy,
             });
         }
         for (i, (fa, a)) in listeners.iter().enumerate() {
@@ -332,6 +351,20 @@ mod humantime_serde_compat {
 
     pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub mod option {
+        use std::time::Duration;
+
+        pub fn serialize<S: serde::Serializer>(
+            d: &Option<Duration>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            match d {
+                Some(d) => super::serialize(d, s),
+                None => s.serialize_none(),
+            }
+        }
     }
 }
 

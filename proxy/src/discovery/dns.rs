@@ -76,9 +76,11 @@ pub fn resolver(ns: &Nameserver) -> Result<Resolver, DnsError> {
     let config = match ns {
         Nameserver::Addr(addr) => ResolverConfig::from_name_servers(vec![nameserver_config(*addr)]),
         // The resolver's own resolv.conf reader; its search/ndots options are replaced below.
-        Nameserver::System => hickory_resolver::system_conf::read_system_conf()
-            .map_err(DnsError::SystemConf)?
-            .0,
+        Nameserver::System => {
+            hickory_resolver::system_conf::read_system_conf()
+                .map_err(DnsError::SystemConf)?
+                .0
+        }
     };
     let mut opts = ResolverOpts::default();
     opts.ndots = 0;

@@ -1,0 +1,296 @@
+//! Retries, timeouts and deadlines for one request, as a tower layer.
+//!
+//! Each attempt picks an endpoint (another one than the last failure where
+//! there is one), and is retried only when nothing of its response has
+//! reached the caller: a refused or timed-out connection, a refused stream,
+//! a retryable gRPC status, a 502/503/504 to an idempotent HTTP request. A
+//! per-service budget (a share of recent requests plus a floor per second)
+//! bounds the extra load; backoff is exponential with full jitter. The whole
+//! call is bounded by the configured overall timeout and by an incoming
+//! `grpc-timeout`, whichever is shorter, and each attempt passes on what is
+//! left of it.
+
+pub mod classify;
+pub mod deadline;
+pub mod replay;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use tower::retry::budget::Budget as _;
+use tower::ServiceExt as _;
+
+use crate::body::Body;
+use crate::errors::{is_grpc, ProxyError};
+use crate::metrics::Metrics;
+use crate::router::Target;
+use classify::Classified;
+use replay::Replay;
+
+/// Attempts made for a request so far; shared with the access log.
+#[derive(Clone, Default)]
+pub struct Attempts(pub Arc<AtomicU32>);
+
+#[derive(Clone)]
+pub struct RetryLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl RetryLayer {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
+    }
+}
+
+impl<S> tower::Layer<S> for RetryLayer {
+    type Service = Retry<S>;
+    fn layer(&self, inner: S) -> Retry<S> {
+        Retry {
+            inner,
+            metrics: Arc::clone(&self.metrics),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Retry<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, ProxyError>> + Send>>;
+
+impl<S> tower::Service<Request<Body>> for Retry<S>
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = ProxyError;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> BoxFuture {
+        match req.extensions().get::<Arc<Target>>().cloned() {
+            Some(target) => Box::pin(run(
+                self.inner.clone(),
+                target,
+                Arc::clone(&self.metrics),
+                req,
+            )),
+            None => Box::pin(self.inner.call(req)),
+        }
+    }
+}
+
+/// What the request's body is for each attempt.
+enum Source {
+    Once(Option<Body>),
+    Replay(Replay),
+}
+
+impl Source {
+    fn body(&mut self) -> Body {
+        match self {
+            Self::Once(b) => b.take().unwrap_or_else(crate::body::empty),
+            Self::Replay(r) => r.attempt(),
+        }
+    }
+
+    fn can_replay(&self) -> bool {
+        match self {
+            Self::Once(_) => false,
+            Self::Replay(r) => r.can_replay(),
+        }
+    }
+}
+
+async fn run<S>(
+    inner: S,
+    target: Arc<Target>,
+    metrics: Arc<Metrics>,
+    req: Request<Body>,
+) -> Result<Response<Body>, ProxyError>
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError> + Clone + Send,
+    S::Future: Send,
+{
+    let start = Instant::now();
+    let policy = &target.policy;
+    let service = target.service.as_ref();
+    target.budget.deposit();
+    let grpc = is_grpc(req.headers());
+    let incoming = req
+        .headers()
+        .get(deadline::GRPC_TIMEOUT)
+        .and_then(deadline::parse);
+    let limit = match (incoming, policy.timeout.overall) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let deadline = limit.map(|l| start + l);
+    let attempts = req
+        .extensions()
+        .get::<Attempts>()
+        .cloned()
+        .unwrap_or_default();
+    let (parts, body) = req.into_parts();
+    let mut source = if policy.retry.max_attempts > 1 {
+        Source::Replay(Replay::new(body, policy.retry.buffer_bytes))
+    } else {
+        Source::Once(Some(body))
+    };
+    let creq = classify::Request {
+        grpc,
+        method: &parts.method,
+        policy: &policy.retry,
+    };
+    let deadline_exceeded = || {
+        metrics
+            .timeouts
+            .with_label_values(&[service, "deadline"])
+            .inc();
+        ProxyError::DeadlineExceeded {
+            service: Arc::clone(&target.service),
+            elapsed: start.elapsed(),
+        }
+    };
+
+    let mut avoid = None;
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        attempts.0.store(attempt, Ordering::Relaxed);
+        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        if remaining == Some(Duration::ZERO) {
+            return Err(deadline_exceeded());
+        }
+        let endpoint = target.balancer.pick(avoid)?;
+        let addr = endpoint.addr();
+        let mut req = Request::new(source.body());
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = parts.uri.clone();
+        *req.version_mut() = parts.version;
+        *req.headers_mut() = parts.headers.clone();
+        if let (Some(rem), true) = (remaining, grpc) {
+            req.headers_mut()
+                .insert(deadline::GRPC_TIMEOUT, deadline::encode(rem));
+        }
+        req.extensions_mut().insert(Arc::clone(&target));
+        req.extensions_mut().insert(endpoint);
+        let may_retry = attempt < policy.retry.max_attempts && source.can_replay();
+        let svc = inner.clone();
+        let send = async {
+            let rsp = svc.oneshot(req).await?;
+            Ok::<_, ProxyError>(classify::classify(&creq, rsp, may_retry).await)
+        };
+        let per_try = match (policy.timeout.per_try, remaining) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let result = match per_try {
+            Some(t) => tokio::time::timeout(t, send).await.ok(),
+            None => Some(send.await),
+        };
+
+        let (last, reason): (Result<Response<Body>, ProxyError>, &'static str) = match result {
+            Some(Ok(Classified::Final(rsp))) => {
+                target
+                    .balancer
+                    .report(addr, !classify::is_failure(&policy.retry, grpc, &rsp));
+                return Ok(rsp);
+            }
+            Some(Ok(Classified::Retryable(rsp, reason))) => (Ok(rsp), reason),
+            Some(Ok(Classified::Reset(reason))) => (
+                Err(ProxyError::Reset {
+                    service: Arc::clone(&target.service),
+                    addr,
+                }),
+                reason,
+            ),
+            Some(Err(e)) if e.is_retryable() => {
+                let reason = e.reason();
+                (Err(e), reason)
+            }
+            Some(Err(e)) => {
+                if e.endpoint().is_some() {
+                    target.balancer.report(addr, false);
+                }
+                return Err(e);
+            }
+            None => {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Err(deadline_exceeded());
+                }
+                metrics
+                    .timeouts
+                    .with_label_values(&[service, "per_try"])
+                    .inc();
+                let timeout = per_try.unwrap_or_default();
+                (
+                    Err(ProxyError::PerTryTimeout {
+                        service: Arc::clone(&target.service),
+                        addr: Some(addr),
+                        timeout,
+                    }),
+                    "per_try_timeout",
+                )
+            }
+        };
+        target.balancer.report(addr, false);
+
+        if attempt >= policy.retry.max_attempts || !source.can_replay() {
+            return last;
+        }
+        if !target.budget.withdraw() {
+            metrics
+                .retry_budget_exhausted
+                .with_label_values(&[service])
+                .inc();
+            return last;
+        }
+        metrics.retries.with_label_values(&[service, reason]).inc();
+        tracing::debug!(service, endpoint = %addr, reason, attempt, "retrying");
+        avoid = Some(addr);
+        let pause = backoff(policy.retry.backoff_base, policy.retry.backoff_max, attempt);
+        match deadline {
+            Some(d) if Instant::now() + pause >= d => return Err(deadline_exceeded()),
+            _ => tokio::time::sleep(pause).await,
+        }
+    }
+}
+
+/// Full jitter: uniform in `[0, min(max, base · 2^(attempt-1))]`.
+fn backoff(base: Duration, max: Duration, attempt: u32) -> Duration {
+    let ceiling = base
+        .saturating_mul(1u32 << (attempt.saturating_sub(1)).min(16))
+        .min(max);
+    ceiling.mul_f64(fastrand::f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_bounded_by_the_exponential_ceiling() {
+        let base = Duration::from_millis(10);
+        let max = Duration::from_millis(100);
+        for _ in 0..100 {
+            assert!(backoff(base, max, 1) <= base);
+            assert!(backoff(base, max, 3) <= Duration::from_millis(40));
+            assert!(backoff(base, max, 20) <= max);
+        }
+    }
+}
