@@ -103,9 +103,10 @@ impl Balancer {
         self.endpoints.store(Arc::new(next));
     }
 
-    /// Round robin: each request takes the next endpoint in turn, skipping
-    /// ejected endpoints and the one to avoid. When nothing else is left it
-    /// fails open rather than refusing the request.
+    /// Round robin: each request takes the next endpoint in turn. An endpoint
+    /// that cannot be connected to, one ejected by failure accrual, and the one
+    /// a retry wants to avoid are passed over, in that order of badness; when
+    /// nothing better is left the least bad one is used (fail open).
     pub fn pick(&self, avoid: Option<SocketAddr>) -> Result<Arc<EndpointClient>, ProxyError> {
         let eps = self.endpoints.load();
         let n = eps.len();
@@ -116,18 +117,28 @@ impl Balancer {
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let now = now_ms();
-        let mut fallback: Option<&Arc<EndpointClient>> = None;
+        let mut best: Option<(u8, &Arc<EndpointClient>)> = None;
         for k in 0..n {
             let ep = &eps[(start + k) % n];
+            let mut badness = if ep.connect_failing(now) {
+                4
+            } else if ep.accrual.is_ejected(now) {
+                2
+            } else {
+                0
+            };
             if Some(ep.addr()) == avoid {
-                continue;
+                badness += 1;
             }
-            if ep.accrual.try_acquire(now) {
+            // try_acquire lets exactly one request probe an endpoint whose ejection ran out.
+            if badness == 0 && ep.accrual.try_acquire(now) {
                 return Ok(Arc::clone(ep));
             }
-            fallback.get_or_insert(ep);
+            if best.is_none_or(|(b, _)| badness < b) {
+                best = Some((badness, ep));
+            }
         }
-        let ep = fallback.unwrap_or(&eps[start % n]);
+        let ep = best.map(|(_, ep)| ep).unwrap_or(&eps[start % n]);
         Ok(Arc::clone(ep))
     }
 

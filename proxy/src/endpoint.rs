@@ -7,6 +7,7 @@
 //! connections close once the requests in flight on them finish.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,6 +35,10 @@ pub struct EndpointClient {
     h1_idle: Mutex<Vec<http1::SendRequest<Body>>>,
     open_connections: IntGauge,
     pub accrual: crate::accrual::Accrual,
+    /// Set while connecting keeps failing: the balancer then prefers other
+    /// endpoints, without waiting for failure accrual to eject this one.
+    connect_backoff_until: AtomicU64,
+    connect_failures: AtomicU32,
 }
 
 impl EndpointClient {
@@ -52,11 +57,27 @@ impl EndpointClient {
             h1_idle: Mutex::new(Vec::new()),
             open_connections,
             accrual: crate::accrual::Accrual::default(),
+            connect_backoff_until: AtomicU64::new(0),
+            connect_failures: AtomicU32::new(0),
         }
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Whether the last connection attempts failed and their backoff is still running.
+    pub fn connect_failing(&self, now_ms: u64) -> bool {
+        now_ms < self.connect_backoff_until.load(Ordering::Relaxed)
+    }
+
+    fn connect_failed(&self) {
+        let n = self.connect_failures.fetch_add(1, Ordering::Relaxed).min(6);
+        // 100ms, 200ms, ... 6.4s: long enough to stop hammering a dead
+        // endpoint, short enough to notice its return quickly.
+        let backoff = 100u64 << n;
+        self.connect_backoff_until
+            .store(crate::accrual::now_ms() + backoff, Ordering::Relaxed);
     }
 
     /// Sends `req` with the protocol the caller used and returns the response
@@ -195,23 +216,28 @@ impl EndpointClient {
     }
 
     async fn connect(&self) -> Result<TokioIo<TcpStream>, ProxyError> {
-        let stream =
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr)).await {
-                Err(_) => {
-                    return Err(ProxyError::ConnectTimeout {
-                        service: self.service.clone(),
-                        addr: self.addr,
-                    })
-                }
-                Ok(Err(source)) => {
-                    return Err(ProxyError::Connect {
-                        service: self.service.clone(),
-                        addr: self.addr,
-                        source,
-                    })
-                }
-                Ok(Ok(s)) => s,
-            };
+        let connecting = tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr));
+        let stream = match connecting.await {
+            Err(_) => {
+                self.connect_failed();
+                return Err(ProxyError::ConnectTimeout {
+                    service: self.service.clone(),
+                    addr: self.addr,
+                });
+            }
+            Ok(Err(source)) => {
+                self.connect_failed();
+                return Err(ProxyError::Connect {
+                    service: self.service.clone(),
+                    addr: self.addr,
+                    source,
+                });
+            }
+            Ok(Ok(s)) => s,
+        };
+        if self.connect_failures.swap(0, Ordering::Relaxed) != 0 {
+            self.connect_backoff_until.store(0, Ordering::Relaxed);
+        }
         // Small gRPC messages must not wait for Nagle.
         let _ = stream.set_nodelay(true);
         Ok(TokioIo::new(stream))

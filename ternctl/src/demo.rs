@@ -5,12 +5,15 @@
 //! sidecar balances every call across the pay sidecars. loadgen calls order
 //! through order's sidecar. A live line per second; with `--duration` a JSON
 //! summary is the last line and the exit code says whether the chain worked.
+//! Scenario switches show the mesh at work: `--faults` makes pay-1 fail 30%
+//! of its calls, `--kill` kills pay-1 (app and sidecar) mid-run and restarts it.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 
 use crate::procs::{free_port, Proc};
@@ -19,13 +22,19 @@ const START_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
-    /// Run this long, then print a JSON summary and exit (0 only if every call succeeded
-    /// and both pay replicas served). Without it the demo runs until Ctrl-C.
+    /// Run this long (e.g. 20 or 1m), then print a JSON summary and exit: 0 only if every
+    /// call succeeded and both pay replicas served. Without it the demo runs until Ctrl-C.
     #[arg(long, value_parser = humantime_or_secs)]
     duration: Option<Duration>,
     /// Calls per second loadgen sends to order.
     #[arg(long, default_value_t = 50)]
     rate: u32,
+    /// pay-1 answers 30% of its calls with UNAVAILABLE; the mesh retries them on pay-2.
+    #[arg(long)]
+    faults: bool,
+    /// Kill pay-1 (app and sidecar, SIGKILL) a third into the run and restart it 2 s later.
+    #[arg(long)]
+    kill: bool,
     /// Directory for access logs (default: a fresh directory under the system temp dir).
     #[arg(long)]
     log_dir: Option<PathBuf>,
@@ -39,24 +48,66 @@ fn humantime_or_secs(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))
 }
 
-struct Sidecar {
-    proc: Proc,
-    admin: String,
-}
-
 fn addr(port: u16) -> String {
     format!("127.0.0.1:{port}")
 }
 
-async fn start_sidecar(
-    name: &str,
-    log_dir: &std::path::Path,
+/// One process with the arguments to start it again on the same ports.
+struct Restartable {
+    name: String,
+    bin: &'static str,
     args: Vec<String>,
-) -> anyhow::Result<Sidecar> {
-    let admin = addr(free_port()?);
-    let mut all = vec![
+    ready_line: &'static str,
+    proc: Option<Proc>,
+}
+
+impl Restartable {
+    async fn start(
+        name: &str,
+        bin: &'static str,
+        args: Vec<String>,
+        ready_line: &'static str,
+    ) -> anyhow::Result<Self> {
+        let mut r = Self {
+            name: name.to_string(),
+            bin,
+            args,
+            ready_line,
+            proc: None,
+        };
+        r.restart().await?;
+        Ok(r)
+    }
+
+    async fn restart(&mut self) -> anyhow::Result<()> {
+        let mut p = Proc::spawn(&self.name, self.bin, &self.args)?;
+        p.wait_for_line(self.ready_line, START_TIMEOUT).await?;
+        self.proc = Some(p);
+        Ok(())
+    }
+
+    fn kill(&mut self) {
+        if let Some(p) = self.proc.take() {
+            p.signal(Signal::SIGKILL);
+        }
+    }
+
+    async fn stop(&mut self, grace: Duration) {
+        if let Some(p) = self.proc.as_mut() {
+            p.stop(grace).await;
+        }
+    }
+}
+
+fn sidecar_args(
+    name: &str,
+    admin: &str,
+    log_dir: &Path,
+    extra: &[String],
+) -> anyhow::Result<Vec<String>> {
+    let mut args = vec![
         "--admin-listen".to_string(),
-        admin.clone(),
+        admin.to_string(),
         "--outbound-listen".into(),
         addr(free_port()?),
         "--access-log".into(),
@@ -67,50 +118,48 @@ async fn start_sidecar(
         "--drain-grace".into(),
         "5s".into(),
     ];
-    all.extend(args);
-    let mut proc = Proc::spawn(name, "tern-proxy", &all)?;
-    proc.wait_for_line("tern-proxy ready", START_TIMEOUT)
-        .await?;
-    Ok(Sidecar { proc, admin })
+    args.extend_from_slice(extra);
+    Ok(args)
 }
 
-async fn start_pay(replica: &str) -> anyhow::Result<(Proc, String)> {
-    let app = addr(free_port()?);
-    let mut p = Proc::spawn(
-        replica,
-        "pay",
-        &[
-            "--listen".into(),
+struct Mesh {
+    /// order-proxy first, then pay-1-proxy, pay-2-proxy.
+    sidecars: Vec<(Restartable, String)>,
+    apps: Vec<Restartable>,
+    order_inbound: String,
+}
+
+async fn start_mesh(args: &DemoArgs, log_dir: &Path) -> anyhow::Result<Mesh> {
+    let mut apps = Vec::new();
+    let mut sidecars = Vec::new();
+    let mut pay_endpoints = Vec::new();
+    for replica in ["pay-1", "pay-2"] {
+        let app = addr(free_port()?);
+        let mut pay_args = vec![
+            "--listen".to_string(),
             app.clone(),
             "--replica".into(),
             replica.into(),
             "--version".into(),
             "v1".into(),
-        ],
-    )?;
-    p.wait_for_line("pay listening", START_TIMEOUT).await?;
-    Ok((p, app))
-}
-
-pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
-    let log_dir = match &args.log_dir {
-        Some(d) => d.clone(),
-        None => std::env::temp_dir().join(format!("tern-demo-{}", std::process::id())),
-    };
-    std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
-
-    // pay replicas, each behind a sidecar whose inbound port is the pay endpoint.
-    let mut procs = Vec::new();
-    let mut sidecars = Vec::new();
-    let mut pay_endpoints = Vec::new();
-    for replica in ["pay-1", "pay-2"] {
-        let (pay, app) = start_pay(replica).await?;
-        procs.push(pay);
+        ];
+        if args.faults && replica == "pay-1" {
+            pay_args.extend([
+                "--fail-rate".into(),
+                "0.3".into(),
+                "--fail-code".into(),
+                "UNAVAILABLE".into(),
+            ]);
+        }
+        apps.push(Restartable::start(replica, "pay", pay_args, "pay listening").await?);
         let inbound = addr(free_port()?);
-        let sc = start_sidecar(
-            &format!("{replica}-proxy"),
-            &log_dir,
-            vec![
+        let admin = addr(free_port()?);
+        let name = format!("{replica}-proxy");
+        let sc_args = sidecar_args(
+            &name,
+            &admin,
+            log_dir,
+            &[
                 "--service-name".into(),
                 "pay".into(),
                 "--inbound-listen".into(),
@@ -118,36 +167,33 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
                 "--inbound-app".into(),
                 app,
             ],
-        )
-        .await?;
+        )?;
+        sidecars.push((
+            Restartable::start(&name, "tern-proxy", sc_args, "tern-proxy ready").await?,
+            admin,
+        ));
         pay_endpoints.push(inbound);
-        sidecars.push(sc);
     }
 
-    // order, dialling pay at its sidecar's explicit pay port.
+    // order dials pay at its sidecar's explicit pay port, like any app dials a server.
     let pay_port = free_port()?;
     let order_app = addr(free_port()?);
-    let mut order = Proc::spawn(
-        "order",
-        "order",
-        &[
-            "--listen".into(),
-            order_app.clone(),
-            "--pay-host".into(),
-            "127.0.0.1".into(),
-            "--pay-port".into(),
-            pay_port.to_string(),
-        ],
-    )?;
-    order
-        .wait_for_line("order listening", START_TIMEOUT)
-        .await?;
-    procs.push(order);
+    let order_args = vec![
+        "--listen".to_string(),
+        order_app.clone(),
+        "--pay-host".into(),
+        "127.0.0.1".into(),
+        "--pay-port".into(),
+        pay_port.to_string(),
+    ];
+    apps.push(Restartable::start("order", "order", order_args, "order listening").await?);
     let order_inbound = addr(free_port()?);
-    let order_sc = start_sidecar(
+    let admin = addr(free_port()?);
+    let sc_args = sidecar_args(
         "order-proxy",
-        &log_dir,
-        vec![
+        &admin,
+        log_dir,
+        &[
             "--service-name".into(),
             "order".into(),
             "--inbound-listen".into(),
@@ -159,21 +205,39 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
             "--endpoints".into(),
             format!("pay={}", pay_endpoints.join(",")),
         ],
-    )
-    .await?;
-    sidecars.insert(0, order_sc);
+    )?;
+    let order_sc =
+        Restartable::start("order-proxy", "tern-proxy", sc_args, "tern-proxy ready").await?;
+    sidecars.insert(0, (order_sc, admin));
+    Ok(Mesh {
+        sidecars,
+        apps,
+        order_inbound,
+    })
+}
+
+pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
+    let log_dir = match &args.log_dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("tern-demo-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
+    let mut mesh = start_mesh(&args, &log_dir).await?;
 
     println!("Tern demo: loadgen → order-proxy → order → order-proxy → {{pay-1-proxy → pay-1, pay-2-proxy → pay-2}}");
-    for (sc, name) in sidecars
-        .iter()
-        .zip(["order-proxy", "pay-1-proxy", "pay-2-proxy"])
-    {
+    for (sc, admin) in &mesh.sidecars {
         println!(
-            "  {name:<12} metrics: http://{}/metrics   config: http://{}/config",
-            sc.admin, sc.admin
+            "  {:<12} metrics: http://{admin}/metrics   config: http://{admin}/config",
+            sc.name
         );
     }
     println!("  access logs: {}", log_dir.display());
+    if args.faults {
+        println!("  scenario: pay-1 fails 30% of calls with UNAVAILABLE");
+    }
+    if args.kill {
+        println!("  scenario: pay-1 (app and sidecar) is killed a third into the run and restarted 2 s later");
+    }
     println!();
 
     let duration = args
@@ -184,24 +248,31 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
         "loadgen",
         &[
             "--target".into(),
-            order_inbound,
+            mesh.order_inbound.clone(),
             "--rate".into(),
             args.rate.to_string(),
             "--duration".into(),
-            format!("{}s", duration.as_secs().max(1)),
+            format!("{}ms", duration.as_millis().max(1000)),
             "--progress-json".into(),
         ],
     )?;
+    let order_admin = mesh.sidecars[0].1.clone();
+    let kill_at = args
+        .kill
+        .then(|| duration.mul_f64(1.0 / 3.0).min(Duration::from_secs(20)));
+    let summary = follow(&mut loadgen, &mut mesh, &order_admin, kill_at).await;
+    let retries = scrape_sum(&order_admin, "tern_retries_total").await;
 
-    let summary = follow(&mut loadgen).await;
-    for sc in &mut sidecars {
-        sc.proc.stop(Duration::from_secs(6)).await;
+    for (sc, _) in &mut mesh.sidecars {
+        sc.stop(Duration::from_secs(6)).await;
     }
-    for p in &mut procs {
-        p.stop(Duration::from_secs(3)).await;
+    for app in &mut mesh.apps {
+        app.stop(Duration::from_secs(3)).await;
     }
     let summary = summary?;
-    let out = demo_summary(&summary);
+    let mut out = demo_summary(&summary);
+    out["retries"] = json!(retries);
+    out["scenarios"] = json!({"faults": args.faults, "kill": args.kill});
     let ok = out["failed"].as_u64() == Some(0)
         && out["calls"].as_u64().unwrap_or(0) > 0
         && ["pay-1", "pay-2"]
@@ -211,20 +282,56 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     Ok(if ok { 0 } else { 1 })
 }
 
-/// Prints loadgen's progress as the live view until its summary line arrives.
-/// Ctrl-C stops loadgen early; it still prints its summary.
-async fn follow(loadgen: &mut Proc) -> anyhow::Result<Value> {
+/// Prints loadgen's progress as the live view until its summary line arrives,
+/// running the kill scenario on the way. Ctrl-C stops loadgen early; it still
+/// prints its summary.
+async fn follow(
+    loadgen: &mut Proc,
+    mesh: &mut Mesh,
+    order_admin: &str,
+    kill_at: Option<Duration>,
+) -> anyhow::Result<Value> {
     let mut ctrl_c = Box::pin(tokio::signal::ctrl_c());
     let mut interrupted = false;
-    let lines = loadgen.stdout.as_mut().context("loadgen stdout")?;
+    let started = tokio::time::Instant::now();
+    let kill = async {
+        match kill_at {
+            Some(at) => tokio::time::sleep_until(started + at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(kill);
+    let mut killed = false;
+    let mut restart_at = None;
     loop {
+        let restart = async {
+            match restart_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let lines = loadgen.stdout.as_mut().context("loadgen stdout")?;
         let line = tokio::select! {
             l = lines.next_line() => l?,
             _ = &mut ctrl_c, if !interrupted => {
                 interrupted = true;
-                if let Some(pid) = loadgen.child.id().and_then(|p| i32::try_from(p).ok()) {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGINT);
-                }
+                loadgen.signal(Signal::SIGINT);
+                continue;
+            }
+            _ = &mut kill, if !killed => {
+                killed = true;
+                // pay-1 is sidecars[1] and apps[0]: the whole "pod" goes at once.
+                mesh.sidecars[1].0.kill();
+                mesh.apps[0].kill();
+                println!(">>> killed pay-1 and its sidecar (SIGKILL)");
+                restart_at = Some(tokio::time::Instant::now() + Duration::from_secs(2));
+                continue;
+            }
+            _ = restart => {
+                restart_at = None;
+                mesh.apps[0].restart().await?;
+                mesh.sidecars[1].0.restart().await?;
+                println!(">>> restarted pay-1 and its sidecar");
                 continue;
             }
         };
@@ -235,7 +342,10 @@ async fn follow(loadgen: &mut Proc) -> anyhow::Result<Value> {
             continue;
         };
         match v["type"].as_str() {
-            Some("progress") => println!("{}", live_line(&v)),
+            Some("progress") => {
+                let retries = scrape_sum(order_admin, "tern_retries_total").await;
+                println!("{}  retries={retries}", live_line(&v));
+            }
             Some("summary") => return Ok(v),
             _ => {}
         }
@@ -243,7 +353,6 @@ async fn follow(loadgen: &mut Proc) -> anyhow::Result<Value> {
 }
 
 fn live_line(v: &Value) -> String {
-    let sent = v["sent"].as_u64().unwrap_or(0);
     let ok = v["ok"].as_u64().unwrap_or(0);
     // Calls still in flight are neither success nor failure yet.
     let done = ok + v["failed"].as_u64().unwrap_or(0);
@@ -263,9 +372,29 @@ fn live_line(v: &Value) -> String {
         success,
         v["p50_ms"].as_f64().unwrap_or(0.0),
         v["p99_ms"].as_f64().unwrap_or(0.0),
-        sent,
+        done,
         replicas.join(" "),
     )
+}
+
+/// Sum of every sample of `metric` on a sidecar's admin port (0 when unreachable).
+async fn scrape_sum(admin: &str, metric: &str) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fetch = async {
+        let mut s = tokio::net::TcpStream::connect(admin).await.ok()?;
+        let req = format!("GET /metrics HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).await.ok()?;
+        Some(text)
+    };
+    let Ok(Some(text)) = tokio::time::timeout(Duration::from_millis(500), fetch).await else {
+        return 0;
+    };
+    text.lines()
+        .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
 }
 
 /// The demo's summary keys: `calls`, `ok`, `failed`, `by_replica`, `p50_ms`, `p99_ms` (stable);

@@ -89,7 +89,7 @@ pub struct Args {
     #[arg(long, env = "TERN_REQUEST_TIMEOUT")]
     pub request_timeout: Option<String>,
 
-    /// Consecutive failures that eject an endpoint for a backoff period (0 = never) [default: 5].
+    /// Consecutive failures that eject an endpoint for a backoff period (0 = never) [default: 7].
     #[arg(long, env = "TERN_FAILURE_ACCRUAL")]
     pub failure_accrual: Option<u32>,
 

@@ -265,7 +265,7 @@ impl PolicyFile {
                 overall: positive("timeout.overall", t.overall.as_deref())?,
             },
             accrual: AccrualPolicy {
-                consecutive_failures: a.consecutive_failures.unwrap_or(5),
+                consecutive_failures: a.consecutive_failures.unwrap_or(7),
                 backoff_min: accrual_min,
                 backoff_max: accrual_max,
                 min_available: a.min_available.unwrap_or(1),
@@ -313,7 +313,7 @@ mod tests {
         assert_eq!(p.retry.max_attempts, 3);
         assert_eq!(p.retry.grpc_codes, vec![14]);
         assert_eq!(p.retry.buffer_bytes, 65536);
-        assert_eq!(p.accrual.consecutive_failures, 5);
+        assert_eq!(p.accrual.consecutive_failures, 7);
         assert_eq!(p.timeout.per_try, None);
     }
 
