@@ -9,3 +9,4 @@ pub mod histogram;
 pub mod order_api;
 pub mod process;
 pub mod stats;
+pub mod trailers;

@@ -54,6 +54,11 @@ struct Args {
     #[arg(long, env = "PAY_LATENCY", default_value = "0", value_name = "DURATION",
           value_parser = parse_duration)]
     latency: Duration,
+    /// How an error status is sent: `trailers-only` (one HEADERS frame, the usual way) or
+    /// `headers-then-trailers` (response headers, an empty body, the status in trailers).
+    #[arg(long, env = "PAY_FAIL_STYLE", default_value = "trailers-only", value_name = "STYLE",
+          value_parser = ["trailers-only", "headers-then-trailers"])]
+    fail_style: String,
 }
 
 #[derive(Debug, Default)]
@@ -141,7 +146,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "pay listening on {bound} replica={} version={}",
         args.replica, args.version
     );
+    let split = (args.fail_style == "headers-then-trailers")
+        .then_some(tern_demo::trailers::HeadersThenTrailersLayer);
     tonic::transport::Server::builder()
+        .layer(tower::util::option_layer(split))
         .add_service(PayServiceServer::new(pay))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal())
         .await
