@@ -217,6 +217,7 @@ async fn start_mesh(args: &DemoArgs, log_dir: &Path) -> anyhow::Result<Mesh> {
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
+    crate::procs::build_siblings().await?;
     let log_dir = match &args.log_dir {
         Some(d) => d.clone(),
         None => std::env::temp_dir().join(format!("tern-demo-{}", std::process::id())),

@@ -25,6 +25,39 @@ pub fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// Under `cargo run`, builds the binaries ternctl starts (proxy, demo apps) with the same
+/// profile first, so the demo never runs stale or missing siblings. Outside cargo it does
+/// nothing: an installed ternctl uses the binaries installed beside it.
+pub async fn build_siblings() -> anyhow::Result<()> {
+    let Some(cargo) = std::env::var_os("CARGO") else {
+        return Ok(());
+    };
+    let exe = std::env::current_exe().context("locating ternctl")?;
+    let release = exe
+        .parent()
+        .and_then(|d| d.file_name())
+        .is_some_and(|n| n == "release");
+    let mut cmd = Command::new(cargo);
+    cmd.args([
+        "build",
+        "--quiet",
+        "-p",
+        "tern-proxy",
+        "-p",
+        "tern-demo",
+        "--bins",
+    ]);
+    if release {
+        cmd.arg("--release");
+    }
+    eprintln!("ternctl: building tern-proxy and the demo services ...");
+    let status = cmd.status().await.context("running cargo build")?;
+    if !status.success() {
+        bail!("cargo build of tern-proxy and tern-demo failed ({status})");
+    }
+    Ok(())
+}
+
 /// A running child; SIGTERM then SIGKILL when dropped.
 pub struct Proc {
     pub name: String,
