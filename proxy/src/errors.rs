@@ -71,23 +71,27 @@ impl ProxyError {
             Self::NoEndpoints { .. } => "no_endpoints",
             Self::Connect { .. } => "connect",
             Self::ConnectTimeout { .. } => "connect_timeout",
-            Self::Upstream { .. } => "upstream",
+            Self::Upstream { source, .. } if unprocessed(source) => "refused_stream",
+            Self::Upstream { .. } => "upstream_reset",
             Self::Reset { .. } => "reset",
             Self::PerTryTimeout { .. } => "per_try_timeout",
             Self::DeadlineExceeded { .. } => "deadline_exceeded",
         }
     }
 
-    /// Whether another attempt is safe: the request never reached the
-    /// endpoint's application (refused connection, refused stream, a stream
-    /// the server's GOAWAY left unprocessed) or the attempt timed out before
-    /// any of its response reached the caller.
+    /// Whether another attempt may be made: nothing of this attempt's
+    /// response has reached the caller. That covers a refused connection, a
+    /// refused stream, a stream the server's GOAWAY left unprocessed, and a
+    /// connection that was reset or lost before the response headers came
+    /// (an endpoint killed mid-call), as well as a per-try timeout.
     pub fn is_retryable(&self) -> bool {
-        match self {
-            Self::Connect { .. } | Self::ConnectTimeout { .. } | Self::PerTryTimeout { .. } => true,
-            Self::Upstream { source, .. } => unprocessed(source),
-            _ => false,
-        }
+        matches!(
+            self,
+            Self::Connect { .. }
+                | Self::ConnectTimeout { .. }
+                | Self::PerTryTimeout { .. }
+                | Self::Upstream { .. }
+        )
     }
 
     pub fn endpoint(&self) -> Option<SocketAddr> {

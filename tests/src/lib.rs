@@ -17,12 +17,16 @@
 //! process logs.
 
 pub mod checks;
+pub mod demo;
+pub mod dns;
 pub mod http1;
 pub mod mesh;
 pub mod metrics;
+pub mod pay_mesh;
 pub mod process;
 pub mod proxy;
 pub mod python;
+pub mod raw_grpc;
 
 use std::future::Future;
 use std::io::Write as _;

@@ -195,6 +195,19 @@ impl Proc {
         args: &[String],
         env: &[(&str, String)],
     ) -> Result<Self> {
+        Self::spawn_with_env_removed(dir, label, program, args, env, &[])
+    }
+
+    /// Like [`Proc::spawn_with_env`], and the variables named in `remove` are not inherited
+    /// either (`CARGO`, say, which makes `ternctl` build its siblings first).
+    pub fn spawn_with_env_removed(
+        dir: &Path,
+        label: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(&str, String)],
+        remove: &[&str],
+    ) -> Result<Self> {
         let stdout = dir.join(format!("{label}.stdout"));
         let stderr = dir.join(format!("{label}.stderr"));
         let out =
@@ -207,6 +220,9 @@ impl Proc {
             if key.to_string_lossy().starts_with("TERN_") {
                 cmd.env_remove(key);
             }
+        }
+        for key in remove {
+            cmd.env_remove(key);
         }
         for (key, value) in env {
             cmd.env(key, value);

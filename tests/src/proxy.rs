@@ -177,6 +177,13 @@ impl Proxy {
         }
         Ok(response.text())
     }
+
+    /// The sum of the samples of `name` whose labels include every pair in `matching`, read
+    /// from `/metrics` now (0 when there is no such sample yet).
+    pub async fn metric(&self, name: &str, matching: &[(&str, &str)]) -> Result<f64> {
+        let samples = crate::metrics::parse(&self.metrics().await?)?;
+        Ok(crate::metrics::sum(&samples, name, matching))
+    }
 }
 
 async fn wait_ready(proc: &mut Proc, admin: SocketAddr) -> Result<()> {
