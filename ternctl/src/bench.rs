@@ -1,6 +1,354 @@
-//! Benchmark (being written).
-#[derive(clap::Args)]
-pub struct BenchArgs {}
-pub async fn run(_: BenchArgs) -> anyhow::Result<i32> {
+//! `ternctl bench`: the same gRPC unary workload direct, through one
+//! tern-proxy, through two, and through haproxy in the same shapes, in one run.
+//!
+//! Per path: the most requests/s at a fixed number of calls in flight, latency
+//! at a fixed moderate rate, latency with one call in flight (what a sidecar
+//! adds to a quiet request), and each proxy's peak RSS and CPU per request.
+//! The load generator runs in this process on a one-thread runtime of its own,
+//! so it takes at most one core from pay and the proxies.
+
+mod cpu;
+mod load;
+mod paths;
+mod report;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde::Serialize;
+
+use crate::procs;
+use cpu::Snapshot;
+use load::Phase;
+use paths::{PathKind, Topology};
+
+/// Calls at full concurrency before measuring: connections, windows and
+/// allocator pools settle.
+const WARMUP: Duration = Duration::from_secs(1);
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// How long each measured phase runs (e.g. 5, 5s, 1500ms).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Calls in flight in the throughput phase, all on one HTTP/2 connection.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    concurrency: u32,
+    /// Calls per second in the latency phase (open loop).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    rate: u32,
+    /// Measure only these paths (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "PATHS")]
+    only: Vec<PathKind>,
+    /// Print only the final JSON line.
+    #[arg(long)]
+    json_only: bool,
+}
+
+/// What the run was asked to do, as the report and the JSON line show it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Settings {
+    pub duration_s: f64,
+    pub warmup_s: f64,
+    pub concurrency: u32,
+    pub rate: u32,
+    pub cpus: usize,
+    pub client_threads: u32,
+    pub proxy_threads: u32,
+    /// The machine's 1-minute load average at the start: other work skews results.
+    pub load_average: Option<f64>,
+}
+
+/// A quantity per measured phase.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct PerPhase {
+    /// Closed loop at full concurrency.
+    pub load: f64,
+    /// Open loop at the fixed rate.
+    pub rate: f64,
+    /// Closed loop, one call in flight.
+    pub single: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SidecarResult {
+    pub name: String,
+    /// VmHWM once the path has carried one call: start-up plus one connection each way.
+    pub rss_idle_bytes: u64,
+    /// VmHWM after every phase.
+    pub rss_peak_bytes: u64,
+    pub cpu_seconds: PerPhase,
+    pub cpu_us_per_req: PerPhase,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PathResult {
+    pub path: PathKind,
+    pub description: &'static str,
+    pub load: Phase,
+    pub rate: Phase,
+    pub single: Phase,
+    pub sidecars: Vec<SidecarResult>,
+    /// All of the path's proxies together; absent for the direct path.
+    pub cpu_us_per_req: Option<PerPhase>,
+    /// Everyone's CPU per phase: is the proxy, the client or a neighbour the limit?
+    pub cpu_seconds: cpu::Breakdown,
+}
+
+/// A path that was asked for but not measured.
+#[derive(Debug, Serialize)]
+pub struct Skipped {
+    pub path: PathKind,
+    pub reason: String,
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
+    crate::procs::build_siblings().await?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    // The caller's runtime has a worker per core; the load generator gets a
+    // single-threaded one so it competes for one core at most.
+    std::thread::Builder::new()
+        .name("tern-bench".into())
+        .spawn(move || {
+            let result = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the load generator's runtime")
+                .and_then(|rt| {
+                    rt.block_on(async {
+                        tokio::select! {
+                            r = bench(args) => r,
+                            // Dropping the run drops every child, which stops it.
+                            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+                        }
+                    })
+                });
+            let _ = tx.send(result);
+        })
+        .context("starting the load generator thread")?;
+    rx.await.context("the load generator thread failed")?
+}
+
+async fn bench(args: BenchArgs) -> anyhow::Result<i32> {
+    let kinds: Vec<PathKind> = PathKind::ALL
+        .into_iter()
+        .filter(|k| args.only.is_empty() || args.only.contains(k))
+        .collect();
+    let settings = Settings {
+        duration_s: args.duration.as_secs_f64(),
+        warmup_s: WARMUP.as_secs_f64(),
+        concurrency: args.concurrency,
+        rate: args.rate,
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        client_threads: 1,
+        proxy_threads: 1,
+        load_average: cpu::load_average(),
+    };
+    let verbose = !args.json_only;
+
+    // Missing binaries fail before anything starts.
+    procs::sibling("pay").context("ternctl bench needs the demo's pay server")?;
+    if kinds
+        .iter()
+        .any(|k| matches!(k, PathKind::One | PathKind::Two))
+    {
+        procs::sibling("tern-proxy").context("ternctl bench needs tern-proxy")?;
+    }
+    let mut skipped = Vec::new();
+    let haproxy = paths::find_haproxy();
+    let kinds: Vec<PathKind> = kinds
+        .into_iter()
+        .filter(|k| {
+            let missing = k.is_haproxy() && haproxy.is_none();
+            if missing {
+                skipped.push(Skipped {
+                    path: *k,
+                    reason: "haproxy is not installed (apt-get install haproxy)".into(),
+                });
+            }
+            !missing
+        })
+        .collect();
+    if verbose {
+        let with_haproxy = kinds.iter().any(|k| k.is_haproxy());
+        report::print_header(&settings, haproxy.as_deref().filter(|_| with_haproxy));
+        if haproxy.is_none() && skipped.iter().any(|s| s.path.is_haproxy()) {
+            println!("note: haproxy not found on PATH; skipping the haproxy paths");
+        }
+    }
+
+    let (mut pay, pay_addr) = paths::start_pay().await?;
+    let pay_pid = pay.pid().context("pay exited at start")?;
+    let measured = measure_all(
+        &kinds,
+        (pay_addr, pay_pid),
+        haproxy.as_deref(),
+        &args,
+        &mut skipped,
+    )
+    .await;
+    pay.stop(paths::GRACE).await;
+    let results = measured?;
+
+    if verbose {
+        report::print_tables(&settings, &results, &skipped);
+    }
+    println!("{}", report::json_line(&settings, &results, &skipped));
     Ok(0)
+}
+
+async fn measure_all(
+    kinds: &[PathKind],
+    (pay, pay_pid): (SocketAddr, u32),
+    haproxy: Option<&Path>,
+    args: &BenchArgs,
+    skipped: &mut Vec<Skipped>,
+) -> anyhow::Result<Vec<PathResult>> {
+    let mut results = Vec::new();
+    for &kind in kinds {
+        if !args.json_only {
+            eprintln!("measuring {:<11} {}", kind.key(), kind.describe());
+        }
+        let outcome = match Topology::start(kind, pay, haproxy).await {
+            Ok(topo) => {
+                let r = measure(kind, &topo, pay_pid, args).await;
+                topo.stop().await;
+                r
+            }
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(r) => results.push(r),
+            // haproxy is only the reference: a run without it still says
+            // what Tern does.
+            Err(e) if kind.is_haproxy() => {
+                if !args.json_only {
+                    eprintln!("skipping {}: {e:#}", kind.key());
+                }
+                skipped.push(Skipped {
+                    path: kind,
+                    reason: format!("{e:#}"),
+                });
+            }
+            Err(e) => return Err(e.context(format!("path {}", kind.key()))),
+        }
+    }
+    Ok(results)
+}
+
+async fn measure(
+    kind: PathKind,
+    topo: &Topology,
+    pay_pid: u32,
+    args: &BenchArgs,
+) -> anyhow::Result<PathResult> {
+    let snap = || Snapshot::take(&topo.sidecars, pay_pid);
+    let client = load::connect(topo.target).await?;
+    load::check(&client).await?;
+    let idle = snap()?;
+    let concurrency = usize::try_from(args.concurrency).unwrap_or(1);
+    load::closed_loop(&client, concurrency, WARMUP).await;
+
+    let s0 = snap()?;
+    let load = load::closed_loop(&client, concurrency, args.duration).await;
+    let s1 = snap()?;
+    let rate = load::open_loop(&client, args.rate, args.duration).await;
+    let s2 = snap()?;
+    let single = load::closed_loop(&client, 1, args.duration).await;
+    let s3 = snap()?;
+    drop(client);
+    let (u0, u1, u2, u3) = (&s0.sidecars, &s1.sidecars, &s2.sidecars, &s3.sidecars);
+
+    for (phase, p) in [
+        ("throughput", &load),
+        ("rate", &rate),
+        ("single-stream", &single),
+    ] {
+        if p.requests == 0 {
+            anyhow::bail!(
+                "no call succeeded in the {phase} phase: {}",
+                p.first_error.as_deref().unwrap_or("no calls were made")
+            );
+        }
+    }
+    let sidecars: Vec<SidecarResult> = topo
+        .sidecars
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let cpu = |a: &[(u64, f64)], b: &[(u64, f64)]| b[i].1 - a[i].1;
+            let cpu_seconds = PerPhase {
+                load: cpu(u0, u1),
+                rate: cpu(u1, u2),
+                single: cpu(u2, u3),
+            };
+            SidecarResult {
+                name: s.name.clone(),
+                rss_idle_bytes: idle.sidecars[i].0,
+                rss_peak_bytes: u3[i].0,
+                cpu_us_per_req: per_request(cpu_seconds, &load, &rate, &single),
+                cpu_seconds,
+            }
+        })
+        .collect();
+    let cpu_us_per_req = (!sidecars.is_empty()).then(|| {
+        let total = sidecars.iter().fold(PerPhase::default(), |t, s| PerPhase {
+            load: t.load + s.cpu_seconds.load,
+            rate: t.rate + s.cpu_seconds.rate,
+            single: t.single + s.cpu_seconds.single,
+        });
+        per_request(total, &load, &rate, &single)
+    });
+    Ok(PathResult {
+        path: kind,
+        description: kind.describe(),
+        load,
+        rate,
+        single,
+        sidecars,
+        cpu_us_per_req,
+        cpu_seconds: cpu::breakdown([&s0, &s1, &s2, &s3]),
+    })
+}
+
+fn per_request(cpu: PerPhase, load: &Phase, rate: &Phase, single: &Phase) -> PerPhase {
+    let us = |s: f64, p: &Phase| s * 1e6 / (p.requests.max(1) as f64);
+    PerPhase {
+        load: us(cpu.load, load),
+        rate: us(cpu.rate, rate),
+        single: us(cpu.single, single),
+    }
+}
+
+/// Seconds as a bare number (`3`, `0.5`) or a humantime duration (`3s`, `1500ms`).
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = match s.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs > 0.0 && secs <= 86_400.0 => {
+            Duration::from_secs_f64(secs)
+        }
+        Ok(_) => return Err(format!("{s:?}: give more than 0 and at most 86400 seconds")),
+        Err(_) => humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))?,
+    };
+    if d.is_zero() {
+        return Err("the duration must be positive".into());
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_with_and_without_units() {
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("0.5"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("0").is_err());
+        assert!(parse_duration("-1").is_err());
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("0s").is_err());
+    }
 }

@@ -40,7 +40,13 @@ pub struct Phase {
 }
 
 impl Phase {
-    fn new(mut lat: Vec<u32>, errors: u64, dropped: u64, elapsed: Duration, first_error: Option<String>) -> Self {
+    fn new(
+        mut lat: Vec<u32>,
+        errors: u64,
+        dropped: u64,
+        elapsed: Duration,
+        first_error: Option<String>,
+    ) -> Self {
         lat.sort_unstable();
         let seconds = elapsed.as_secs_f64();
         let requests = lat.len() as u64;
@@ -49,7 +55,11 @@ impl Phase {
             errors,
             dropped,
             seconds,
-            rps: if seconds > 0.0 { requests as f64 / seconds } else { 0.0 },
+            rps: if seconds > 0.0 {
+                requests as f64 / seconds
+            } else {
+                0.0
+            },
             p50_us: percentile(&lat, 0.50),
             p99_us: percentile(&lat, 0.99),
             p999_us: percentile(&lat, 0.999),

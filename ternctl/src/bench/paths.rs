@@ -88,7 +88,11 @@ pub struct Topology {
 }
 
 impl Topology {
-    pub async fn start(kind: PathKind, pay: SocketAddr, haproxy: Option<&Path>) -> anyhow::Result<Self> {
+    pub async fn start(
+        kind: PathKind,
+        pay: SocketAddr,
+        haproxy: Option<&Path>,
+    ) -> anyhow::Result<Self> {
         let mut t = Topology {
             target: pay,
             sidecars: Vec::new(),
@@ -106,12 +110,17 @@ impl Topology {
             }
             PathKind::HaproxyOne | PathKind::HaproxyTwo => {
                 let bin = haproxy.context("haproxy is not installed")?;
-                let dir = tempfile::tempdir().context("creating a directory for haproxy's config")?;
+                let dir =
+                    tempfile::tempdir().context("creating a directory for haproxy's config")?;
                 let mut next = pay;
                 // Started from the app outwards, so each hop's upstream is listening.
                 let hops = if kind == PathKind::HaproxyTwo { 2 } else { 1 };
                 for hop in (0..hops).rev() {
-                    let name = if hop == 0 { "haproxy (client side)" } else { "haproxy (server side)" };
+                    let name = if hop == 0 {
+                        "haproxy (client side)"
+                    } else {
+                        "haproxy (server side)"
+                    };
                     next = t.haproxy(name, bin, dir.path(), hop, next).await?;
                 }
                 t.target = next;
@@ -130,7 +139,9 @@ impl Topology {
     }
 
     fn keep(&mut self, p: Proc) -> anyhow::Result<()> {
-        let pid = p.pid().with_context(|| format!("{} exited at start", p.name))?;
+        let pid = p
+            .pid()
+            .with_context(|| format!("{} exited at start", p.name))?;
         self.sidecars.push(Sidecar {
             name: p.name.clone(),
             pid,
@@ -140,7 +151,11 @@ impl Topology {
     }
 
     /// A client-side sidecar whose explicit upstream port leads to `endpoint`.
-    async fn tern_outbound(&mut self, name: &str, endpoint: SocketAddr) -> anyhow::Result<SocketAddr> {
+    async fn tern_outbound(
+        &mut self,
+        name: &str,
+        endpoint: SocketAddr,
+    ) -> anyhow::Result<SocketAddr> {
         let mut args = common_tern_args();
         args.extend([
             "--upstream".into(),
@@ -299,7 +314,10 @@ async fn wait_listening(p: &mut Proc, addr: SocketAddr) -> anyhow::Result<()> {
             return Ok(());
         }
         if start.elapsed() > READY_TIMEOUT {
-            bail!("{} did not listen on {addr} within {READY_TIMEOUT:?}", p.name);
+            bail!(
+                "{} did not listen on {addr} within {READY_TIMEOUT:?}",
+                p.name
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
