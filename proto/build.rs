@@ -3,6 +3,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/tern/demo/v1/demo.proto",
         "proto/tern/test/v1/echo.proto",
+        "proto/tern/control/v1/control.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

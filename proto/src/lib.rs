@@ -12,3 +12,9 @@ pub mod test {
         tonic::include_proto!("tern.test.v1");
     }
 }
+
+pub mod control {
+    pub mod v1 {
+        tonic::include_proto!("tern.control.v1");
+    }
+}

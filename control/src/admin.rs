@@ -1,0 +1,204 @@
+//! The admin listener (HTTP/1.1): `GET /metrics`, `/ready`, `/state`.
+//!
+//! Read-only on purpose: the mesh config changes only through the watched
+//! directory, so what is in force is always what is in the files.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ConfigErrors, MeshConfig, ServiceKey};
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::state::{Mesh, Subscriber};
+
+#[derive(Clone)]
+pub struct Admin {
+    pub mesh: Arc<Mesh>,
+    pub metrics: Arc<Metrics>,
+    pub ready: Arc<AtomicBool>,
+}
+
+/// Serves admin requests on `listener` until `stop` fires.
+pub async fn serve(listener: TcpListener, admin: Admin, stop: CancellationToken) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10));
+    loop {
+        let stream = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Usually out of file descriptors: back off instead of spinning.
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let admin = admin.clone();
+        let conn = http.serve_connection(
+            TokioIo::new(stream),
+            hyper::service::service_fn(move |req: Request<Incoming>| {
+                let rsp = admin.respond(req.method(), req.uri().path());
+                async move { Ok::<_, Infallible>(rsp) }
+            }),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "admin connection ended with error");
+            }
+        });
+    }
+}
+
+impl Admin {
+    fn respond(&self, method: &Method, path: &str) -> Response<Full<Bytes>> {
+        match (method, path) {
+            (&Method::GET, "/metrics") => match self.metrics.encode() {
+                Ok(text) => reply(StatusCode::OK, "text/plain; version=0.0.4", text),
+                Err(e) => reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    format!("{e}\n"),
+                ),
+            },
+            (&Method::GET, "/ready") => {
+                if self.ready.load(Ordering::Acquire) {
+                    reply(StatusCode::OK, "text/plain", "ready\n".into())
+                } else {
+                    reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        "not ready\n".into(),
+                    )
+                }
+            }
+            (&Method::GET, "/state") => {
+                let body = serde_json::to_string_pretty(&self.mesh.state()).unwrap_or_default();
+                reply(StatusCode::OK, "application/json", body + "\n")
+            }
+            (_, "/metrics" | "/ready" | "/state") => reply(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "method not allowed\n".into(),
+            ),
+            _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        }
+    }
+}
+
+fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut rsp = Response::new(Full::new(Bytes::from(body)));
+    *rsp.status_mut() = status;
+    rsp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    rsp
+}
+
+/// The `/state` document: config version, services with their endpoints
+/// (and where each came from), and subscribers with what they were sent and
+/// acknowledged.
+pub fn state_json<'a>(
+    config: &MeshConfig,
+    config_version: u64,
+    last_error: Option<&ConfigErrors>,
+    registry: &Registry,
+    subscribers: impl Iterator<Item = (&'a Subscriber, &'a BTreeSet<ServiceKey>)>,
+) -> Value {
+    let keys: BTreeSet<&ServiceKey> = config
+        .services
+        .keys()
+        .chain(config.endpoints.keys())
+        .chain(registry.services())
+        .collect();
+    let services: Vec<Value> = keys
+        .into_iter()
+        .map(|key| {
+            let svc = config.services.get(key);
+            let mut endpoints: BTreeMap<String, Value> = BTreeMap::new();
+            for e in config.endpoints.get(key).into_iter().flatten() {
+                endpoints.insert(
+                    e.address.to_string(),
+                    json!({
+                        "address": e.address.to_string(),
+                        "labels": e.labels,
+                        "identity": e.identity,
+                        "source": "static",
+                        "document": e.source,
+                    }),
+                );
+            }
+            for (addr, e) in registry.endpoints(key).into_iter().flatten() {
+                endpoints.insert(
+                    addr.to_string(),
+                    json!({
+                        "address": addr.to_string(),
+                        "labels": e.labels,
+                        "identity": e.identity,
+                        "source": "registered",
+                        "streams": e.streams,
+                        // Its last stream ended; it goes when the grace is over.
+                        "draining": e.orphaned_at.is_some(),
+                    }),
+                );
+            }
+            json!({
+                "name": key.name,
+                "namespace": key.namespace,
+                "declared": svc.is_some(),
+                "protocol": svc.map(|s| s.protocol),
+                "ports": svc.map(|s| &s.ports),
+                "virtual_ip": svc.and_then(|s| s.virtual_ip),
+                "identity": svc.and_then(|s| s.identity.as_ref()),
+                "dns_name": svc.and_then(|s| s.dns_name.as_ref()),
+                "traffic_policy": config.traffic.get(key).map(|p| &p.name),
+                "authorization_policy": config.authorization.get(key).map(|p| &p.name),
+                "endpoints": endpoints.into_values().collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let mut subs: Vec<(&Subscriber, &BTreeSet<ServiceKey>)> = subscribers.collect();
+    subs.sort_by_key(|(s, _)| s.id);
+    let subscribers: Vec<Value> = subs
+        .into_iter()
+        .map(|(s, watching)| {
+            let w = &s.workload;
+            let d = s.delivery();
+            json!({
+                "id": s.id,
+                "service": w.key.name,
+                "namespace": w.key.namespace,
+                "identity": w.identity,
+                "address": w.address,
+                "labels": w.labels,
+                "peer": w.peer,
+                "watching": watching.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "sent_version": d.sent_version,
+                "acked_version": d.acked_version,
+                "nacks": d.nacks,
+                "last_nack": d.last_nack,
+            })
+        })
+        .collect();
+    json!({
+        "config_version": config_version,
+        "last_config_error": last_error.map(|e| e.0.iter().map(ToString::to_string).collect::<Vec<_>>()),
+        "services": services,
+        "subscribers": subscribers,
+    })
+}

@@ -1,0 +1,130 @@
+//! Wires the control plane together: watch and load the config, bind the
+//! listeners, serve until SIGTERM, then end every stream and exit.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
+
+use crate::admin::{self, Admin};
+use crate::cli::Args;
+use crate::config;
+use crate::metrics::Metrics;
+use crate::server::ControlPlane;
+use crate::state::Mesh;
+use crate::watch::Watching;
+use crate::wire::ControlPlaneService;
+
+/// How long shutdown waits for streams to close after telling them to.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new().context("metrics registry")?);
+    let dir = &args.config_dir;
+    if !dir.is_dir() {
+        anyhow::bail!("--config-dir {} is not a directory", dir.display());
+    }
+    // Watch first, then load: a change made in between is then seen twice
+    // (harmless) rather than never.
+    let watching = Watching::start(dir)
+        .with_context(|| format!("watching the config directory {}", dir.display()))?;
+    // No last good config exists yet, so a bad one at start is fatal: better
+    // a clear crash than serving an empty mesh.
+    let config = config::load_dir(dir).map_err(|e| anyhow::anyhow!("invalid mesh config:\n{e}"))?;
+    tracing::info!(
+        dir = %dir.display(),
+        services = config.services.len(),
+        traffic_policies = config.traffic.len(),
+        authorization_policies = config.authorization.len(),
+        "config loaded"
+    );
+    let mesh = Mesh::new(config, args.registration_grace, Arc::clone(&metrics));
+
+    let grpc = TcpListener::bind(args.grpc_listen)
+        .await
+        .with_context(|| format!("binding the gRPC listener on {}", args.grpc_listen))?;
+    let admin_listener = TcpListener::bind(args.admin_listen)
+        .await
+        .with_context(|| format!("binding the admin listener on {}", args.admin_listen))?;
+    let grpc_addr = grpc.local_addr().context("gRPC listener address")?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .context("admin listener address")?;
+
+    let shutdown = CancellationToken::new();
+    let admin_stop = CancellationToken::new();
+    let ready = Arc::new(AtomicBool::new(false));
+    tokio::spawn(watching.run(
+        args.debounce,
+        Arc::clone(&mesh),
+        Arc::clone(&metrics),
+        shutdown.clone(),
+    ));
+    tokio::spawn(admin::serve(
+        admin_listener,
+        Admin {
+            mesh: Arc::clone(&mesh),
+            metrics: Arc::clone(&metrics),
+            ready: Arc::clone(&ready),
+        },
+        admin_stop.clone(),
+    ));
+    let service = ControlPlaneService::new(ControlPlane {
+        mesh: Arc::clone(&mesh),
+        metrics: Arc::clone(&metrics),
+        shutdown: shutdown.clone(),
+    });
+    // Snapshots are small and latency matters more than packing; keepalive
+    // pings find a sidecar whose host vanished without closing its connection,
+    // so its endpoint leaves within about 15s plus the grace.
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .add_service(service)
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(grpc).with_nodelay(Some(true)),
+            shutdown.clone().cancelled_owned(),
+        );
+
+    tracing::info!(grpc = %grpc_addr, admin = %admin_addr, "listening");
+    // Tests and `ternctl demo` wait for this line; it names the real
+    // addresses, including ports the OS chose.
+    println!("tern-control ready: grpc={grpc_addr} admin={admin_addr}");
+    ready.store(true, Ordering::Release);
+
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => {
+            result.context("gRPC server")?;
+        }
+        _ = wait_for_signal() => {
+            ready.store(false, Ordering::Release);
+            shutdown.cancel();
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+                Ok(result) => result.context("gRPC server")?,
+                Err(_) => tracing::warn!("streams did not close in time; exiting anyway"),
+            }
+        }
+    }
+    admin_stop.cancel();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        },
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the control plane");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

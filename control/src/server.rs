@@ -1,0 +1,227 @@
+//! The push API's server side (`tern.control.v1.ControlPlane/Subscribe`):
+//! what a sidecar may say and how each message is checked and acted on. The
+//! stream itself is a [`Session`]; the wire format is in [`crate::wire`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tern_proto::control::v1 as pb;
+use tern_proto::control::v1::sidecar_message::Kind;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::config::{names, ServiceKey};
+use crate::metrics::Metrics;
+use crate::session::{Session, SnapshotStream};
+use crate::snapshot;
+use crate::state::{Mesh, Subscriber, Workload};
+
+/// Bounds what one sidecar can make the control plane hold.
+const MAX_WATCHED: usize = 10_000;
+const MAX_LABELS: usize = 64;
+const MAX_NACK_REASON: usize = 1024;
+
+pub struct ControlPlane {
+    pub mesh: Arc<Mesh>,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: CancellationToken,
+}
+
+impl ControlPlane {
+    /// The response stream for one Subscribe call: a [`Session`], whose
+    /// snapshots are already encoded (see [`crate::wire`]).
+    pub fn subscribe(
+        &self,
+        request: Request<Streaming<pb::SidecarMessage>>,
+    ) -> Response<SnapshotStream> {
+        let peer = request.remote_addr();
+        let session = Session::new(
+            Arc::clone(&self.mesh),
+            Arc::clone(&self.metrics),
+            self.shutdown.clone(),
+            peer,
+            request.into_inner(),
+        );
+        Response::new(session.into_stream())
+    }
+}
+
+/// Acts on one message after the Hello; an error ends the stream.
+pub(crate) fn handle(
+    mesh: &Mesh,
+    metrics: &Metrics,
+    sub: &Subscriber,
+    msg: pb::SidecarMessage,
+) -> Result<(), Status> {
+    match msg.kind {
+        Some(Kind::Ack(pb::Ack { version })) => {
+            if sub.ack(version) {
+                metrics.acks.inc();
+            } else {
+                tracing::debug!(
+                    id = sub.id,
+                    version,
+                    "ACK for a version never sent; ignored"
+                );
+            }
+        }
+        Some(Kind::Nack(pb::Nack {
+            version,
+            mut reason,
+        })) => {
+            if reason.len() > MAX_NACK_REASON {
+                let mut cut = MAX_NACK_REASON;
+                while !reason.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                reason.truncate(cut);
+            }
+            tracing::warn!(id = sub.id, service = %sub.workload.key, version, %reason, "sidecar rejected a snapshot");
+            metrics.nacks.inc();
+            sub.nack(version, reason);
+        }
+        Some(Kind::Watch(pb::Watch { services })) => {
+            let own = &sub.workload.key.namespace;
+            let keys = services
+                .iter()
+                .map(|s| snapshot::target(s, own))
+                .collect::<Result<BTreeSet<_>, _>>()
+                .map_err(|e| Status::invalid_argument(format!("Watch: {e}")))?;
+            if !mesh.watch(sub.id, keys, MAX_WATCHED) {
+                return Err(Status::resource_exhausted(format!(
+                    "Watch: more than {MAX_WATCHED} services"
+                )));
+            }
+        }
+        Some(Kind::Hello(_)) => {
+            return Err(Status::invalid_argument(
+                "Hello may only be sent once, first",
+            ));
+        }
+        None => return Err(Status::invalid_argument("empty SidecarMessage")),
+    }
+    Ok(())
+}
+
+/// Checks a Hello and turns it into the workload and the services it calls.
+pub(crate) fn parse_hello(
+    h: pb::Hello,
+    peer: Option<SocketAddr>,
+) -> Result<(Workload, BTreeSet<ServiceKey>), String> {
+    names::dns_label(&h.service).map_err(|e| format!("Hello.service: {e}"))?;
+    let namespace = if h.namespace.is_empty() {
+        "default".to_owned()
+    } else {
+        names::dns_label(&h.namespace).map_err(|e| format!("Hello.namespace: {e}"))?;
+        h.namespace
+    };
+    let identity = if h.identity.is_empty() {
+        None
+    } else {
+        names::spiffe_id(&h.identity).map_err(|e| format!("Hello.identity: {e}"))?;
+        Some(h.identity)
+    };
+    let address = if h.address.is_empty() {
+        None
+    } else {
+        let mut a: SocketAddr = h
+            .address
+            .parse()
+            .map_err(|_| format!("Hello.address: `{}` is not an ip:port address", h.address))?;
+        // A sidecar listening on 0.0.0.0 is reached at the address its
+        // stream comes from (the pod IP in Kubernetes).
+        if a.ip().is_unspecified() {
+            match peer {
+                Some(p) => a.set_ip(p.ip()),
+                None => {
+                    return Err(
+                        "Hello.address: an unspecified IP needs a known peer address".into(),
+                    )
+                }
+            }
+        }
+        if a.port() == 0 {
+            return Err("Hello.address: port 0 cannot be called".into());
+        }
+        Some(a)
+    };
+    if h.labels.len() > MAX_LABELS {
+        return Err(format!("Hello.labels: more than {MAX_LABELS} labels"));
+    }
+    let mut labels = BTreeMap::new();
+    for (k, v) in h.labels {
+        names::label_key(&k).map_err(|e| format!("Hello.labels: {e}"))?;
+        names::label_value(&v).map_err(|e| format!("Hello.labels.{k}: {e}"))?;
+        labels.insert(k, v);
+    }
+    if h.calls.len() > MAX_WATCHED {
+        return Err(format!("Hello.calls: more than {MAX_WATCHED} services"));
+    }
+    let calls = h
+        .calls
+        .iter()
+        .map(|c| snapshot::target(c, &namespace).map_err(|e| format!("Hello.calls: {e}")))
+        .collect::<Result<BTreeSet<_>, _>>()?;
+    Ok((
+        Workload {
+            key: ServiceKey::new(namespace, h.service),
+            identity,
+            address,
+            labels,
+            peer,
+        },
+        calls,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn hello() -> pb::Hello {
+        pb::Hello {
+            service: "order".into(),
+            address: "0.0.0.0:4143".into(),
+            labels: [("version".to_owned(), "v1".to_owned())].into(),
+            calls: vec!["pay".into(), "ledger.finance.svc.cluster.local".into()],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn hello_fills_namespace_and_peer_ip() {
+        let peer: SocketAddr = "10.1.2.3:55000".parse().unwrap();
+        let (w, calls) = parse_hello(hello(), Some(peer)).unwrap();
+        assert_eq!(w.key, ServiceKey::new("default", "order"));
+        assert_eq!(w.address, Some("10.1.2.3:4143".parse().unwrap()));
+        assert_eq!(w.identity, None);
+        let calls: Vec<String> = calls.iter().map(ToString::to_string).collect();
+        assert_eq!(calls, ["default/pay", "finance/ledger"]);
+    }
+
+    #[test]
+    fn bad_hellos_say_which_field() {
+        type Mutate = fn(&mut pb::Hello);
+        let cases: [(Mutate, &str); 5] = [
+            (|h| h.service = String::new(), "Hello.service"),
+            (|h| h.address = "nowhere".into(), "Hello.address"),
+            (|h| h.identity = "pay".into(), "Hello.identity"),
+            (|h| h.calls = vec!["Pay!".into()], "Hello.calls"),
+            (
+                |h| h.labels = [("bad key".to_owned(), String::new())].into(),
+                "Hello.labels",
+            ),
+        ];
+        for (mutate, field) in cases {
+            let mut h = hello();
+            h.address = "10.0.0.1:4143".into();
+            mutate(&mut h);
+            let e = parse_hello(h, None).unwrap_err();
+            assert!(e.starts_with(field), "{e}");
+        }
+        let e = parse_hello(hello(), None).unwrap_err();
+        assert!(e.starts_with("Hello.address"), "{e}");
+    }
+}

@@ -1,0 +1,332 @@
+//! The live state of the control plane, and the one place it changes.
+//!
+//! [`Mesh`] holds the config in force, the registry, the precomputed service
+//! views and the index of who watches what. Every change — a new config, a
+//! registration, an endpoint's grace running out — goes through a method
+//! here that recomputes the affected views and wakes exactly the subscribers
+//! whose snapshot changed. Waking is a `tokio::sync::watch` send: a session
+//! sleeps until woken, several changes before it runs coalesce into one
+//! snapshot, and a slow sidecar only ever receives the newest state.
+//!
+//! One mutex guards the state. Every critical section is short (no I/O, no
+//! awaits); each session assembles its snapshot outside it.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use tern_proto::control::v1 as pb;
+use tokio::sync::watch;
+
+use crate::config::{ConfigErrors, MeshConfig, ServiceKey};
+use crate::metrics::Metrics;
+use crate::registry::{Registration, Registry};
+use crate::snapshot::{self, Built, InboundViews, Interest, View, Views};
+
+mod subscriber;
+pub use subscriber::{Delivery, NackRecord, Subscriber, Workload};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubscribeError {
+    #[error("identity `{claimed}` may not register for Service `{service}`, which declares `{declared}`")]
+    IdentityMismatch {
+        claimed: String,
+        service: ServiceKey,
+        declared: String,
+    },
+}
+
+pub struct Mesh {
+    inner: Mutex<Inner>,
+    metrics: Arc<Metrics>,
+    next_id: AtomicU64,
+    next_version: AtomicU64,
+    allow_all: Arc<View<pb::InboundPolicy>>,
+}
+
+struct Inner {
+    config: MeshConfig,
+    config_version: u64,
+    last_error: Option<ConfigErrors>,
+    registry: Registry,
+    views: Views,
+    inbound: InboundViews,
+    interest: Interest,
+    subscribers: HashMap<u64, Entry>,
+}
+
+struct Entry {
+    sub: Arc<Subscriber>,
+    watching: BTreeSet<ServiceKey>,
+}
+
+impl Mesh {
+    /// A mesh with `config` in force as version 1.
+    pub fn new(config: MeshConfig, grace: Duration, metrics: Arc<Metrics>) -> Arc<Mesh> {
+        let registry = Registry::new(grace);
+        let mut views = Views::new();
+        snapshot::refresh_all(&mut views, &config, &registry);
+        let mut inbound = InboundViews::new();
+        snapshot::refresh_inbound(&mut inbound, &config);
+        metrics.config_version.set(1);
+        Arc::new(Mesh {
+            inner: Mutex::new(Inner {
+                config,
+                config_version: 1,
+                last_error: None,
+                registry,
+                views,
+                inbound,
+                interest: Interest::default(),
+                subscribers: HashMap::new(),
+            }),
+            allow_all: Arc::new(View::new(snapshot::inbound_policy(
+                &MeshConfig::default(),
+                &ServiceKey::new("", ""),
+            ))),
+            metrics,
+            next_id: AtomicU64::new(1),
+            next_version: AtomicU64::new(1),
+        })
+    }
+
+    pub fn config_version(&self) -> u64 {
+        lock(&self.inner).config_version
+    }
+
+    /// Puts `config` in force and wakes the subscribers it affects. Returns
+    /// the new config version, or `None` when nothing changed (a touched
+    /// file, a save without edits).
+    pub fn apply_config(&self, config: MeshConfig, since: Instant) -> Option<u64> {
+        let mut guard = lock(&self.inner);
+        let inner = &mut *guard;
+        inner.last_error = None;
+        if inner.config == config {
+            return None;
+        }
+        inner.config = config;
+        inner.config_version += 1;
+        let views = snapshot::refresh_all(&mut inner.views, &inner.config, &inner.registry);
+        let policies = snapshot::refresh_inbound(&mut inner.inbound, &inner.config);
+        let affected = inner.interest.affected(&views, &policies);
+        for id in &affected {
+            if let Some(e) = inner.subscribers.get(id) {
+                e.sub.wake(since);
+            }
+        }
+        self.metrics.config_version.set(inner.config_version as i64);
+        tracing::info!(
+            version = inner.config_version,
+            services_changed = views.len(),
+            policies_changed = policies.len(),
+            subscribers_affected = affected.len(),
+            "config applied"
+        );
+        Some(inner.config_version)
+    }
+
+    /// Remembers why the latest change was rejected, for `/state`.
+    pub fn reject_config(&self, errors: ConfigErrors) {
+        lock(&self.inner).last_error = Some(errors);
+    }
+
+    /// Adds a subscriber: registers its endpoint, indexes what it watches and
+    /// wakes it for its first snapshot. It leaves when the returned
+    /// [`Subscription`] is dropped.
+    pub fn subscribe(
+        self: &Arc<Self>,
+        workload: Workload,
+        calls: BTreeSet<ServiceKey>,
+    ) -> Result<Subscription, SubscribeError> {
+        let now = Instant::now();
+        let mut guard = lock(&self.inner);
+        let inner = &mut *guard;
+        let declared = inner
+            .config
+            .services
+            .get(&workload.key)
+            .and_then(|s| s.identity.as_ref());
+        if let (Some(claimed), Some(declared)) = (&workload.identity, declared) {
+            if claimed != declared {
+                return Err(SubscribeError::IdentityMismatch {
+                    claimed: claimed.clone(),
+                    service: workload.key.clone(),
+                    declared: declared.clone(),
+                });
+            }
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (sub, woken) = Subscriber::new(id, workload);
+        let key = &sub.workload.key;
+        if let Some(address) = sub.workload.address {
+            let registration = Registration {
+                address,
+                labels: sub.workload.labels.clone(),
+                identity: sub.workload.identity.clone(),
+            };
+            if inner.registry.register(key, registration) {
+                let changed =
+                    snapshot::refresh(&mut inner.views, [key], &inner.config, &inner.registry);
+                for id in inner.interest.affected(&changed, &BTreeSet::new()) {
+                    if let Some(e) = inner.subscribers.get(&id) {
+                        e.sub.wake(now);
+                    }
+                }
+            }
+            self.metrics
+                .registered_endpoints
+                .set(inner.registry.endpoint_count() as i64);
+        }
+        inner.interest.own(id, key);
+        for k in &calls {
+            inner.interest.watch(id, k);
+        }
+        sub.wake(now);
+        inner.subscribers.insert(
+            id,
+            Entry {
+                sub: Arc::clone(&sub),
+                watching: calls,
+            },
+        );
+        self.metrics.subscribers.inc();
+        Ok(Subscription {
+            subscriber: sub,
+            woken,
+            mesh: Arc::clone(self),
+        })
+    }
+
+    /// Adds targets to a subscriber's watch list and wakes it if any is new.
+    /// Returns false, adding nothing, if the list would grow past `limit`.
+    pub fn watch(&self, id: u64, keys: BTreeSet<ServiceKey>, limit: usize) -> bool {
+        let mut guard = lock(&self.inner);
+        let inner = &mut *guard;
+        let Some(entry) = inner.subscribers.get_mut(&id) else {
+            return true;
+        };
+        let new: Vec<ServiceKey> = keys.difference(&entry.watching).cloned().collect();
+        if entry.watching.len() + new.len() > limit {
+            return false;
+        }
+        for k in &new {
+            inner.interest.watch(id, k);
+        }
+        if !new.is_empty() {
+            entry.watching.extend(new);
+            entry.sub.wake(Instant::now());
+        }
+        true
+    }
+
+    /// The current content of a subscriber's snapshot.
+    pub fn build(&self, id: u64) -> Option<Built> {
+        let inner = lock(&self.inner);
+        let entry = inner.subscribers.get(&id)?;
+        Some(Built {
+            config_version: inner.config_version,
+            services: entry
+                .watching
+                .iter()
+                .filter_map(|k| inner.views.get(k).cloned())
+                .collect(),
+            inbound: inner
+                .inbound
+                .get(&entry.sub.workload.key)
+                .cloned()
+                .unwrap_or_else(|| Arc::clone(&self.allow_all)),
+        })
+    }
+
+    /// A fresh snapshot version, larger than every one sent before.
+    pub fn next_version(&self) -> u64 {
+        self.next_version.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn leave(self: &Arc<Self>, id: u64) {
+        let mut guard = lock(&self.inner);
+        let inner = &mut *guard;
+        let Some(entry) = inner.subscribers.remove(&id) else {
+            return;
+        };
+        let workload = &entry.sub.workload;
+        inner.interest.forget(id, &entry.watching, &workload.key);
+        self.metrics.subscribers.dec();
+        let Some(address) = workload.address else {
+            return;
+        };
+        let Some(deadline) = inner
+            .registry
+            .release(&workload.key, address, Instant::now())
+        else {
+            return;
+        };
+        drop(guard);
+        // Without a runtime (the process is ending) nobody is left to tell.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let mesh = Arc::clone(self);
+            rt.spawn(async move {
+                tokio::time::sleep_until(deadline.into()).await;
+                // As of the deadline, not of whenever this task got to run.
+                mesh.expire(deadline);
+            });
+        }
+    }
+
+    /// Drops registered endpoints whose grace is over and tells their callers.
+    pub fn expire(&self, now: Instant) {
+        let mut guard = lock(&self.inner);
+        let inner = &mut *guard;
+        let gone = inner.registry.expire(now);
+        if gone.is_empty() {
+            return;
+        }
+        let changed = snapshot::refresh(&mut inner.views, &gone, &inner.config, &inner.registry);
+        for id in inner.interest.affected(&changed, &BTreeSet::new()) {
+            if let Some(e) = inner.subscribers.get(&id) {
+                e.sub.wake(now);
+            }
+        }
+        self.metrics
+            .registered_endpoints
+            .set(inner.registry.endpoint_count() as i64);
+        tracing::info!(services = ?gone.iter().map(ToString::to_string).collect::<Vec<_>>(), "registered endpoints expired");
+    }
+
+    /// Everything `/state` shows, as JSON.
+    pub fn state(&self) -> serde_json::Value {
+        let inner = lock(&self.inner);
+        crate::admin::state_json(
+            &inner.config,
+            inner.config_version,
+            inner.last_error.as_ref(),
+            &inner.registry,
+            inner.subscribers.values().map(|e| (&*e.sub, &e.watching)),
+        )
+    }
+}
+
+/// An open subscription; dropping it unsubscribes (and starts the grace of
+/// the workload's endpoint), however the session ended.
+pub struct Subscription {
+    pub subscriber: Arc<Subscriber>,
+    /// Changes each time the subscriber's snapshot may have changed.
+    pub woken: watch::Receiver<()>,
+    mesh: Arc<Mesh>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.mesh.leave(self.subscriber.id);
+    }
+}
+
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic in one session must not wedge every other one; at worst a view
+    // is stale until the next change recomputes it.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,204 @@
+//! The live state end to end: wake-ups, registration and its grace, ACKs,
+//! identity claims, and the assembled snapshot encoding.
+#![allow(clippy::unwrap_used)]
+use std::path::PathBuf;
+
+use super::*;
+use crate::config::parse_files;
+
+const MESH: &str = "\
+apiVersion: tern.dev/v1alpha1
+kind: Service
+metadata: {name: pay}
+spec: {ports: [{port: 50051}], identity: spiffe://cluster.local/ns/default/sa/pay}
+---
+apiVersion: tern.dev/v1alpha1
+kind: Service
+metadata: {name: inventory}
+spec: {ports: [{port: 50053}]}
+";
+
+fn config(text: &str) -> MeshConfig {
+    parse_files(&[(PathBuf::from("mesh.yaml"), text.to_owned())]).unwrap()
+}
+
+fn key(name: &str) -> ServiceKey {
+    ServiceKey::new("default", name)
+}
+
+fn mesh(grace: Duration) -> Arc<Mesh> {
+    Mesh::new(config(MESH), grace, Arc::new(Metrics::new().unwrap()))
+}
+
+fn workload(service: &str, address: Option<&str>) -> Workload {
+    Workload {
+        key: key(service),
+        identity: None,
+        address: address.map(|a| a.parse().unwrap()),
+        labels: [("version".to_owned(), "v1".to_owned())].into(),
+        peer: None,
+    }
+}
+
+fn calls(names: &[&str]) -> BTreeSet<ServiceKey> {
+    names.iter().map(|n| key(n)).collect()
+}
+
+/// Whether `s` was woken since last asked; marks the wake-up seen.
+fn woken(s: &mut Subscription) -> bool {
+    let w = s.woken.has_changed().unwrap();
+    s.woken.borrow_and_update();
+    w
+}
+
+fn endpoints(m: &Mesh, s: &Subscription, service: &str) -> Vec<String> {
+    let built = m.build(s.subscriber.id).unwrap();
+    built
+        .services
+        .iter()
+        .find(|v| v.name == service)
+        .map(|v| v.endpoints.iter().map(|e| e.address.clone()).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn config_changes_wake_only_affected_subscribers() {
+    let m = mesh(Duration::from_secs(1));
+    let mut order = m
+        .subscribe(workload("order", None), calls(&["pay"]))
+        .unwrap();
+    let mut shop = m
+        .subscribe(workload("shop", None), calls(&["inventory"]))
+        .unwrap();
+    assert!(
+        woken(&mut order),
+        "a new subscriber is woken for its first snapshot"
+    );
+    assert!(woken(&mut shop));
+    let first = m.build(order.subscriber.id).unwrap();
+
+    let policy = "---\napiVersion: tern.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: inv}\nspec: {service: inventory, timeout: 3s}\n";
+    assert_eq!(
+        m.apply_config(config(&format!("{MESH}{policy}")), Instant::now()),
+        Some(2)
+    );
+    assert!(woken(&mut shop));
+    assert!(
+        !woken(&mut order),
+        "inventory changed; order calls only pay"
+    );
+    assert!(first.same_as(&m.build(order.subscriber.id).unwrap()));
+
+    // The same config again is no change at all.
+    assert_eq!(
+        m.apply_config(config(&format!("{MESH}{policy}")), Instant::now()),
+        None
+    );
+    assert!(!woken(&mut shop));
+    assert_eq!(m.config_version(), 2);
+}
+
+#[tokio::test]
+async fn registration_reaches_callers_and_leaves_after_the_grace() {
+    let m = mesh(Duration::from_millis(50));
+    let mut order = m
+        .subscribe(workload("order", None), calls(&["pay"]))
+        .unwrap();
+    woken(&mut order);
+    let pay1 = m
+        .subscribe(workload("pay", Some("127.0.0.1:7001")), calls(&[]))
+        .unwrap();
+    assert!(woken(&mut order));
+    assert_eq!(endpoints(&m, &order, "pay"), ["127.0.0.1:7001"]);
+
+    drop(pay1);
+    // Still there during the grace, so a reconnect would not churn callers.
+    assert_eq!(endpoints(&m, &order, "pay"), ["127.0.0.1:7001"]);
+    assert!(!woken(&mut order));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(woken(&mut order));
+    assert!(endpoints(&m, &order, "pay").is_empty());
+    let state = m.state();
+    assert_eq!(state["subscribers"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn watch_adds_targets_and_acks_are_recorded() {
+    let m = mesh(Duration::from_secs(1));
+    let mut order = m
+        .subscribe(workload("order", None), calls(&["pay"]))
+        .unwrap();
+    woken(&mut order);
+    let id = order.subscriber.id;
+    assert!(m.watch(id, calls(&["pay"]), 10));
+    assert!(!woken(&mut order), "already watched");
+    assert!(
+        !m.watch(id, calls(&["inventory", "ledger"]), 2),
+        "over the limit"
+    );
+    assert!(!woken(&mut order));
+    assert!(m.watch(id, calls(&["inventory"]), 2));
+    assert!(woken(&mut order));
+    let names: Vec<String> = m
+        .build(id)
+        .unwrap()
+        .services
+        .iter()
+        .map(|s| s.name.clone())
+        .collect();
+    assert_eq!(names, ["inventory", "pay"]);
+
+    let v = m.next_version();
+    order.subscriber.sent(v);
+    assert!(!order.subscriber.ack(v + 1), "never sent");
+    assert!(order.subscriber.ack(v));
+    order.subscriber.nack(v, "bad route".into());
+    let state = m.state();
+    let s = &state["subscribers"][0];
+    assert_eq!(s["sent_version"], v);
+    assert_eq!(s["acked_version"], v);
+    assert_eq!(s["last_nack"]["reason"], "bad route");
+    assert_eq!(
+        s["watching"],
+        serde_json::json!(["default/inventory", "default/pay"])
+    );
+}
+
+#[tokio::test]
+async fn a_claimed_identity_must_match_the_service() {
+    let m = mesh(Duration::from_secs(1));
+    let mut w = workload("pay", Some("127.0.0.1:7001"));
+    w.identity = Some("spiffe://cluster.local/ns/default/sa/order".into());
+    assert!(matches!(
+        m.subscribe(w.clone(), calls(&[])),
+        Err(SubscribeError::IdentityMismatch { .. })
+    ));
+    w.identity = Some("spiffe://cluster.local/ns/default/sa/pay".into());
+    assert!(m.subscribe(w, calls(&[])).is_ok());
+}
+
+#[tokio::test]
+async fn assembled_encoding_equals_the_message_encoding() {
+    use prost::Message;
+    let m = mesh(Duration::from_secs(1));
+    let _pay = m
+        .subscribe(workload("pay", Some("127.0.0.1:7001")), calls(&[]))
+        .unwrap();
+    let order = m
+        .subscribe(
+            workload("order", None),
+            calls(&["pay", "inventory", "nobody"]),
+        )
+        .unwrap();
+    let built = m.build(order.subscriber.id).unwrap();
+    assert_eq!(built.services.len(), 2);
+    for version in [1, 300, u64::MAX] {
+        let want = built.to_snapshot(version);
+        let bytes = built.encode(version);
+        assert_eq!(bytes, want.encode_to_vec(), "byte for byte");
+        assert_eq!(
+            tern_proto::control::v1::Snapshot::decode(bytes).unwrap(),
+            want
+        );
+    }
+}
