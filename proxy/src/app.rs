@@ -18,7 +18,8 @@ use crate::config::{Config, FileConfig};
 use crate::metrics::{Direction, Metrics};
 use crate::router::{Selector, Target};
 use crate::serve::{accept_loop, ConnMetrics};
-use crate::{inbound, outbound, stack};
+use crate::targets::{Entry, Targets};
+use crate::{control, inbound, outbound, stack};
 
 type Loop<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
@@ -51,7 +52,7 @@ pub async fn run(config: Config, file: FileConfig) -> anyhow::Result<()> {
         outbound_listener,
         stack::http(
             Direction::Outbound,
-            Selector::Authority(Arc::clone(&out.table)),
+            Selector::Authority(out.targets.table()),
             &metrics,
             log.clone(),
         ),
@@ -93,12 +94,57 @@ pub async fn run(config: Config, file: FileConfig) -> anyhow::Result<()> {
             stop_accepting.clone(),
         )));
     }
+    let (first_tx, mut first_rx) = tokio::sync::watch::channel(false);
+    let control_status = config.control_plane.as_ref().map(|url| {
+        let status = Arc::new(control::Status::default());
+        let client = control::Client {
+            url: url.clone(),
+            me: control::Identity {
+                service: config.service_name.clone(),
+                namespace: config.namespace.clone(),
+                identity: String::new(),
+                address: config.advertise.map(|a| a.to_string()).unwrap_or_default(),
+                labels: config.labels.clone(),
+                calls: config
+                    .services
+                    .iter()
+                    .map(|s| {
+                        if s.namespace == config.namespace {
+                            s.name.clone()
+                        } else {
+                            format!("{}.{}", s.name, s.namespace)
+                        }
+                    })
+                    .collect(),
+            },
+            targets: Arc::clone(&out.targets),
+            defaults: config.default_policy.clone(),
+            metrics: Arc::clone(&metrics),
+            status: Arc::clone(&status),
+            first: first_tx,
+        };
+        tokio::spawn(client.run());
+        status
+    });
+    // With a control plane and no endpoints of its own, the sidecar has nothing
+    // to route by until the first snapshot arrives: not ready before that.
+    let has_local_config = config
+        .services
+        .iter()
+        .any(|s| !matches!(s.discovery, crate::config::DiscoveryConfig::None));
+    let wait_for_control = control_status.is_some() && !has_local_config;
     let admin_listener = bind("admin", config.admin_listen).await?;
     bound.push(("admin", local(&admin_listener)));
     let admin = Admin {
         metrics: Arc::clone(&metrics),
         ready: Arc::clone(&ready),
-        config: config_view(&config, &file, &out.targets, app.clone()),
+        config: config_view(
+            &config,
+            &file,
+            &out.targets,
+            app.clone(),
+            control_status.clone(),
+        ),
         shutdown: shutdown.clone(),
     };
     // The admin port keeps answering during the drain (probes see not-ready), so
@@ -120,9 +166,9 @@ pub async fn run(config: Config, file: FileConfig) -> anyhow::Result<()> {
     for (name, addr) in &bound {
         tracing::info!(listener = name, %addr, "listening");
     }
-    // Tests and the demo wait for this line on stderr-free stdout consumers;
-    // it names every bound address, including ports chosen by the OS.
-    println!(
+    // Tests and the demo wait for this line on stdout; it names every bound
+    // address, including ports chosen by the OS.
+    let ready_line = format!(
         "tern-proxy ready: {}",
         bound
             .iter()
@@ -130,7 +176,14 @@ pub async fn run(config: Config, file: FileConfig) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(" ")
     );
-    ready.store(true, Ordering::Release);
+    let became_ready = Arc::clone(&ready);
+    tokio::spawn(async move {
+        if wait_for_control && first_rx.wait_for(|applied| *applied).await.is_err() {
+            return;
+        }
+        println!("{ready_line}");
+        became_ready.store(true, Ordering::Release);
+    });
 
     let serving = futures::future::join_all(loops);
     let signals = wait_for_signal(shutdown.clone());
@@ -190,31 +243,52 @@ async fn wait_for_signal(shutdown: CancellationToken) {
 fn config_view(
     config: &Config,
     file: &FileConfig,
-    targets: &[Arc<Target>],
+    targets: &Arc<Targets>,
     app: Option<Arc<Target>>,
+    control: Option<Arc<control::Status>>,
 ) -> crate::admin::ConfigView {
     let config = serde_json::to_value(config).unwrap_or_default();
     let file = serde_json::to_value(file).unwrap_or_default();
-    let targets: Vec<Arc<Target>> = targets.to_vec();
+    let targets = Arc::clone(targets);
     Arc::new(move || {
-        let services: Vec<serde_json::Value> = targets
-            .iter()
-            .map(|t| {
-                serde_json::json!({
-                    "name": t.service.as_ref(),
-                    "endpoints": t.balancer.endpoint_addrs(),
-                })
-            })
-            .collect();
+        let services: Vec<serde_json::Value> = targets.all().iter().map(|e| describe(e)).collect();
+        let (version, control) = match &control {
+            None => (serde_json::json!("bootstrap"), serde_json::Value::Null),
+            Some(s) => {
+                let applied = s.applied.load_full();
+                let version = applied
+                    .as_ref()
+                    .map(|a| serde_json::json!(a.version))
+                    .unwrap_or(serde_json::json!("bootstrap"));
+                (
+                    version,
+                    serde_json::json!({
+                        "connected": s.connected.load(Ordering::Relaxed),
+                        "applied": applied.as_deref(),
+                        "last_error": s.last_error.load_full().as_deref(),
+                    }),
+                )
+            }
+        };
         serde_json::json!({
-            "version": "bootstrap",
-            "source": "bootstrap",
+            "version": version,
+            "control_plane": control,
             "bootstrap": file,
             "config": config,
-            "discovered": {
-                "services": services,
-                "inbound_app": app.as_ref().map(|a| a.balancer.endpoint_addrs()),
-            },
+            "services": services,
+            "inbound_app": app.as_ref().map(|a| a.balancer.endpoint_addrs()),
         })
+    })
+}
+
+fn describe(e: &Entry) -> serde_json::Value {
+    let t = &e.target;
+    serde_json::json!({
+        "name": t.service.as_ref(),
+        "namespace": e.namespace,
+        "endpoints_from": if e.from_control() { "control plane" } else { "bootstrap" },
+        "load_balancer": t.balancer.algorithm(),
+        "endpoints": t.balancer.describe(),
+        "routes": &**t.routes.load(),
     })
 }

@@ -19,7 +19,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus::IntGauge;
 use tokio::net::TcpStream;
 
+use crate::balance::Load;
 use crate::body::Body;
+use crate::discovery::{Endpoint, Labels};
 use crate::errors::ProxyError;
 
 /// Idle HTTP/1.1 connections kept per endpoint; more are closed when freed.
@@ -28,6 +30,8 @@ const MAX_IDLE_H1: usize = 32;
 pub struct EndpointClient {
     service: Arc<str>,
     addr: SocketAddr,
+    endpoint: Endpoint,
+    pub load: Load,
     connect_timeout: Duration,
     h2: ArcSwapOption<http2::SendRequest<Body>>,
     /// Serialises HTTP/2 connects so a burst of first requests opens one connection.
@@ -44,13 +48,15 @@ pub struct EndpointClient {
 impl EndpointClient {
     pub fn new(
         service: Arc<str>,
-        addr: SocketAddr,
+        endpoint: Endpoint,
         connect_timeout: Duration,
         open_connections: IntGauge,
     ) -> Self {
         Self {
             service,
-            addr,
+            addr: endpoint.addr,
+            endpoint,
+            load: Load::default(),
             connect_timeout,
             h2: ArcSwapOption::empty(),
             h2_connecting: tokio::sync::Mutex::new(()),
@@ -64,6 +70,14 @@ impl EndpointClient {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    pub fn labels(&self) -> &Labels {
+        &self.endpoint.labels
+    }
+
+    pub fn identity(&self) -> Option<&str> {
+        self.endpoint.identity.as_deref()
     }
 
     /// Whether the last connection attempts failed and their backoff is still running.
@@ -86,17 +100,20 @@ impl EndpointClient {
         self: &Arc<Self>,
         mut req: Request<Body>,
     ) -> Result<Response<Body>, ProxyError> {
-        strip_hop_by_hop(req.headers_mut());
+        // HTTP/2 has no connection-level headers (h2 refuses them), so only
+        // HTTP/1 hops need them stripped.
         let rsp = if req.version() == Version::HTTP_2 {
             self.absolute_uri(&mut req);
             self.send_h2(req).await?
         } else {
+            strip_hop_by_hop(req.headers_mut());
             origin_form(&mut req);
-            self.send_h1(req).await?
+            let rsp = self.send_h1(req).await?;
+            let (mut parts, body) = rsp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            Response::from_parts(parts, body)
         };
-        let (mut parts, body) = rsp.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(parts, crate::body::boxed(body)))
+        Ok(rsp.map(crate::body::boxed))
     }
 
     async fn send_h2(&self, req: Request<Body>) -> Result<Response<Incoming>, ProxyError> {
@@ -132,7 +149,6 @@ impl EndpointClient {
         let io = self.connect().await?;
         let (tx, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .adaptive_window(true)
             .max_frame_size(64 * 1024)
             .keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(10))

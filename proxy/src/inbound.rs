@@ -13,6 +13,7 @@ use crate::config::{Config, InboundConfig};
 use crate::discovery;
 use crate::metrics::Metrics;
 use crate::router::Target;
+use crate::routes::Routes;
 
 pub fn app_target(config: &Config, inbound: &InboundConfig, metrics: &Metrics) -> Arc<Target> {
     let service: Arc<str> = Arc::from(config.service_name.as_str());
@@ -32,5 +33,9 @@ pub fn app_target(config: &Config, inbound: &InboundConfig, metrics: &Metrics) -
         discovery::fixed(&[inbound.app]),
         params,
     );
-    Arc::new(Target::new(service, balancer, policy))
+    Arc::new(Target::new(
+        service,
+        balancer,
+        Routes::single("local app", policy),
+    ))
 }

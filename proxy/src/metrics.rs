@@ -10,8 +10,8 @@ use std::sync::{Arc, RwLock};
 use prometheus::{
     core::{Collector, Desc},
     proto::MetricFamily,
-    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry,
+    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
 
 /// How many distinct routes one service may have in labels.
@@ -54,6 +54,10 @@ pub struct Metrics {
     pub timeouts: IntCounterVec,
     pub ejections: IntCounterVec,
     pub ejected: IntGaugeVec,
+    pub control_connected: IntGauge,
+    pub config_updates: IntCounterVec,
+    pub config_version: IntGauge,
+    pub config_last_push: Gauge,
     routes: [RwLock<RoutesByService>; 2],
 }
 
@@ -183,6 +187,29 @@ impl Metrics {
             registry.register(Box::new(c.clone()))?;
         }
         registry.register(Box::new(ejected.clone()))?;
+        let control_connected = IntGauge::new(
+            "tern_control_connected",
+            "1 while the stream to the control plane is up.",
+        )?;
+        let config_updates = IntCounterVec::new(
+            Opts::new(
+                "tern_config_updates_total",
+                "Config snapshots received, by result (ack: applied, nack: rejected).",
+            ),
+            &["result"],
+        )?;
+        let config_version = IntGauge::new(
+            "tern_config_version",
+            "Version of the config snapshot in force (0: bootstrap only).",
+        )?;
+        let config_last_push = Gauge::new(
+            "tern_config_last_push_timestamp_seconds",
+            "When the config in force was applied, seconds since the Unix epoch.",
+        )?;
+        registry.register(Box::new(control_connected.clone()))?;
+        registry.register(Box::new(config_updates.clone()))?;
+        registry.register(Box::new(config_version.clone()))?;
+        registry.register(Box::new(config_last_push.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(responses.clone()))?;
         registry.register(Box::new(duration.clone()))?;
@@ -211,6 +238,10 @@ impl Metrics {
             timeouts,
             ejections,
             ejected,
+            control_connected,
+            config_updates,
+            config_version,
+            config_last_push,
             routes: [RwLock::default(), RwLock::default()],
         })
     }

@@ -1,28 +1,27 @@
 //! Outbound: the local app's calls into the mesh.
 //!
-//! Each configured service gets a balancer fed by its discovery source. A
+//! Every configured service becomes a target fed by its discovery source. A
 //! request names its service in one of two ways: by the listener it arrived
 //! on (an explicit upstream port) or by its `:authority`/`Host` on the
-//! generic outbound port.
+//! generic outbound port. The control plane can add targets and replace
+//! their endpoints and routes later (see [`crate::control`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::balance::{Balancer, ClientParams};
 use crate::config::{Config, DiscoveryConfig};
 use crate::discovery::{self, dns};
 use crate::metrics::Metrics;
-use crate::router::{RouteTable, Target};
+use crate::router::Target;
+use crate::targets::Targets;
 
 pub struct Outbound {
-    /// Authority routing on the generic outbound listener.
-    pub table: Arc<RouteTable>,
+    pub targets: Arc<Targets>,
     /// Explicit upstream ports: listener address → target.
     pub upstreams: Vec<(SocketAddr, Arc<Target>)>,
-    pub targets: Vec<Arc<Target>>,
 }
 
-pub fn build(config: &Config, metrics: &Metrics) -> Result<Outbound, dns::DnsError> {
+pub fn build(config: &Config, metrics: &Arc<Metrics>) -> Result<Outbound, dns::DnsError> {
     let needs_dns = config
         .services
         .iter()
@@ -37,41 +36,34 @@ pub fn build(config: &Config, metrics: &Metrics) -> Result<Outbound, dns::DnsErr
         None
     };
 
-    let mut table = RouteTable::default();
+    let targets = Targets::new(
+        Arc::clone(metrics),
+        config.connect_timeout,
+        &config.namespace,
+    );
     let mut upstreams = Vec::new();
-    let mut targets = Vec::new();
     for svc in &config.services {
-        let service: Arc<str> = Arc::from(svc.name.as_str());
-        let updates = match (&svc.discovery, &resolver) {
-            (DiscoveryConfig::Static(addrs), _) => discovery::fixed(addrs),
-            (DiscoveryConfig::Dns { host, port }, Some(r)) => {
-                let (tx, rx) = tokio::sync::watch::channel(Arc::new(Vec::new()));
-                dns::spawn_watch(r.clone(), svc.name.clone(), host.clone(), *port, tx);
-                rx
+        let entry = targets.ensure(&svc.name, &svc.namespace, &svc.policy);
+        match (&svc.discovery, &resolver) {
+            (DiscoveryConfig::Static(addrs), _) => {
+                entry.set_local(discovery::fixed(addrs).borrow().clone());
             }
-            (DiscoveryConfig::Dns { .. }, None) => discovery::fixed(&[]),
-        };
-        let params = ClientParams {
-            connect_timeout: config.connect_timeout,
-            open_connections: metrics
-                .upstream_open_connections
-                .with_label_values(&[&svc.name]),
-            endpoints_gauge: Some(metrics.endpoints.with_label_values(&[&svc.name])),
-            accrual: svc.policy.accrual.clone(),
-            ejections: metrics.ejections.with_label_values(&[&svc.name]),
-            ejected: metrics.ejected.with_label_values(&[&svc.name]),
-        };
-        let balancer = Balancer::spawn(Arc::clone(&service), updates, params);
-        let target = Arc::new(Target::new(service, balancer, svc.policy.clone()));
-        table.insert(&svc.namespace, Arc::clone(&target));
-        if let Some(addr) = svc.upstream {
-            upstreams.push((addr, Arc::clone(&target)));
+            (DiscoveryConfig::Dns { host, port }, Some(r)) => {
+                let (tx, mut rx) = tokio::sync::watch::channel(Arc::new(Vec::new()));
+                dns::spawn_watch(r.clone(), svc.name.clone(), host.clone(), *port, tx);
+                let entry = Arc::clone(&entry);
+                tokio::spawn(async move {
+                    while rx.changed().await.is_ok() {
+                        let set = rx.borrow_and_update().clone();
+                        entry.set_local(set);
+                    }
+                });
+            }
+            (DiscoveryConfig::Dns { .. }, None) | (DiscoveryConfig::None, _) => {}
         }
-        targets.push(target);
+        if let Some(addr) = svc.upstream {
+            upstreams.push((addr, Arc::clone(&entry.target)));
+        }
     }
-    Ok(Outbound {
-        table: Arc::new(table),
-        upstreams,
-        targets,
-    })
+    Ok(Outbound { targets, upstreams })
 }

@@ -15,33 +15,36 @@ use std::task::{Context, Poll};
 
 use http::{header, Request, Response};
 
-use tower::retry::budget::TpsBudget;
+use arc_swap::ArcSwap;
 
-use crate::balance::{Balancer, Upstream};
+use crate::balance::{start_request, Algorithm, Balancer, InFlightBody, Upstream};
 use crate::body::Body;
-use crate::config::policy::ServicePolicy;
 use crate::endpoint::EndpointClient;
 use crate::errors::ProxyError;
+use crate::routes::Routes;
 
-/// A service requests can be sent to.
+/// A service requests can be sent to. Long-lived: a config push swaps its
+/// routes and its balancer's endpoints, never the target itself.
 pub struct Target {
     pub service: Arc<str>,
     pub balancer: Arc<Balancer>,
-    pub policy: ServicePolicy,
-    /// Shared by every request to this service, so retries stay a bounded share of traffic.
-    pub budget: TpsBudget,
+    pub routes: ArcSwap<Routes>,
 }
 
 impl Target {
-    pub fn new(service: Arc<str>, balancer: Arc<Balancer>, policy: ServicePolicy) -> Self {
-        let r = &policy.retry;
-        let budget = TpsBudget::new(r.budget_ttl, r.budget_min_per_second, r.budget_percent);
+    pub fn new(service: Arc<str>, balancer: Arc<Balancer>, routes: Routes) -> Self {
+        balancer.set_subsets(routes.subsets());
         Self {
             service,
             balancer,
-            policy,
-            budget,
+            routes: ArcSwap::from_pointee(routes),
         }
+    }
+
+    /// Replaces the routes; the balancer keeps the subsets they select ready first.
+    pub fn set_routes(&self, routes: Routes) {
+        self.balancer.set_subsets(routes.subsets());
+        self.routes.store(Arc::new(routes));
     }
 }
 
@@ -51,13 +54,14 @@ pub enum Selector {
     /// Every request on this listener goes to one target (explicit upstream
     /// ports, and the inbound listener's local app).
     Fixed(Arc<Target>),
-    /// The request's authority names the service.
-    Authority(Arc<RouteTable>),
+    /// The request's authority names the service; the table is replaced
+    /// when the control plane adds services.
+    Authority(Arc<ArcSwap<RouteTable>>),
 }
 
 /// Names under which each service is known: `pay`, `pay.ns`, `pay.ns.svc`,
 /// `pay.ns.svc.cluster.local`, each with or without a port.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct RouteTable {
     by_name: HashMap<String, Arc<Target>>,
 }
@@ -73,6 +77,12 @@ impl RouteTable {
         ] {
             self.by_name.insert(n, Arc::clone(&target));
         }
+    }
+
+    /// One more name for a target, e.g. the DNS name a Service declares.
+    pub fn alias(&mut self, name: &str, target: Arc<Target>) {
+        let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+        self.by_name.insert(name, target);
     }
 
     pub fn lookup(&self, authority: &str) -> Option<&Arc<Target>> {
@@ -157,7 +167,7 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let target = match &self.selector {
             Selector::Fixed(t) => Some(Arc::clone(t)),
-            Selector::Authority(table) => table.lookup(authority(&req)).cloned(),
+            Selector::Authority(table) => table.load().lookup(authority(&req)).cloned(),
         };
         if let Some(t) = target {
             req.extensions_mut().insert(t);
@@ -184,16 +194,25 @@ impl tower::Service<Request<Body>> for Forward {
         let endpoint = req.extensions_mut().remove::<Arc<EndpointClient>>();
         let target = req.extensions().get::<Arc<Target>>().cloned();
         Box::pin(async move {
-            let ep = match (endpoint, target) {
-                (Some(ep), _) => ep,
-                (None, Some(t)) => t.balancer.pick(None)?,
+            let (ep, algorithm) = match (endpoint, target) {
+                (Some(ep), t) => (ep, t.map(|t| t.balancer.algorithm()).unwrap_or_default()),
+                (None, Some(t)) => (t.balancer.pick(None, None)?, t.balancer.algorithm()),
                 (None, None) => {
                     return Err(ProxyError::NoRoute {
                         authority: authority(&req).to_string(),
                     })
                 }
             };
-            let mut rsp = ep.send(req).await?;
+            // Load-aware balancers need requests in flight counted until the
+            // response ends; round robin does not pay for it.
+            let in_flight = (algorithm != Algorithm::RoundRobin).then(|| start_request(&ep));
+            let started = std::time::Instant::now();
+            let rsp = ep.send(req).await?;
+            ep.load.observe(started.elapsed());
+            let mut rsp = match in_flight {
+                Some(guard) => rsp.map(|b| crate::body::boxed(InFlightBody::new(b, guard))),
+                None => rsp,
+            };
             rsp.extensions_mut().insert(Upstream(ep.addr()));
             Ok(rsp)
         })

@@ -33,7 +33,6 @@ pub fn server_builder() -> auto::Builder<TokioExecutor> {
         .keep_alive(true);
     b.http2()
         .timer(TokioTimer::new())
-        .adaptive_window(true)
         .max_frame_size(64 * 1024)
         .keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(10));

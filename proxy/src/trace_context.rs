@@ -49,7 +49,10 @@ pub fn ensure(headers: &mut HeaderMap) {
     {
         return;
     }
-    headers.insert(TRACEPARENT, new_traceparent());
+    let mut v = new_traceparent();
+    // Unique per request: indexing it in HPACK's dynamic table would only evict useful entries.
+    v.set_sensitive(true);
+    headers.insert(TRACEPARENT, v);
 }
 
 /// The trace id of a valid `traceparent` header.

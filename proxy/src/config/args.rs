@@ -25,6 +25,22 @@ pub struct Args {
     #[arg(long, env = "TERN_SERVICE_NAME")]
     pub service_name: Option<String>,
 
+    /// Namespace of the local workload [default: default].
+    #[arg(long, env = "TERN_NAMESPACE")]
+    pub namespace: Option<String>,
+
+    /// tern-control's push API, e.g. http://127.0.0.1:8090 [default: none, bootstrap config only].
+    #[arg(long, env = "TERN_CONTROL_PLANE")]
+    pub control_plane: Option<String>,
+
+    /// Address other sidecars reach this workload at [default: the inbound listener's].
+    #[arg(long, env = "TERN_ADVERTISE")]
+    pub advertise: Option<String>,
+
+    /// KEY=VALUE labels of this workload (e.g. version=v2), comma-separated or repeated.
+    #[arg(long = "label", env = "TERN_LABELS", value_delimiter = ',')]
+    pub labels: Vec<String>,
+
     /// Inbound listener: mesh traffic for the local app [default: 0.0.0.0:4143].
     #[arg(long, env = "TERN_INBOUND_LISTEN")]
     pub inbound_listen: Option<String>,
@@ -131,6 +147,13 @@ impl Args {
             }
         }
         set(&mut f.service_name, &self.service_name);
+        set(&mut f.namespace, &self.namespace);
+        set(&mut f.control_plane, &self.control_plane);
+        set(&mut f.advertise, &self.advertise);
+        for l in self.labels.iter().filter(|s| !s.trim().is_empty()) {
+            let (k, v) = split_pair("--label", l)?;
+            f.labels.insert(k.to_string(), v.to_string());
+        }
         set(&mut f.inbound.listen, &self.inbound_listen);
         set(&mut f.inbound.app, &self.inbound_app);
         set(&mut f.outbound.listen, &self.outbound_listen);

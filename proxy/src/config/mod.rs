@@ -8,7 +8,7 @@
 pub mod args;
 pub mod policy;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -22,6 +22,8 @@ use policy::{PolicyFile, ServicePolicy};
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub service_name: Option<String>,
+    /// The workload's namespace (default `default`).
+    pub namespace: Option<String>,
     #[serde(default)]
     pub inbound: InboundFile,
     #[serde(default)]
@@ -34,6 +36,13 @@ pub struct FileConfig {
     pub drain_grace: Option<String>,
     pub connect_timeout: Option<String>,
     pub worker_threads: Option<usize>,
+    /// `http://host:port` of tern-control; without it the sidecar runs on bootstrap config alone.
+    pub control_plane: Option<String>,
+    /// The address other sidecars reach this workload at (default: the inbound listener's).
+    pub advertise: Option<String>,
+    /// Labels of this workload, e.g. `version: v2`, told to the control plane.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
     /// Retry, timeout and failure-accrual settings for services that do not set their own.
     #[serde(default)]
     pub defaults: PolicyFile,
@@ -86,6 +95,12 @@ pub struct ServiceFile {
 #[derive(Clone, Debug, Serialize)]
 pub struct Config {
     pub service_name: String,
+    pub namespace: String,
+    pub control_plane: Option<String>,
+    pub advertise: Option<SocketAddr>,
+    pub labels: BTreeMap<String, String>,
+    /// Policy of services the bootstrap config does not mention.
+    pub default_policy: ServicePolicy,
     pub inbound: Option<InboundConfig>,
     pub outbound_listen: SocketAddr,
     pub admin_listen: SocketAddr,
@@ -127,7 +142,12 @@ pub struct ServiceConfig {
 #[serde(rename_all = "snake_case")]
 pub enum DiscoveryConfig {
     Static(Vec<SocketAddr>),
-    Dns { host: String, port: u16 },
+    Dns {
+        host: String,
+        port: u16,
+    },
+    /// Endpoints come only from the control plane.
+    None,
 }
 
 /// A configuration error: which field, and why.
@@ -180,6 +200,13 @@ impl FileConfig {
             .service_name
             .clone()
             .unwrap_or_else(|| "unknown".to_string());
+        let namespace = self.namespace.clone().unwrap_or_else(|| "default".into());
+        if !is_dns_label(&namespace) {
+            return Err(err(
+                "namespace",
+                format!("{namespace:?} is not a DNS label"),
+            ));
+        }
         let inbound = match (&self.inbound.listen, &self.inbound.app) {
             (_, None) => None,
             (listen, Some(app)) => Some(InboundConfig {
@@ -258,11 +285,11 @@ impl FileConfig {
                     format!("service {:?} is defined twice", s.name),
                 ));
             }
-            let namespace = s.namespace.clone().unwrap_or_else(|| "default".into());
-            if !is_dns_label(&namespace) {
+            let svc_namespace = s.namespace.clone().unwrap_or_else(|| namespace.clone());
+            if !is_dns_label(&svc_namespace) {
                 return Err(err(
                     field("namespace"),
-                    format!("{namespace:?} is not a DNS label"),
+                    format!("{svc_namespace:?} is not a DNS label"),
                 ));
             }
             let upstream = match &s.upstream {
@@ -296,7 +323,8 @@ impl FileConfig {
                         port,
                     }
                 }
-                (None, _) => {
+                (None, true) => DiscoveryConfig::None,
+                (None, false) => {
                     let mut eps = Vec::with_capacity(s.endpoints.len());
                     for (j, e) in s.endpoints.iter().enumerate() {
                         eps.push(addr(&format!("services[{i}].endpoints[{j}]"), e)?);
@@ -316,7 +344,7 @@ impl FileConfig {
                 .validate(&format!("services[{i}]"))?;
             services.push(ServiceConfig {
                 name: s.name.clone(),
-                namespace,
+                namespace: svc_namespace,
                 upstream,
                 discovery,
                 policy,
@@ -330,8 +358,45 @@ impl FileConfig {
                 return Err(err(fa.clone(), format!("{a} is already used by {fb}")));
             }
         }
+        let control_plane = match self.control_plane.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(u) if u.starts_with("http://") || u.starts_with("https://") => Some(u.to_string()),
+            Some(u) => Some(format!("http://{u}")),
+        };
+        if let Some(u) = &control_plane {
+            if u.parse::<http::Uri>()
+                .map(|x| x.authority().is_none())
+                .unwrap_or(true)
+            {
+                return Err(err(
+                    "control_plane",
+                    format!("{u:?} is not a URL like http://host:port"),
+                ));
+            }
+        }
+        let advertise = match self.advertise.as_deref() {
+            Some(a) => Some(addr("advertise", a)?),
+            None => inbound
+                .as_ref()
+                .map(|i| i.listen)
+                .filter(|a| !a.ip().is_unspecified()),
+        };
+        for (k, v) in &self.labels {
+            if k.is_empty() || k.len() > 63 || v.len() > 63 {
+                return Err(err(
+                    format!("labels.{k}"),
+                    "keys and values are 1-63 characters",
+                ));
+            }
+        }
+        let default_policy = self.defaults.validate("defaults")?;
         Ok(Config {
             service_name,
+            namespace,
+            control_plane,
+            advertise,
+            labels: self.labels.clone(),
+            default_policy,
             inbound,
             outbound_listen,
             admin_listen,

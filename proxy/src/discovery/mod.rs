@@ -10,12 +10,16 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+/// Endpoint labels such as `version: v2`; routes select subsets by them.
+pub type Labels = BTreeMap<String, String>;
+
 /// One instance of a service.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 pub struct Endpoint {
     pub addr: SocketAddr,
-    /// Labels such as `version: v2`, used by later routing features.
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
+    /// The identity the endpoint must present (checked once mTLS is on).
+    pub identity: Option<Arc<str>>,
 }
 
 impl Endpoint {
@@ -23,6 +27,7 @@ impl Endpoint {
         Self {
             addr,
             labels: BTreeMap::new(),
+            identity: None,
         }
     }
 }

@@ -127,9 +127,17 @@ where
     S::Future: Send,
 {
     let start = Instant::now();
-    let policy = &target.policy;
+    let routes = target.routes.load_full();
+    let Some(rule) = routes.select(&req) else {
+        return Err(ProxyError::NoRoute {
+            authority: crate::router::authority(&req).to_string(),
+        });
+    };
+    let policy = &rule.policy;
+    // One backend per request, so a retry stays within the split it was given.
+    let subset = rule.backend();
     let service = target.service.as_ref();
-    target.budget.deposit();
+    routes.budget.deposit();
     let grpc = is_grpc(req.headers());
     let incoming = req
         .headers()
@@ -176,7 +184,7 @@ where
         if remaining == Some(Duration::ZERO) {
             return Err(deadline_exceeded());
         }
-        let endpoint = target.balancer.pick(avoid)?;
+        let endpoint = target.balancer.pick(subset, avoid)?;
         let addr = endpoint.addr();
         let mut req = Request::new(source.body());
         *req.method_mut() = parts.method.clone();
@@ -253,7 +261,7 @@ where
         if attempt >= policy.retry.max_attempts || !source.can_replay() {
             return last;
         }
-        if !target.budget.withdraw() {
+        if !routes.budget.withdraw() {
             metrics
                 .retry_budget_exhausted
                 .with_label_values(&[service])

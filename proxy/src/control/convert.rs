@@ -1,0 +1,305 @@
+//! Turning a pushed snapshot into the proxy's own types, validating as it goes.
+//!
+//! Everything is checked before anything is applied: a snapshot with one bad
+//! value is rejected whole (NACK) and the sidecar keeps what it had.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tern_proto::control::v1 as pb;
+
+use crate::balance::Algorithm;
+use crate::config::policy::ServicePolicy;
+use crate::discovery::{Endpoint, EndpointSet};
+use crate::routes::{Backend, HeaderMatch, Match, Routes, Rule};
+
+/// One service of a snapshot, ready to apply.
+pub struct ServiceUpdate {
+    pub name: String,
+    pub namespace: String,
+    pub endpoints: EndpointSet,
+    pub routes: Routes,
+    pub algorithm: Algorithm,
+    pub accrual: crate::config::policy::AccrualPolicy,
+    pub aliases: Vec<String>,
+}
+
+pub fn service(svc: &pb::ServiceConfig, base: &ServicePolicy) -> Result<ServiceUpdate, String> {
+    let at = |what: &str| format!("service {}.{}: {what}", svc.name, svc.namespace);
+    let mut endpoints = Vec::with_capacity(svc.endpoints.len());
+    for e in &svc.endpoints {
+        let addr: SocketAddr = e
+            .address
+            .parse()
+            .map_err(|_| at(&format!("endpoint {:?} is not ip:port", e.address)))?;
+        endpoints.push(Endpoint {
+            addr,
+            labels: e.labels.clone().into_iter().collect(),
+            identity: (!e.identity.is_empty()).then(|| Arc::from(e.identity.as_str())),
+        });
+    }
+    endpoints.sort();
+    endpoints.dedup_by(|a, b| a.addr == b.addr);
+
+    let traffic = svc.traffic.clone().unwrap_or_default();
+    let algorithm = match pb::LoadBalancer::try_from(traffic.load_balancer) {
+        Ok(pb::LoadBalancer::P2cEwma) => Algorithm::P2cEwma,
+        Ok(pb::LoadBalancer::LeastRequest) => Algorithm::LeastRequest,
+        Ok(_) => Algorithm::RoundRobin,
+        Err(_) => {
+            return Err(at(&format!(
+                "unknown load balancer {}",
+                traffic.load_balancer
+            )))
+        }
+    };
+    let mut accrual = base.accrual.clone();
+    if let Some(fa) = &traffic.failure_accrual {
+        if let Some(n) = fa.consecutive_failures {
+            accrual.consecutive_failures = n;
+        }
+        if let Some(ms) = fa.backoff_min_ms {
+            accrual.backoff_min = Duration::from_millis(ms);
+        }
+        if let Some(ms) = fa.backoff_max_ms {
+            accrual.backoff_max = Duration::from_millis(ms);
+        }
+        if accrual.backoff_min.is_zero() || accrual.backoff_max < accrual.backoff_min {
+            return Err(at("failure accrual backoff_max must be ≥ backoff_min > 0"));
+        }
+    }
+
+    let mut rules = Vec::with_capacity(traffic.routes.len().max(1));
+    for r in &traffic.routes {
+        rules.push(rule(r, base).map_err(|e| at(&format!("route {:?}: {e}", r.name)))?);
+    }
+    if rules.is_empty() {
+        rules.push(Rule {
+            name: "default".into(),
+            matches: Vec::new(),
+            backends: Vec::new(),
+            policy: base.clone(),
+        });
+    }
+    let source = if traffic.name.is_empty() {
+        "control plane"
+    } else {
+        traffic.name.as_str()
+    };
+    let aliases = (!svc.dns_name.is_empty())
+        .then(|| svc.dns_name.clone())
+        .into_iter()
+        .collect();
+    Ok(ServiceUpdate {
+        name: svc.name.clone(),
+        namespace: if svc.namespace.is_empty() {
+            "default".into()
+        } else {
+            svc.namespace.clone()
+        },
+        endpoints: Arc::new(endpoints),
+        routes: Routes::new(source, rules),
+        algorithm,
+        accrual,
+        aliases,
+    })
+}
+
+fn rule(r: &pb::Route, base: &ServicePolicy) -> Result<Rule, String> {
+    let mut policy = base.clone();
+    if let Some(retry) = &r.retry {
+        let p = &mut policy.retry;
+        if let Some(n) = retry.max_attempts {
+            if !(1..=10).contains(&n) {
+                return Err(format!("max_attempts {n} is not between 1 and 10"));
+            }
+            p.max_attempts = n;
+        }
+        if !retry.retryable_grpc_codes.is_empty() {
+            for c in &retry.retryable_grpc_codes {
+                if *c > 16 || matches!(c, 0 | 3 | 7 | 16) {
+                    return Err(format!("gRPC code {c} cannot be retried"));
+                }
+            }
+            p.grpc_codes = retry.retryable_grpc_codes.clone();
+        }
+        if let Some(ms) = retry.per_try_timeout_ms {
+            policy.timeout.per_try = (ms > 0).then(|| Duration::from_millis(ms));
+        }
+        let p = &mut policy.retry;
+        if let Some(pct) = retry.budget_percent {
+            if !(0.0..=1000.0).contains(&pct) {
+                return Err(format!("budget_percent {pct} is out of range"));
+            }
+            p.budget_percent = (pct / 100.0) as f32;
+        }
+        if let Some(n) = retry.budget_min_per_second {
+            p.budget_min_per_second = n;
+        }
+        if let Some(ms) = retry.backoff_base_ms {
+            p.backoff_base = Duration::from_millis(ms);
+        }
+        if let Some(ms) = retry.backoff_max_ms {
+            p.backoff_max = Duration::from_millis(ms);
+        }
+        if p.backoff_max < p.backoff_base {
+            return Err("backoff_max is smaller than backoff_base".into());
+        }
+    }
+    if let Some(ms) = r.timeout_ms {
+        policy.timeout.overall = (ms > 0).then(|| Duration::from_millis(ms));
+    }
+    let mut matches = Vec::with_capacity(r.matches.len());
+    for m in &r.matches {
+        let mut headers = Vec::with_capacity(m.headers.len());
+        for h in &m.headers {
+            let name = h.name.to_ascii_lowercase();
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                return Err(format!("{:?} is not a header name", h.name));
+            }
+            headers.push(match &h.value {
+                Some(pb::header_match::Value::Exact(v)) => HeaderMatch::Exact {
+                    name,
+                    value: v.clone(),
+                },
+                Some(pb::header_match::Value::Prefix(v)) => HeaderMatch::Prefix {
+                    name,
+                    value: v.clone(),
+                },
+                Some(pb::header_match::Value::Present(_)) | None => HeaderMatch::Present { name },
+            });
+        }
+        matches.push(Match {
+            grpc: m
+                .grpc
+                .as_ref()
+                .map(|g| (g.service.clone(), g.method.clone())),
+            path_prefix: (!m.path_prefix.is_empty()).then(|| m.path_prefix.clone()),
+            headers,
+        });
+    }
+    let backends: Vec<Backend> = r
+        .backends
+        .iter()
+        .map(|b| Backend {
+            subset: b.subset.clone().into_iter().collect(),
+            weight: b.weight,
+        })
+        .collect();
+    let total: u32 = backends.iter().map(|b| b.weight).sum();
+    if !backends.is_empty() && total != 100 {
+        return Err(format!("backend weights add up to {total}, not 100"));
+    }
+    Ok(Rule {
+        name: r.name.clone(),
+        matches,
+        backends,
+        policy,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::config::policy::PolicyFile;
+
+    fn base() -> ServicePolicy {
+        PolicyFile::default().validate("t").unwrap()
+    }
+
+    fn pay(routes: Vec<pb::Route>) -> pb::ServiceConfig {
+        pb::ServiceConfig {
+            name: "pay".into(),
+            namespace: "default".into(),
+            endpoints: vec![pb::Endpoint {
+                address: "127.0.0.1:7001".into(),
+                labels: [("version".to_string(), "v2".to_string())]
+                    .into_iter()
+                    .collect(),
+                identity: String::new(),
+            }],
+            traffic: Some(pb::TrafficPolicy {
+                name: "pay".into(),
+                load_balancer: pb::LoadBalancer::P2cEwma as i32,
+                failure_accrual: None,
+                routes,
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_canary_route_converts() {
+        let route = pb::Route {
+            name: "default".into(),
+            backends: vec![
+                pb::WeightedBackend {
+                    subset: [("version".to_string(), "v1".to_string())]
+                        .into_iter()
+                        .collect(),
+                    weight: 90,
+                },
+                pb::WeightedBackend {
+                    subset: [("version".to_string(), "v2".to_string())]
+                        .into_iter()
+                        .collect(),
+                    weight: 10,
+                },
+            ],
+            retry: Some(pb::RetryPolicy {
+                max_attempts: Some(5),
+                per_try_timeout_ms: Some(200),
+                budget_percent: Some(20.0),
+                ..Default::default()
+            }),
+            timeout_ms: Some(1500),
+            ..Default::default()
+        };
+        let u = service(&pay(vec![route]), &base()).unwrap();
+        assert_eq!(u.algorithm, Algorithm::P2cEwma);
+        assert_eq!(u.endpoints[0].labels["version"], "v2");
+        let rule = &u.routes.rules[0];
+        assert_eq!(rule.policy.retry.max_attempts, 5);
+        assert_eq!(
+            rule.policy.timeout.per_try,
+            Some(Duration::from_millis(200))
+        );
+        assert_eq!(
+            rule.policy.timeout.overall,
+            Some(Duration::from_millis(1500))
+        );
+        assert!((rule.policy.retry.budget_percent - 0.2).abs() < 1e-6);
+        assert_eq!(u.routes.subsets().len(), 2);
+    }
+
+    #[test]
+    fn bad_values_are_rejected_with_a_reason() {
+        let bad_weights = pb::Route {
+            name: "r".into(),
+            backends: vec![pb::WeightedBackend {
+                subset: Default::default(),
+                weight: 60,
+            }],
+            ..Default::default()
+        };
+        let e = service(&pay(vec![bad_weights]), &base()).err().unwrap();
+        assert!(e.contains("add up to 60"), "{e}");
+        let bad_code = pb::Route {
+            name: "r".into(),
+            retry: Some(pb::RetryPolicy {
+                retryable_grpc_codes: vec![7],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(service(&pay(vec![bad_code]), &base()).is_err());
+        let mut bad_addr = pay(vec![]);
+        bad_addr.endpoints[0].address = "nowhere".into();
+        assert!(service(&bad_addr, &base())
+            .err()
+            .unwrap()
+            .contains("not ip:port"));
+    }
+}

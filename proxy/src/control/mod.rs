@@ -1,0 +1,226 @@
+//! The sidecar's side of the control-plane push API.
+//!
+//! One long-lived gRPC stream: the sidecar says who it is (which registers
+//! its workload as an endpoint of its service) and which services it calls,
+//! then applies each snapshot it receives and acknowledges it, or rejects it
+//! with a reason and keeps what it had. When the control plane goes away the
+//! sidecar keeps its last snapshot, keeps serving, and reconnects with
+//! backoff.
+
+pub mod convert;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use serde::Serialize;
+use tern_proto::control::v1 as pb;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::config::policy::ServicePolicy;
+use crate::metrics::Metrics;
+use crate::targets::Targets;
+
+/// Who this sidecar is, as told to the control plane.
+#[derive(Clone, Debug, Serialize)]
+pub struct Identity {
+    pub service: String,
+    pub namespace: String,
+    pub identity: String,
+    /// Where callers reach this workload (its inbound listener); empty for a caller only.
+    pub address: String,
+    pub labels: BTreeMap<String, String>,
+    /// Services it calls, as `name` or `name.namespace`.
+    pub calls: Vec<String>,
+}
+
+/// The snapshot in force, for `/config`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Applied {
+    pub version: u64,
+    pub config_version: u64,
+    pub applied_at: String,
+    pub services: Vec<String>,
+    pub inbound_policy: Option<String>,
+}
+
+/// What the rest of the proxy can see of the control-plane connection.
+#[derive(Default)]
+pub struct Status {
+    pub connected: AtomicBool,
+    pub applied: ArcSwapOption<Applied>,
+    pub last_error: ArcSwapOption<String>,
+}
+
+pub struct Client {
+    pub url: String,
+    pub me: Identity,
+    pub targets: Arc<Targets>,
+    /// Policy for services that bootstrap config does not mention.
+    pub defaults: ServicePolicy,
+    pub metrics: Arc<Metrics>,
+    pub status: Arc<Status>,
+    /// Fires once the first snapshot has been applied.
+    pub first: watch::Sender<bool>,
+}
+
+impl Client {
+    pub async fn run(self) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let result = self.session(&mut backoff).await;
+            self.status.connected.store(false, Ordering::Relaxed);
+            self.metrics.control_connected.set(0);
+            let reason = match result {
+                Ok(()) => "stream ended".to_string(),
+                Err(e) => e,
+            };
+            tracing::warn!(url = %self.url, reason, retry_in = ?backoff, "control plane unavailable; keeping the last config");
+            self.status.last_error.store(Some(Arc::new(reason)));
+            tokio::time::sleep(backoff.mul_f64(0.5 + fastrand::f64())).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn session(&self, backoff: &mut Duration) -> Result<(), String> {
+        let channel = tonic::transport::Endpoint::from_shared(self.url.clone())
+            .map_err(|e| format!("bad control plane URL: {e}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let mut client = pb::control_plane_client::ControlPlaneClient::new(channel);
+        let (tx, rx) = mpsc::channel(8);
+        let hello = pb::Hello {
+            service: self.me.service.clone(),
+            namespace: self.me.namespace.clone(),
+            identity: self.me.identity.clone(),
+            address: self.me.address.clone(),
+            labels: self.me.labels.clone().into_iter().collect(),
+            calls: self.me.calls.clone(),
+        };
+        send(&tx, pb::sidecar_message::Kind::Hello(hello)).await?;
+        let mut stream = client
+            .subscribe(ReceiverStream::new(rx))
+            .await
+            .map_err(|s| format!("subscribe: {} {}", s.code(), s.message()))?
+            .into_inner();
+        self.status.connected.store(true, Ordering::Relaxed);
+        self.metrics.control_connected.set(1);
+        tracing::info!(url = %self.url, "subscribed to the control plane");
+        loop {
+            let snapshot = match stream.message().await {
+                Ok(Some(s)) => s,
+                Ok(None) => return Ok(()),
+                Err(s) => return Err(format!("stream: {} {}", s.code(), s.message())),
+            };
+            *backoff = Duration::from_millis(100);
+            let version = snapshot.version;
+            let kind = match self.apply(&snapshot) {
+                Ok(()) => {
+                    self.metrics
+                        .config_updates
+                        .with_label_values(&["ack"])
+                        .inc();
+                    pb::sidecar_message::Kind::Ack(pb::Ack { version })
+                }
+                Err(reason) => {
+                    tracing::warn!(
+                        version,
+                        reason,
+                        "rejected a config snapshot; keeping the previous one"
+                    );
+                    self.metrics
+                        .config_updates
+                        .with_label_values(&["nack"])
+                        .inc();
+                    self.status.last_error.store(Some(Arc::new(reason.clone())));
+                    pb::sidecar_message::Kind::Nack(pb::Nack { version, reason })
+                }
+            };
+            send(&tx, kind).await?;
+        }
+    }
+
+    /// Validates the whole snapshot, then applies it service by service.
+    fn apply(&self, snap: &pb::Snapshot) -> Result<(), String> {
+        let mut updates = Vec::with_capacity(snap.services.len());
+        for svc in &snap.services {
+            let ns = if svc.namespace.is_empty() {
+                "default"
+            } else {
+                svc.namespace.as_str()
+            };
+            let base = self
+                .targets
+                .get(&svc.name, ns)
+                .map(|e| e.base_policy.clone())
+                .unwrap_or_else(|| self.defaults.clone());
+            updates.push(convert::service(svc, &base)?);
+        }
+        let mut listed = Vec::with_capacity(updates.len());
+        for u in updates {
+            let base = self
+                .targets
+                .get(&u.name, &u.namespace)
+                .map(|e| e.base_policy.clone())
+                .unwrap_or_else(|| self.defaults.clone());
+            let entry = self.targets.ensure(&u.name, &u.namespace, &base);
+            let t = &entry.target;
+            t.balancer.set_algorithm(u.algorithm);
+            t.balancer.set_accrual(u.accrual);
+            t.set_routes(u.routes);
+            entry.set_control(Some(u.endpoints));
+            self.targets.set_aliases(&entry, u.aliases);
+            listed.push(format!("{}.{}", u.name, u.namespace));
+        }
+        // A service the control plane stopped listing falls back to local discovery.
+        for entry in self.targets.all() {
+            let key = format!("{}.{}", entry.target.service, entry.namespace);
+            if entry.from_control() && !listed.contains(&key) {
+                entry.set_control(None);
+            }
+        }
+        let applied = Applied {
+            version: snap.version,
+            config_version: snap.config_version,
+            applied_at: crate::access_log::now_rfc3339(),
+            services: listed,
+            inbound_policy: snap
+                .inbound
+                .as_ref()
+                .map(|p| p.name.clone())
+                .filter(|n| !n.is_empty()),
+        };
+        self.metrics.config_version.set(snap.version as i64);
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        self.metrics.config_last_push.set(now);
+        self.status.applied.store(Some(Arc::new(applied)));
+        self.status.last_error.store(None);
+        self.first.send_replace(true);
+        tracing::info!(
+            version = snap.version,
+            services = snap.services.len(),
+            "applied config snapshot"
+        );
+        Ok(())
+    }
+}
+
+async fn send(
+    tx: &mpsc::Sender<pb::SidecarMessage>,
+    kind: pb::sidecar_message::Kind,
+) -> Result<(), String> {
+    tx.send(pb::SidecarMessage { kind: Some(kind) })
+        .await
+        .map_err(|_| "the stream to the control plane closed".to_string())
+}
