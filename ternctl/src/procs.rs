@@ -50,7 +50,7 @@ pub async fn build_siblings() -> anyhow::Result<()> {
     if release {
         cmd.arg("--release");
     }
-    eprintln!("ternctl: building tern-proxy and the demo services ...");
+    eprintln!("ternctl: building tern-proxy, tern-control and the demo services ...");
     let status = cmd.status().await.context("running cargo build")?;
     if !status.success() {
         bail!("cargo build of tern-proxy and tern-demo failed ({status})");

@@ -1,24 +1,27 @@
 //! `ternctl demo`: the meshed order → pay chain on loopback, without root.
 //!
-//! Two pay replicas and one order app, each behind its own tern-proxy;
-//! order dials its sidecar's pay port exactly as it would dial pay, and the
-//! sidecar balances every call across the pay sidecars. loadgen calls order
-//! through order's sidecar. A live line per second; with `--duration` a JSON
-//! summary is the last line and the exit code says whether the chain worked.
-//! Scenario switches show the mesh at work: `--faults` makes pay-1 fail 30%
-//! of its calls, `--kill` kills pay-1 (app and sidecar) mid-run and restarts it.
+//! tern-control, two pay replicas and one order app, each app behind its own
+//! tern-proxy; order dials its sidecar's pay port exactly as it would dial
+//! pay, and the sidecar balances every call across the pay replicas that
+//! registered with tern-control. loadgen calls order through order's
+//! sidecar. A live line per second; with `--duration` a JSON summary is the
+//! last line and the exit code says whether the chain worked. Scenario
+//! switches show the mesh at work: `--faults` makes pay-1 fail 30% of its
+//! calls, `--kill` kills pay-1 (app and sidecar) mid-run and restarts it,
+//! `--canary` adds a pay v2 replica and pushes a 90/10 split midway.
+
+mod mesh;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 
-use crate::procs::{free_port, Proc};
-
-const START_TIMEOUT: Duration = Duration::from_secs(15);
+use crate::procs::Proc;
+use mesh::Mesh;
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
@@ -35,6 +38,9 @@ pub struct DemoArgs {
     /// Kill pay-1 (app and sidecar, SIGKILL) a third into the run and restart it 2 s later.
     #[arg(long)]
     kill: bool,
+    /// Start a pay v2 replica that takes no traffic, then push a 90/10 split halfway through.
+    #[arg(long)]
+    canary: bool,
     /// Directory for access logs (default: a fresh directory under the system temp dir).
     #[arg(long)]
     log_dir: Option<PathBuf>,
@@ -48,174 +54,6 @@ fn humantime_or_secs(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))
 }
 
-fn addr(port: u16) -> String {
-    format!("127.0.0.1:{port}")
-}
-
-/// One process with the arguments to start it again on the same ports.
-struct Restartable {
-    name: String,
-    bin: &'static str,
-    args: Vec<String>,
-    ready_line: &'static str,
-    proc: Option<Proc>,
-}
-
-impl Restartable {
-    async fn start(
-        name: &str,
-        bin: &'static str,
-        args: Vec<String>,
-        ready_line: &'static str,
-    ) -> anyhow::Result<Self> {
-        let mut r = Self {
-            name: name.to_string(),
-            bin,
-            args,
-            ready_line,
-            proc: None,
-        };
-        r.restart().await?;
-        Ok(r)
-    }
-
-    async fn restart(&mut self) -> anyhow::Result<()> {
-        let mut p = Proc::spawn(&self.name, self.bin, &self.args)?;
-        p.wait_for_line(self.ready_line, START_TIMEOUT).await?;
-        self.proc = Some(p);
-        Ok(())
-    }
-
-    fn kill(&mut self) {
-        if let Some(p) = self.proc.take() {
-            p.signal(Signal::SIGKILL);
-        }
-    }
-
-    async fn stop(&mut self, grace: Duration) {
-        if let Some(p) = self.proc.as_mut() {
-            p.stop(grace).await;
-        }
-    }
-}
-
-fn sidecar_args(
-    name: &str,
-    admin: &str,
-    log_dir: &Path,
-    extra: &[String],
-) -> anyhow::Result<Vec<String>> {
-    let mut args = vec![
-        "--admin-listen".to_string(),
-        admin.to_string(),
-        "--outbound-listen".into(),
-        addr(free_port()?),
-        "--access-log".into(),
-        log_dir
-            .join(format!("{name}.access.log"))
-            .display()
-            .to_string(),
-        "--drain-grace".into(),
-        "5s".into(),
-    ];
-    args.extend_from_slice(extra);
-    Ok(args)
-}
-
-struct Mesh {
-    /// order-proxy first, then pay-1-proxy, pay-2-proxy.
-    sidecars: Vec<(Restartable, String)>,
-    apps: Vec<Restartable>,
-    order_inbound: String,
-}
-
-async fn start_mesh(args: &DemoArgs, log_dir: &Path) -> anyhow::Result<Mesh> {
-    let mut apps = Vec::new();
-    let mut sidecars = Vec::new();
-    let mut pay_endpoints = Vec::new();
-    for replica in ["pay-1", "pay-2"] {
-        let app = addr(free_port()?);
-        let mut pay_args = vec![
-            "--listen".to_string(),
-            app.clone(),
-            "--replica".into(),
-            replica.into(),
-            "--version".into(),
-            "v1".into(),
-        ];
-        if args.faults && replica == "pay-1" {
-            pay_args.extend([
-                "--fail-rate".into(),
-                "0.3".into(),
-                "--fail-code".into(),
-                "UNAVAILABLE".into(),
-            ]);
-        }
-        apps.push(Restartable::start(replica, "pay", pay_args, "pay listening").await?);
-        let inbound = addr(free_port()?);
-        let admin = addr(free_port()?);
-        let name = format!("{replica}-proxy");
-        let sc_args = sidecar_args(
-            &name,
-            &admin,
-            log_dir,
-            &[
-                "--service-name".into(),
-                "pay".into(),
-                "--inbound-listen".into(),
-                inbound.clone(),
-                "--inbound-app".into(),
-                app,
-            ],
-        )?;
-        sidecars.push((
-            Restartable::start(&name, "tern-proxy", sc_args, "tern-proxy ready").await?,
-            admin,
-        ));
-        pay_endpoints.push(inbound);
-    }
-
-    // order dials pay at its sidecar's explicit pay port, like any app dials a server.
-    let pay_port = free_port()?;
-    let order_app = addr(free_port()?);
-    let order_args = vec![
-        "--listen".to_string(),
-        order_app.clone(),
-        "--pay-host".into(),
-        "127.0.0.1".into(),
-        "--pay-port".into(),
-        pay_port.to_string(),
-    ];
-    apps.push(Restartable::start("order", "order", order_args, "order listening").await?);
-    let order_inbound = addr(free_port()?);
-    let admin = addr(free_port()?);
-    let sc_args = sidecar_args(
-        "order-proxy",
-        &admin,
-        log_dir,
-        &[
-            "--service-name".into(),
-            "order".into(),
-            "--inbound-listen".into(),
-            order_inbound.clone(),
-            "--inbound-app".into(),
-            order_app,
-            "--upstream".into(),
-            format!("pay={}", addr(pay_port)),
-            "--endpoints".into(),
-            format!("pay={}", pay_endpoints.join(",")),
-        ],
-    )?;
-    let order_sc =
-        Restartable::start("order-proxy", "tern-proxy", sc_args, "tern-proxy ready").await?;
-    sidecars.insert(0, (order_sc, admin));
-    Ok(Mesh {
-        sidecars,
-        apps,
-        order_inbound,
-    })
-}
-
 pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     crate::procs::build_siblings().await?;
     let log_dir = match &args.log_dir {
@@ -223,9 +61,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
         None => std::env::temp_dir().join(format!("tern-demo-{}", std::process::id())),
     };
     std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
-    let mut mesh = start_mesh(&args, &log_dir).await?;
+    let mut mesh = mesh::start(&args, &log_dir).await?;
 
     println!("Tern demo: loadgen → order-proxy → order → order-proxy → {{pay-1-proxy → pay-1, pay-2-proxy → pay-2}}");
+    println!(
+        "  tern-control  state: http://{}/state   mesh config: {}",
+        mesh.control_admin,
+        mesh.config_dir.display()
+    );
     for (sc, admin) in &mesh.sidecars {
         println!(
             "  {:<12} metrics: http://{admin}/metrics   config: http://{admin}/config",
@@ -238,6 +81,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     }
     if args.kill {
         println!("  scenario: pay-1 (app and sidecar) is killed a third into the run and restarted 2 s later");
+    }
+    if args.canary {
+        println!("  scenario: pay-v2 (version: v2) starts with 0% of calls; a 90/10 split is pushed halfway");
     }
     println!();
 
@@ -261,7 +107,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     let kill_at = args
         .kill
         .then(|| duration.mul_f64(1.0 / 3.0).min(Duration::from_secs(20)));
-    let summary = follow(&mut loadgen, &mut mesh, &order_admin, kill_at).await;
+    let canary_at = args
+        .canary
+        .then(|| duration.mul_f64(0.5).min(Duration::from_secs(30)));
+    let summary = follow(&mut loadgen, &mut mesh, &order_admin, kill_at, canary_at).await;
     let retries = scrape_sum(&order_admin, "tern_retries_total").await;
 
     for (sc, _) in &mut mesh.sidecars {
@@ -270,13 +119,18 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     for app in &mut mesh.apps {
         app.stop(Duration::from_secs(3)).await;
     }
+    mesh.control.stop(Duration::from_secs(3)).await;
     let summary = summary?;
     let mut out = demo_summary(&summary);
     out["retries"] = json!(retries);
-    out["scenarios"] = json!({"faults": args.faults, "kill": args.kill});
+    out["scenarios"] = json!({"faults": args.faults, "kill": args.kill, "canary": args.canary});
+    let mut must_serve = vec!["pay-1", "pay-2"];
+    if args.canary {
+        must_serve.push("pay-v2");
+    }
     let ok = out["failed"].as_u64() == Some(0)
         && out["calls"].as_u64().unwrap_or(0) > 0
-        && ["pay-1", "pay-2"]
+        && must_serve
             .iter()
             .all(|r| out["by_replica"][r].as_u64().unwrap_or(0) > 0);
     println!("{out}");
@@ -291,6 +145,7 @@ async fn follow(
     mesh: &mut Mesh,
     order_admin: &str,
     kill_at: Option<Duration>,
+    canary_at: Option<Duration>,
 ) -> anyhow::Result<Value> {
     let mut ctrl_c = Box::pin(tokio::signal::ctrl_c());
     let mut interrupted = false;
@@ -302,6 +157,14 @@ async fn follow(
         }
     };
     tokio::pin!(kill);
+    let canary = async {
+        match canary_at {
+            Some(at) => tokio::time::sleep_until(started + at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(canary);
+    let mut canary_pushed = false;
     let mut killed = false;
     let mut restart_at = None;
     loop {
@@ -328,6 +191,12 @@ async fn follow(
                 restart_at = Some(tokio::time::Instant::now() + Duration::from_secs(2));
                 continue;
             }
+            _ = &mut canary, if !canary_pushed => {
+                canary_pushed = true;
+                mesh::write_atomically(&mesh.config_dir.join("pay-traffic.yaml"), &mesh::pay_policy(Some(10)))?;
+                println!(">>> pushed a 90/10 split: 10% of Pay calls to version v2");
+                continue;
+            }
             _ = restart => {
                 restart_at = None;
                 mesh.apps[0].restart().await?;
@@ -345,7 +214,8 @@ async fn follow(
         match v["type"].as_str() {
             Some("progress") => {
                 let retries = scrape_sum(order_admin, "tern_retries_total").await;
-                println!("{}  retries={retries}", live_line(&v));
+                let version = scrape_sum(order_admin, "tern_config_version").await;
+                println!("{}  retries={retries}  config=v{version}", live_line(&v));
             }
             Some("summary") => return Ok(v),
             _ => {}
