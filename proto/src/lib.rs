@@ -1,5 +1,8 @@
 //! Generated gRPC types and stubs for Tern's protocols: the order→pay demo
-//! services and the `Echo` service the end-to-end tests drive through the proxy.
+//! services, the `Echo` service the end-to-end tests drive through the proxy,
+//! and the control-plane push API; plus gRPC status code names.
+
+pub mod grpc_code;
 
 pub mod demo {
     pub mod v1 {

@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use tern_proto::grpc_code;
+
 /// A DNS-1123 label (`pay`, `order-v2`): how services and namespaces are
 /// named, so that `pay.ns` can be split unambiguously.
 pub fn dns_label(s: &str) -> Result<(), String> {
@@ -158,41 +160,11 @@ pub fn duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-const GRPC_CODES: [&str; 17] = [
-    "OK",
-    "CANCELLED",
-    "UNKNOWN",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "ABORTED",
-    "OUT_OF_RANGE",
-    "UNIMPLEMENTED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "DATA_LOSS",
-    "UNAUTHENTICATED",
-];
-
 /// A retryable gRPC status code by name (any case, `-` or `_`) or number.
 pub fn retryable_grpc_code(s: &str) -> Result<u32, String> {
-    let code = match s.trim().parse::<u32>() {
-        Ok(n) if (n as usize) < GRPC_CODES.len() => n,
-        Ok(_) => return Err(format!("`{s}` is not a gRPC status code")),
-        Err(_) => {
-            let norm = s.trim().to_ascii_uppercase().replace('-', "_");
-            match GRPC_CODES.iter().position(|n| *n == norm) {
-                Some(p) => p as u32,
-                None => return Err(format!("`{s}` is not a gRPC status code")),
-            }
-        }
-    };
+    let code = grpc_code::parse(s).ok_or_else(|| format!("`{s}` is not a gRPC status code"))?;
     // Retrying these would repeat a call that the server answered on purpose.
-    if matches!(code, 0 | 3 | 7 | 16) {
+    if grpc_code::never_retried(code) {
         return Err(format!(
             "`{s}` is never retried (OK, INVALID_ARGUMENT, PERMISSION_DENIED, UNAUTHENTICATED)"
         ));

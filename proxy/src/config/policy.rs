@@ -172,7 +172,7 @@ impl PolicyFile {
                 .iter()
                 .enumerate()
                 .map(|(i, n)| {
-                    grpc_code(n).ok_or_else(|| {
+                    tern_proto::grpc_code::parse(n).ok_or_else(|| {
                         err(
                             f(&format!("retry.grpc_codes[{i}]")),
                             format!("{n:?} is not a gRPC status code"),
@@ -183,7 +183,7 @@ impl PolicyFile {
         };
         for (i, c) in grpc_codes.iter().enumerate() {
             // Retrying these would repeat a call that the server answered on purpose.
-            if matches!(c, 0 | 3 | 7 | 16) {
+            if tern_proto::grpc_code::never_retried(*c) {
                 return Err(err(
                     f(&format!("retry.grpc_codes[{i}]")),
                     "OK, INVALID_ARGUMENT, PERMISSION_DENIED and UNAUTHENTICATED are never retried",
@@ -272,34 +272,6 @@ impl PolicyFile {
             },
         })
     }
-}
-
-/// A gRPC status code by name (any case, `-` or `_`) or number.
-pub fn grpc_code(s: &str) -> Option<u32> {
-    if let Ok(n) = s.trim().parse::<u32>() {
-        return (n <= 16).then_some(n);
-    }
-    let norm = s.trim().to_ascii_uppercase().replace('-', "_");
-    const NAMES: [&str; 17] = [
-        "OK",
-        "CANCELLED",
-        "UNKNOWN",
-        "INVALID_ARGUMENT",
-        "DEADLINE_EXCEEDED",
-        "NOT_FOUND",
-        "ALREADY_EXISTS",
-        "PERMISSION_DENIED",
-        "RESOURCE_EXHAUSTED",
-        "FAILED_PRECONDITION",
-        "ABORTED",
-        "OUT_OF_RANGE",
-        "UNIMPLEMENTED",
-        "INTERNAL",
-        "UNAVAILABLE",
-        "DATA_LOSS",
-        "UNAUTHENTICATED",
-    ];
-    NAMES.iter().position(|n| *n == norm).map(|p| p as u32)
 }
 
 #[cfg(test)]

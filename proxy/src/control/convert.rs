@@ -118,7 +118,7 @@ fn rule(r: &pb::Route, base: &ServicePolicy) -> Result<Rule, String> {
         }
         if !retry.retryable_grpc_codes.is_empty() {
             for c in &retry.retryable_grpc_codes {
-                if *c > 16 || matches!(c, 0 | 3 | 7 | 16) {
+                if *c > 16 || tern_proto::grpc_code::never_retried(*c) {
                     return Err(format!("gRPC code {c} cannot be retried"));
                 }
             }
