@@ -87,7 +87,9 @@ impl Mesh {
             ))),
             metrics,
             next_id: AtomicU64::new(1),
-            next_version: AtomicU64::new(1),
+            // Seeded from the clock so versions keep growing across restarts of
+            // the control plane, as sidecars and operators compare them.
+            next_version: AtomicU64::new(version_seed()),
         })
     }
 
@@ -330,3 +332,14 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 #[cfg(test)]
 mod tests;
+
+/// Milliseconds since the Unix epoch at start, times 1000: a restarted control
+/// plane starts above every version it sent before (unless it sent more than
+/// a thousand snapshots per millisecond of uptime).
+fn version_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| (d.as_millis() as u64).saturating_mul(1000))
+        .unwrap_or(1)
+        .max(1)
+}

@@ -42,7 +42,8 @@ impl Target {
     }
 
     /// Replaces the routes; the balancer keeps the subsets they select ready first.
-    pub fn set_routes(&self, routes: Routes) {
+    pub fn set_routes(&self, mut routes: Routes) {
+        routes.keep_budgets_from(&self.routes.load());
         self.balancer.set_subsets(routes.subsets());
         self.routes.store(Arc::new(routes));
     }

@@ -7,6 +7,8 @@
 //! rule. The whole set is replaced at once when the control plane pushes a
 //! new version.
 
+use std::sync::Arc;
+
 use http::Request;
 use serde::Serialize;
 use tower::retry::budget::TpsBudget;
@@ -19,10 +21,10 @@ pub struct Routes {
     /// Where these routes came from (`bootstrap`, or the TrafficPolicy's name).
     pub source: String,
     pub rules: Vec<Rule>,
-    /// Retries of every rule draw from this one budget, so they stay a bounded
-    /// share of the service's traffic.
+    /// One retry budget per rule, with the rule's own limits; a push that
+    /// leaves a rule's limits alone keeps its budget (and what it has spent).
     #[serde(skip)]
-    pub budget: TpsBudget,
+    budgets: Vec<Arc<TpsBudget>>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -71,28 +73,47 @@ impl Routes {
         )
     }
 
-    /// `rules` must not be empty; the budget follows the last (default) rule.
     pub fn new(source: &str, rules: Vec<Rule>) -> Self {
-        let budget = match rules.last() {
-            Some(r) => {
+        let budgets = rules
+            .iter()
+            .map(|r| {
                 let p = &r.policy.retry;
-                TpsBudget::new(p.budget_ttl, p.budget_min_per_second, p.budget_percent)
-            }
-            None => TpsBudget::default(),
-        };
+                Arc::new(TpsBudget::new(
+                    p.budget_ttl,
+                    p.budget_min_per_second,
+                    p.budget_percent,
+                ))
+            })
+            .collect();
         Self {
             source: source.to_string(),
             rules,
-            budget,
+            budgets,
         }
     }
 
-    /// The first rule that matches `req`.
-    pub fn select<B>(&self, req: &Request<B>) -> Option<&Rule> {
-        self.rules
+    /// Keeps the budgets of `old`'s rules whose name and limits are unchanged,
+    /// so a config push does not hand out a fresh reserve of retries.
+    pub fn keep_budgets_from(&mut self, old: &Routes) {
+        for (i, rule) in self.rules.iter().enumerate() {
+            let same = old
+                .rules
+                .iter()
+                .position(|o| o.name == rule.name && same_budget(o, rule));
+            if let Some(j) = same {
+                self.budgets[i] = Arc::clone(&old.budgets[j]);
+            }
+        }
+    }
+
+    /// The first rule that matches `req`, with its retry budget.
+    pub fn select<B>(&self, req: &Request<B>) -> Option<(&Rule, &TpsBudget)> {
+        let i = self
+            .rules
             .iter()
-            .find(|r| r.matches.is_empty() || r.matches.iter().any(|m| m.matches(req)))
-            .or(self.rules.last())
+            .position(|r| r.matches.is_empty() || r.matches.iter().any(|m| m.matches(req)))
+            .or(self.rules.len().checked_sub(1))?;
+        Some((self.rules.get(i)?, self.budgets.get(i)?))
     }
 
     /// Every label subset a backend selects, for the balancer to keep ready.
@@ -104,6 +125,13 @@ impl Routes {
             .map(|b| b.subset.clone())
             .collect()
     }
+}
+
+fn same_budget(a: &Rule, b: &Rule) -> bool {
+    let (a, b) = (&a.policy.retry, &b.policy.retry);
+    a.budget_ttl == b.budget_ttl
+        && a.budget_min_per_second == b.budget_min_per_second
+        && a.budget_percent == b.budget_percent
 }
 
 impl Rule {
@@ -240,18 +268,21 @@ mod tests {
         assert_eq!(
             r.select(&req("/tern.demo.v1.PayService/Pay", &[("x-canary", "1")]))
                 .unwrap()
+                .0
                 .name,
             "canary-header"
         );
         assert_eq!(
             r.select(&req("/tern.demo.v1.PayService/Refund", &[]))
                 .unwrap()
+                .0
                 .name,
             "refunds"
         );
         assert_eq!(
             r.select(&req("/tern.demo.v1.PayService/Pay", &[("x-canary", "0")]))
                 .unwrap()
+                .0
                 .name,
             "default"
         );

@@ -64,6 +64,19 @@ impl Entry {
         });
     }
 
+    /// `set` plus the endpoints in force now that it lacks (by address).
+    pub fn with_current(&self, set: EndpointSet) -> EndpointSet {
+        let current = self.tx.borrow().clone();
+        let mut merged: Vec<_> = set.iter().cloned().collect();
+        for e in current.iter() {
+            if !merged.iter().any(|m| m.addr == e.addr) {
+                merged.push(e.clone());
+            }
+        }
+        merged.sort();
+        Arc::new(merged)
+    }
+
     pub fn from_control(&self) -> bool {
         self.sources
             .lock()

@@ -17,9 +17,12 @@
 //! process logs.
 
 pub mod checks;
+pub mod control;
+pub mod control_mesh;
 pub mod demo;
 pub mod dns;
 pub mod http1;
+pub mod load;
 pub mod mesh;
 pub mod metrics;
 pub mod pay_mesh;
@@ -27,6 +30,7 @@ pub mod process;
 pub mod proxy;
 pub mod python;
 pub mod raw_grpc;
+pub mod relay;
 
 use std::future::Future;
 use std::io::Write as _;

@@ -22,6 +22,8 @@ pub struct ProxySpec {
     /// `--endpoints NAME=ADDR,...`: static endpoints.
     pub endpoints: Vec<(String, Vec<SocketAddr>)>,
     pub drain_grace: Duration,
+    /// `--access-log`: `stdout` unless a test turns it off to save CPU under heavy load.
+    pub access_log: String,
     pub extra_args: Vec<String>,
 }
 
@@ -36,6 +38,7 @@ impl ProxySpec {
             endpoints: Vec::new(),
             // Short, so that tearing a test down never waits long on a drain.
             drain_grace: Duration::from_secs(1),
+            access_log: "stdout".to_string(),
             extra_args: Vec::new(),
         }
     }
@@ -63,6 +66,17 @@ impl ProxySpec {
 
     pub fn drain_grace(mut self, grace: Duration) -> Self {
         self.drain_grace = grace;
+        self
+    }
+
+    pub fn access_log(mut self, target: &str) -> Self {
+        self.access_log = target.to_string();
+        self
+    }
+
+    /// Appends flags to the command line.
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.extra_args.extend(args.iter().map(ToString::to_string));
         self
     }
 }
@@ -118,7 +132,7 @@ impl Proxy {
             "--drain-grace".to_string(),
             format!("{}ms", spec.drain_grace.as_millis()),
             "--access-log".to_string(),
-            "stdout".to_string(),
+            spec.access_log.clone(),
             "--log".to_string(),
             "info".to_string(),
         ];
@@ -176,6 +190,28 @@ impl Proxy {
             );
         }
         Ok(response.text())
+    }
+
+    /// The JSON of `GET /config` on the admin port.
+    pub async fn config(&self) -> Result<serde_json::Value> {
+        let response = http1::get(self.admin, "/config")
+            .await
+            .with_context(|| format!("reading {} /config", self.spec.label))?;
+        if response.status != 200 {
+            bail!(
+                "{} /config answered {}: {}",
+                self.spec.label,
+                response.status,
+                response.text()
+            );
+        }
+        serde_json::from_slice(&response.body).with_context(|| {
+            format!(
+                "{} /config is not JSON: {}",
+                self.spec.label,
+                response.text()
+            )
+        })
     }
 
     /// The sum of the samples of `name` whose labels include every pair in `matching`, read

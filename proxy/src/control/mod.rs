@@ -114,15 +114,42 @@ impl Client {
         self.status.connected.store(true, Ordering::Relaxed);
         self.metrics.control_connected.set(1);
         tracing::info!(url = %self.url, "subscribed to the control plane");
+        // A control plane that just restarted knows only the workloads that
+        // have re-registered so far. While the others reconnect, endpoints this
+        // sidecar already had are kept beside the pushed ones; then the last
+        // snapshot is applied as it is.
+        let mut hold_until = self
+            .status
+            .applied
+            .load()
+            .is_some()
+            .then(|| tokio::time::Instant::now() + RESUME_GRACE);
+        let mut last: Option<pb::Snapshot> = None;
         loop {
-            let snapshot = match stream.message().await {
+            let holding = hold_until.is_some();
+            let message = tokio::select! {
+                m = stream.message() => m,
+                _ = sleep_until(hold_until), if holding => {
+                    hold_until = None;
+                    if let Some(snap) = &last {
+                        if let Err(reason) = self.apply(snap, false) {
+                            tracing::warn!(reason, "re-applying the last snapshot failed");
+                        }
+                    }
+                    continue;
+                }
+            };
+            let snapshot = match message {
                 Ok(Some(s)) => s,
                 Ok(None) => return Ok(()),
                 Err(s) => return Err(format!("stream: {} {}", s.code(), s.message())),
             };
             *backoff = Duration::from_millis(100);
             let version = snapshot.version;
-            let kind = match self.apply(&snapshot) {
+            let hold = hold_until.is_some_and(|t| tokio::time::Instant::now() < t);
+            let result = self.apply(&snapshot, hold);
+            last = Some(snapshot);
+            let kind = match result {
                 Ok(()) => {
                     self.metrics
                         .config_updates
@@ -149,7 +176,8 @@ impl Client {
     }
 
     /// Validates the whole snapshot, then applies it service by service.
-    fn apply(&self, snap: &pb::Snapshot) -> Result<(), String> {
+    /// With `hold`, endpoints the sidecar already had stay beside the pushed ones.
+    fn apply(&self, snap: &pb::Snapshot, hold: bool) -> Result<(), String> {
         let mut updates = Vec::with_capacity(snap.services.len());
         for svc in &snap.services {
             let ns = if svc.namespace.is_empty() {
@@ -176,7 +204,12 @@ impl Client {
             t.balancer.set_algorithm(u.algorithm);
             t.balancer.set_accrual(u.accrual);
             t.set_routes(u.routes);
-            entry.set_control(Some(u.endpoints));
+            let endpoints = if hold {
+                entry.with_current(u.endpoints)
+            } else {
+                u.endpoints
+            };
+            entry.set_control(Some(endpoints));
             self.targets.set_aliases(&entry, u.aliases);
             listed.push(format!("{}.{}", u.name, u.namespace));
         }
@@ -213,6 +246,17 @@ impl Client {
             "applied config snapshot"
         );
         Ok(())
+    }
+}
+
+/// Longer than a sidecar's longest reconnect backoff, so every workload that
+/// was registered before a control-plane restart has re-registered by then.
+const RESUME_GRACE: Duration = Duration::from_secs(6);
+
+async fn sleep_until(t: Option<tokio::time::Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
     }
 }
 

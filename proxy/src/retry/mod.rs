@@ -128,7 +128,7 @@ where
 {
     let start = Instant::now();
     let routes = target.routes.load_full();
-    let Some(rule) = routes.select(&req) else {
+    let Some((rule, budget)) = routes.select(&req) else {
         return Err(ProxyError::NoRoute {
             authority: crate::router::authority(&req).to_string(),
         });
@@ -137,7 +137,7 @@ where
     // One backend per request, so a retry stays within the split it was given.
     let subset = rule.backend();
     let service = target.service.as_ref();
-    routes.budget.deposit();
+    budget.deposit();
     let grpc = is_grpc(req.headers());
     let incoming = req
         .headers()
@@ -261,7 +261,7 @@ where
         if attempt >= policy.retry.max_attempts || !source.can_replay() {
             return last;
         }
-        if !routes.budget.withdraw() {
+        if !budget.withdraw() {
             metrics
                 .retry_budget_exhausted
                 .with_label_values(&[service])
