@@ -207,9 +207,11 @@ impl tower::Service<Request<Body>> for Forward {
             // Load-aware balancers need requests in flight counted until the
             // response ends; round robin does not pay for it.
             let in_flight = (algorithm != Algorithm::RoundRobin).then(|| start_request(&ep));
-            let started = std::time::Instant::now();
+            let started = (algorithm == Algorithm::P2cEwma).then(std::time::Instant::now);
             let rsp = ep.send(req).await?;
-            ep.load.observe(started.elapsed());
+            if let Some(started) = started {
+                ep.load.observe(started.elapsed());
+            }
             let mut rsp = match in_flight {
                 Some(guard) => rsp.map(|b| crate::body::boxed(InFlightBody::new(b, guard))),
                 None => rsp,
