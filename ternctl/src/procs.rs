@@ -44,6 +44,8 @@ pub async fn build_siblings() -> anyhow::Result<()> {
         "-p",
         "tern-proxy",
         "-p",
+        "tern-control",
+        "-p",
         "tern-demo",
         "--bins",
     ]);
@@ -53,7 +55,7 @@ pub async fn build_siblings() -> anyhow::Result<()> {
     eprintln!("ternctl: building tern-proxy, tern-control and the demo services ...");
     let status = cmd.status().await.context("running cargo build")?;
     if !status.success() {
-        bail!("cargo build of tern-proxy and tern-demo failed ({status})");
+        bail!("cargo build of tern-proxy, tern-control and tern-demo failed ({status})");
     }
     Ok(())
 }
