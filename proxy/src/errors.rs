@@ -275,6 +275,14 @@ pub fn percent_encode(msg: &str) -> String {
     out
 }
 
+/// The `grpc-status` of a header or trailer block, if it carries one.
+pub fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.trim().parse().ok())
+}
+
 pub fn is_grpc(headers: &http::HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)

@@ -18,19 +18,16 @@ use crate::routes::Routes;
 pub fn app_target(config: &Config, inbound: &InboundConfig, metrics: &Metrics) -> Arc<Target> {
     let service: Arc<str> = Arc::from(config.service_name.as_str());
     let policy = ServicePolicy::local_app();
-    let params = ClientParams {
-        connect_timeout: config.connect_timeout,
-        open_connections: metrics
-            .upstream_open_connections
-            .with_label_values(&[&config.service_name]),
-        endpoints_gauge: None,
-        accrual: policy.accrual.clone(),
-        ejections: metrics.ejections.with_label_values(&[&config.service_name]),
-        ejected: metrics.ejected.with_label_values(&[&config.service_name]),
-    };
+    let params = ClientParams::for_service(
+        metrics,
+        &config.service_name,
+        config.connect_timeout,
+        policy.accrual.clone(),
+        false,
+    );
     let balancer = Balancer::spawn(
         Arc::clone(&service),
-        discovery::fixed(&[inbound.app]),
+        tokio::sync::watch::channel(discovery::fixed(&[inbound.app])).1,
         params,
     );
     Arc::new(Target::new(

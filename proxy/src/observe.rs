@@ -14,13 +14,13 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::{HeaderMap, Request, Response, Version};
+use http::{Request, Response, Version};
 use http_body::{Body as _, Frame, SizeHint};
 
 use crate::access_log::{self, AccessLog};
 use crate::balance::Upstream;
 use crate::body::{self, Body, BoxError};
-use crate::errors::{self, ProxyErrorReason};
+use crate::errors::{self, grpc_status, ProxyErrorReason};
 use crate::metrics::{Direction, Metrics, RouteMetrics};
 use crate::retry::Attempts;
 use crate::router::Target;
@@ -195,7 +195,7 @@ impl Completion {
         if self.status != 0 {
             let class = status_class(self.status);
             let grpc = match (self.grpc, self.grpc_status) {
-                (true, Some(code)) => grpc_code_name(code),
+                (true, Some(code)) => tern_proto::grpc_code::name(code),
                 _ => "",
             };
             self.route.response(class, grpc).inc();
@@ -363,13 +363,6 @@ where
     }
 }
 
-fn grpc_status(headers: &HeaderMap) -> Option<u32> {
-    headers
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.parse().ok())
-}
-
 fn protocol(v: Version) -> &'static str {
     match v {
         Version::HTTP_2 => "HTTP/2",
@@ -387,8 +380,4 @@ fn status_class(status: u16) -> &'static str {
         4 => "4xx",
         _ => "5xx",
     }
-}
-
-pub fn grpc_code_name(code: u32) -> &'static str {
-    tern_proto::grpc_code::name(code)
 }

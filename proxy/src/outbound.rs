@@ -46,7 +46,7 @@ pub fn build(config: &Config, metrics: &Arc<Metrics>) -> Result<Outbound, dns::D
         let entry = targets.ensure(&svc.name, &svc.namespace, &svc.policy);
         match (&svc.discovery, &resolver) {
             (DiscoveryConfig::Static(addrs), _) => {
-                entry.set_local(discovery::fixed(addrs).borrow().clone());
+                entry.set_local(discovery::fixed(addrs));
             }
             (DiscoveryConfig::Dns { host, port }, Some(r)) => {
                 let (tx, mut rx) = tokio::sync::watch::channel(Arc::new(Vec::new()));

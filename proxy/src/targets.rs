@@ -120,15 +120,13 @@ impl Targets {
             return Arc::clone(e);
         }
         let service: Arc<str> = Arc::from(name);
-        let m = &self.metrics;
-        let params = ClientParams {
-            connect_timeout: self.connect_timeout,
-            open_connections: m.upstream_open_connections.with_label_values(&[name]),
-            endpoints_gauge: Some(m.endpoints.with_label_values(&[name])),
-            accrual: policy.accrual.clone(),
-            ejections: m.ejections.with_label_values(&[name]),
-            ejected: m.ejected.with_label_values(&[name]),
-        };
+        let params = ClientParams::for_service(
+            &self.metrics,
+            name,
+            self.connect_timeout,
+            policy.accrual.clone(),
+            true,
+        );
         let (tx, rx) = watch::channel(EndpointSet::default());
         let balancer = Balancer::spawn(Arc::clone(&service), rx, params);
         let target = Arc::new(Target::new(

@@ -72,6 +72,30 @@ pub struct ClientParams {
     pub ejected: IntGauge,
 }
 
+impl ClientParams {
+    /// The metric handles of `service`; `count_endpoints` is false for the
+    /// inbound app, which is not a mesh service's endpoint set.
+    pub fn for_service(
+        metrics: &crate::metrics::Metrics,
+        service: &str,
+        connect_timeout: Duration,
+        accrual: AccrualPolicy,
+        count_endpoints: bool,
+    ) -> Self {
+        Self {
+            connect_timeout,
+            open_connections: metrics
+                .upstream_open_connections
+                .with_label_values(&[service]),
+            endpoints_gauge: count_endpoints
+                .then(|| metrics.endpoints.with_label_values(&[service])),
+            accrual,
+            ejections: metrics.ejections.with_label_values(&[service]),
+            ejected: metrics.ejected.with_label_values(&[service]),
+        }
+    }
+}
+
 /// Endpoints a request may go to, with the round-robin cursor over them.
 #[derive(Default)]
 struct Members {

@@ -35,11 +35,10 @@ impl Endpoint {
 /// The endpoints of one service at one moment, sorted by address.
 pub type EndpointSet = Arc<Vec<Endpoint>>;
 
-/// A set that never changes: static endpoints from bootstrap config.
-pub fn fixed(addrs: &[SocketAddr]) -> tokio::sync::watch::Receiver<EndpointSet> {
+/// Static endpoints from bootstrap config.
+pub fn fixed(addrs: &[SocketAddr]) -> EndpointSet {
     let mut set: Vec<Endpoint> = addrs.iter().copied().map(Endpoint::new).collect();
     set.sort();
     set.dedup();
-    // Dropping the sender is fine: receivers keep the last value.
-    tokio::sync::watch::channel(Arc::new(set)).1
+    Arc::new(set)
 }

@@ -11,13 +11,13 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Response, StatusCode};
+use http::{Method, Response, StatusCode};
 use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::BodyExt;
 
 use crate::body::{Body, BoxError};
 use crate::config::policy::RetryPolicy;
-use crate::observe::grpc_code_name;
+use crate::errors::grpc_status;
 
 pub enum Classified {
     /// Give this response to the caller.
@@ -78,7 +78,7 @@ pub async fn classify(req: &Request<'_>, rsp: Response<Body>, may_hold: bool) ->
 
 fn by_code(policy: &RetryPolicy, code: u32, rsp: Response<Body>) -> Classified {
     if policy.grpc_codes.contains(&code) {
-        Classified::Retryable(rsp, grpc_code_name(code))
+        Classified::Retryable(rsp, tern_proto::grpc_code::name(code))
     } else {
         Classified::Final(rsp)
     }
@@ -99,13 +99,6 @@ fn http_reason(s: StatusCode) -> &'static str {
         StatusCode::SERVICE_UNAVAILABLE => "http_503",
         _ => "http_504",
     }
-}
-
-pub fn grpc_status(headers: &HeaderMap) -> Option<u32> {
-    headers
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.trim().parse().ok())
 }
 
 /// A body whose first frame was already read.
