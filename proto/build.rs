@@ -4,6 +4,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/tern/demo/v1/demo.proto",
         "proto/tern/test/v1/echo.proto",
         "proto/tern/control/v1/control.proto",
+        "proto/tern/identity/v1/identity.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

@@ -1,6 +1,7 @@
 //! Generated gRPC types and stubs for Tern's protocols: the order→pay demo
 //! services, the `Echo` service the end-to-end tests drive through the proxy,
-//! and the control-plane push API; plus gRPC status code names.
+//! the control-plane push API and certificate issuance; plus gRPC status
+//! code names.
 
 pub mod grpc_code;
 
@@ -19,5 +20,11 @@ pub mod test {
 pub mod control {
     pub mod v1 {
         tonic::include_proto!("tern.control.v1");
+    }
+}
+
+pub mod identity {
+    pub mod v1 {
+        tonic::include_proto!("tern.identity.v1");
     }
 }
