@@ -34,7 +34,10 @@ pub struct Line<'a> {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub upstream: Option<SocketAddr>,
+    /// Inbound: the caller's verified identity; outbound: the endpoint's.
     pub peer_identity: Option<&'a str>,
+    /// "TLSv1.3" when the mesh hop was mTLS, else absent (plaintext).
+    pub tls: Option<&'a str>,
     pub attempts: u32,
     pub trace_id: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -27,6 +27,9 @@ pub struct Admin {
     pub ready: Arc<AtomicBool>,
     pub config: ConfigView,
     pub shutdown: CancellationToken,
+    /// With an identity, an expired certificate makes the sidecar not ready:
+    /// peers refuse it until the control plane renews it.
+    pub identity: Option<Arc<crate::identity::Identity>>,
 }
 
 impl tower::Service<Request<Incoming>> for Admin {
@@ -57,8 +60,15 @@ impl Admin {
             },
             (&Method::GET, "/live") => reply(StatusCode::OK, "text/plain", "live\n".into()),
             (&Method::GET, "/ready") => {
-                if self.ready.load(Ordering::Acquire) {
+                let cert_ok = self.identity.as_ref().is_none_or(|i| i.is_ready());
+                if self.ready.load(Ordering::Acquire) && cert_ok {
                     reply(StatusCode::OK, "text/plain", "ready\n".into())
+                } else if !cert_ok {
+                    reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        "not ready: no valid workload certificate\n".into(),
+                    )
                 } else {
                     reply(
                         StatusCode::SERVICE_UNAVAILABLE,

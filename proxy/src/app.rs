@@ -14,12 +14,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::access_log::AccessLog;
 use crate::admin::Admin;
+use crate::config::identity::InboundTls;
 use crate::config::{Config, FileConfig};
+use crate::identity::{issue::Issuer, tls::Inbound, Identity};
 use crate::metrics::{Direction, Metrics};
 use crate::router::{Selector, Target};
 use crate::serve::{accept_loop, ConnMetrics};
 use crate::targets::{Entry, Targets};
-use crate::{control, inbound, outbound, stack};
+use crate::{authz, control, inbound, outbound, stack};
 
 type Loop<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
@@ -28,7 +30,13 @@ pub async fn run(config: Config, file: FileConfig) -> anyhow::Result<()> {
     let log = AccessLog::start(&config.access_log, metrics.access_log_dropped.clone())
         .await
         .context("opening the access log")?;
-    let out = outbound::build(&config, &metrics).context("DNS resolver")?;
+    let identity = match &config.identity {
+        Some(c) => Some(Identity::load(c, &metrics)?),
+        None => None,
+    };
+    let out = outbound::build(&config, &metrics, identity.clone()).context("DNS resolver")?;
+    // Written by the control client, read by the inbound stack.
+    let inbound_authz = authz::Policy::shared();
     let app = config
         .inbound
         .as_ref()
@@ -55,10 +63,12 @@ pub async fn run(config: Config, file: FileConfig) -> anyhow::Result<()> {
             Selector::Authority(out.targets.table()),
             &metrics,
             log.clone(),
+            None,
         ),
         conn_metrics(Direction::Outbound),
         &graceful,
         stop_accepting.clone(),
+        None,
     )));
     for (addr, target) in &out.upstreams {
         let listener = bind("upstream", *addr).await?;
@@ -71,10 +81,12 @@ pub async fn run(config: Config, file: FileConfig) -> anyhow::Result<()> {
                 Selector::Fixed(Arc::clone(target)),
                 &metrics,
                 log.clone(),
+                None,
             ),
             conn_metrics(Direction::Outbound),
             &graceful,
             stop_accepting.clone(),
+            None,
         )));
     }
     if let (Some(inb), Some(app)) = (&config.inbound, &app) {
@@ -88,11 +100,30 @@ pub async fn run(config: Config, file: FileConfig) -> anyhow::Result<()> {
                 Selector::Fixed(Arc::clone(app)),
                 &metrics,
                 log.clone(),
+                Some(Arc::clone(&inbound_authz)),
             ),
             conn_metrics(Direction::Inbound),
             &graceful,
             stop_accepting.clone(),
+            identity
+                .as_ref()
+                .filter(|_| config.inbound_tls != InboundTls::Off)
+                .map(|id| Arc::new(Inbound::new(Arc::clone(id), config.inbound_tls))),
         )));
+    }
+    // With an identity, nothing is ready before the first certificate: peers
+    // would refuse every connection.
+    let (issued_tx, mut issued_rx) = tokio::sync::watch::channel(identity.is_none());
+    if let (Some(id), Some(c)) = (&identity, &config.identity) {
+        tokio::spawn(
+            Issuer {
+                identity: Arc::clone(id),
+                control_plane: c.server.clone(),
+                token_file: c.token_file.clone(),
+                issued: issued_tx,
+            }
+            .run(),
+        );
     }
     let (first_tx, mut first_rx) = tokio::sync::watch::channel(false);
     let control_status = config.control_plane.as_ref().map(|url| {
@@ -102,7 +133,10 @@ pub async fn run(config: Config, file: FileConfig) -> anyhow::Result<()> {
             me: control::Identity {
                 service: config.service_name.clone(),
                 namespace: config.namespace.clone(),
-                identity: String::new(),
+                identity: identity
+                    .as_ref()
+                    .map(|i| i.id.to_string())
+                    .unwrap_or_default(),
                 address: config.advertise.map(|a| a.to_string()).unwrap_or_default(),
                 labels: config.labels.clone(),
                 calls: config
@@ -122,6 +156,8 @@ pub async fn run(config: Config, file: FileConfig) -> anyhow::Result<()> {
             metrics: Arc::clone(&metrics),
             status: Arc::clone(&status),
             first: first_tx,
+            identity: identity.clone(),
+            inbound_authz: Arc::clone(&inbound_authz),
         };
         tokio::spawn(client.run());
         status
@@ -146,6 +182,7 @@ pub async fn run(config: Config, file: FileConfig) -> anyhow::Result<()> {
             control_status.clone(),
         ),
         shutdown: shutdown.clone(),
+        identity: identity.clone(),
     };
     // The admin port keeps answering during the drain (probes see not-ready), so
     // it stops only with the process.
@@ -161,6 +198,7 @@ pub async fn run(config: Config, file: FileConfig) -> anyhow::Result<()> {
         },
         &admin_graceful,
         admin_stop.clone(),
+        None,
     );
 
     for (name, addr) in &bound {
@@ -178,6 +216,9 @@ pub async fn run(config: Config, file: FileConfig) -> anyhow::Result<()> {
     );
     let became_ready = Arc::clone(&ready);
     tokio::spawn(async move {
+        if issued_rx.wait_for(|issued| *issued).await.is_err() {
+            return;
+        }
         if wait_for_control && first_rx.wait_for(|applied| *applied).await.is_err() {
             return;
         }

@@ -5,11 +5,16 @@
 //! connection from a small pool, or open one. The request keeps the protocol
 //! its caller spoke. Dropping the client (the endpoint left discovery) lets its
 //! connections close once the requests in flight on them finish.
+//!
+//! An endpoint that discovery gives an identity is dialed with mTLS and must
+//! present that identity. Such a connection takes no new requests once either
+//! side's certificate has expired; the next request dials afresh, with the
+//! renewed certificates.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use http::{header, uri, HeaderMap, HeaderValue, Request, Response, Uri, Version};
@@ -23,6 +28,8 @@ use crate::balance::Load;
 use crate::body::Body;
 use crate::discovery::{Endpoint, Labels};
 use crate::errors::ProxyError;
+use crate::identity::tls::ClientIo;
+use crate::identity::Identity;
 
 /// Idle HTTP/1.1 connections kept per endpoint; more are closed when freed.
 const MAX_IDLE_H1: usize = 32;
@@ -33,10 +40,12 @@ pub struct EndpointClient {
     endpoint: Endpoint,
     pub load: Load,
     connect_timeout: Duration,
-    h2: ArcSwapOption<http2::SendRequest<Body>>,
+    h2: ArcSwapOption<Conn<http2::SendRequest<Body>>>,
     /// Serialises HTTP/2 connects so a burst of first requests opens one connection.
     h2_connecting: tokio::sync::Mutex<()>,
-    h1_idle: Mutex<Vec<http1::SendRequest<Body>>>,
+    h1_idle: Mutex<Vec<Conn<http1::SendRequest<Body>>>>,
+    /// Set when the endpoint has an identity and this sidecar has one too.
+    tls: Option<Arc<Identity>>,
     open_connections: IntGauge,
     pub accrual: crate::accrual::Accrual,
     /// Set while connecting keeps failing: the balancer then prefers other
@@ -45,14 +54,29 @@ pub struct EndpointClient {
     connect_failures: AtomicU32,
 }
 
+/// A connection's sender, and when it must stop taking requests.
+struct Conn<T> {
+    tx: T,
+    retire_at: Option<SystemTime>,
+}
+
+impl<T> Conn<T> {
+    fn retired(&self) -> bool {
+        self.retire_at.is_some_and(|t| SystemTime::now() >= t)
+    }
+}
+
 impl EndpointClient {
     pub fn new(
         service: Arc<str>,
         endpoint: Endpoint,
         connect_timeout: Duration,
         open_connections: IntGauge,
+        identity: Option<&Arc<Identity>>,
     ) -> Self {
+        let tls = endpoint.identity.as_ref().and(identity).cloned();
         Self {
+            tls,
             service,
             addr: endpoint.addr,
             endpoint,
@@ -80,6 +104,22 @@ impl EndpointClient {
         self.endpoint.identity.as_deref()
     }
 
+    /// Whether requests to this endpoint travel over mTLS.
+    pub fn uses_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// What the connection to this endpoint establishes, for metrics and logs.
+    pub fn conn_tls(&self) -> tern_identity::ConnTls {
+        match &self.tls {
+            Some(_) => tern_identity::ConnTls {
+                version: Some("TLSv1.3"),
+                peer_identity: self.endpoint.identity.clone(),
+            },
+            None => tern_identity::ConnTls::plaintext(),
+        }
+    }
+
     /// Whether the last connection attempts failed and their backoff is still running.
     pub fn connect_failing(&self, now_ms: u64) -> bool {
         now_ms < self.connect_backoff_until.load(Ordering::Relaxed)
@@ -92,6 +132,12 @@ impl EndpointClient {
         let backoff = 100u64 << n;
         self.connect_backoff_until
             .store(crate::accrual::now_ms() + backoff, Ordering::Relaxed);
+    }
+
+    fn connected(&self) {
+        if self.connect_failures.swap(0, Ordering::Relaxed) != 0 {
+            self.connect_backoff_until.store(0, Ordering::Relaxed);
+        }
     }
 
     /// Sends `req` with the protocol the caller used and returns the response
@@ -135,18 +181,20 @@ impl EndpointClient {
     }
 
     async fn h2_sender(&self) -> Result<http2::SendRequest<Body>, ProxyError> {
-        if let Some(tx) = self.h2.load().as_deref() {
-            if !tx.is_closed() {
-                return Ok(tx.clone());
+        if let Some(c) = self.h2.load().as_deref() {
+            if !c.tx.is_closed() && !c.retired() {
+                return Ok(c.tx.clone());
             }
         }
         let _connecting = self.h2_connecting.lock().await;
-        if let Some(tx) = self.h2.load().as_deref() {
-            if !tx.is_closed() {
-                return Ok(tx.clone());
+        if let Some(c) = self.h2.load().as_deref() {
+            if !c.tx.is_closed() && !c.retired() {
+                return Ok(c.tx.clone());
             }
         }
-        let io = self.connect().await?;
+        // A retired connection finishes the requests it carries and then
+        // closes, once its last sender is gone.
+        let (io, retire_at) = self.connect(true).await?;
         let (tx, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_frame_size(64 * 1024)
@@ -156,7 +204,10 @@ impl EndpointClient {
             .await
             .map_err(|e| self.upstream(e))?;
         self.spawn_conn(conn);
-        self.h2.store(Some(Arc::new(tx.clone())));
+        self.h2.store(Some(Arc::new(Conn {
+            tx: tx.clone(),
+            retire_at,
+        })));
         Ok(tx)
     }
 
@@ -164,17 +215,20 @@ impl EndpointClient {
         self: &Arc<Self>,
         req: Request<Body>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let mut tx = match self.take_idle_h1() {
-            Some(tx) => tx,
+        let mut conn = match self.take_idle_h1() {
+            Some(c) => c,
             None => self.connect_h1().await?,
         };
-        let rsp = match tx.try_send_request(req).await {
+        let rsp = match conn.tx.try_send_request(req).await {
             Ok(rsp) => rsp,
             Err(mut e) => match e.take_message() {
                 // A pooled keep-alive connection the server had just closed.
                 Some(req) => {
-                    tx = self.connect_h1().await?;
-                    tx.send_request(req).await.map_err(|e| self.upstream(e))?
+                    conn = self.connect_h1().await?;
+                    conn.tx
+                        .send_request(req)
+                        .await
+                        .map_err(|e| self.upstream(e))?
                 }
                 None => return Err(self.upstream(e.into_error())),
             },
@@ -182,38 +236,38 @@ impl EndpointClient {
         // The connection is free again once this response's body has been read.
         let this = Arc::clone(self);
         tokio::spawn(async move {
-            if tx.ready().await.is_ok() {
-                this.put_idle_h1(tx);
+            if conn.tx.ready().await.is_ok() {
+                this.put_idle_h1(conn);
             }
         });
         Ok(rsp)
     }
 
-    fn take_idle_h1(&self) -> Option<http1::SendRequest<Body>> {
+    fn take_idle_h1(&self) -> Option<Conn<http1::SendRequest<Body>>> {
         let mut idle = self.h1_idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(tx) = idle.pop() {
-            if tx.is_ready() {
-                return Some(tx);
+        while let Some(c) = idle.pop() {
+            if c.tx.is_ready() && !c.retired() {
+                return Some(c);
             }
         }
         None
     }
 
-    fn put_idle_h1(&self, tx: http1::SendRequest<Body>) {
+    fn put_idle_h1(&self, c: Conn<http1::SendRequest<Body>>) {
         let mut idle = self.h1_idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < MAX_IDLE_H1 {
-            idle.push(tx);
+        if idle.len() < MAX_IDLE_H1 && !c.retired() {
+            idle.push(c);
         }
     }
 
-    async fn connect_h1(&self) -> Result<http1::SendRequest<Body>, ProxyError> {
-        let io = self.connect().await?;
+    async fn connect_h1(&self) -> Result<Conn<http1::SendRequest<Body>>, ProxyError> {
+        let (io, retire_at) = self.connect(false).await?;
         let (tx, conn) = http1::Builder::new()
             .handshake(io)
             .await
             .map_err(|e| self.upstream(e))?;
         self.spawn_conn(conn);
-        Ok(tx)
+        Ok(Conn { tx, retire_at })
     }
 
     fn spawn_conn<F>(&self, conn: F)
@@ -231,7 +285,11 @@ impl EndpointClient {
         });
     }
 
-    async fn connect(&self) -> Result<TokioIo<TcpStream>, ProxyError> {
+    /// TCP, then TLS when the endpoint has an identity; `h2` picks the ALPN offered.
+    async fn connect(
+        &self,
+        h2: bool,
+    ) -> Result<(TokioIo<ClientIo>, Option<SystemTime>), ProxyError> {
         let connecting = tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr));
         let stream = match connecting.await {
             Err(_) => {
@@ -251,12 +309,37 @@ impl EndpointClient {
             }
             Ok(Ok(s)) => s,
         };
-        if self.connect_failures.swap(0, Ordering::Relaxed) != 0 {
-            self.connect_backoff_until.store(0, Ordering::Relaxed);
-        }
         // Small gRPC messages must not wait for Nagle.
         let _ = stream.set_nodelay(true);
-        Ok(TokioIo::new(stream))
+        let (Some(identity), Some(expected)) = (&self.tls, &self.endpoint.identity) else {
+            self.connected();
+            return Ok((TokioIo::new(ClientIo::Plain(stream)), None));
+        };
+        match crate::identity::tls::connect(identity, expected, h2, self.addr, stream).await {
+            Ok((io, retire_at)) => {
+                self.connected();
+                Ok((TokioIo::new(io), retire_at))
+            }
+            Err(e) => {
+                // Another endpoint may be fine: back off this one like a
+                // failed connect.
+                self.connect_failed();
+                tracing::warn!(
+                    service = %self.service,
+                    addr = %self.addr,
+                    expected = %expected,
+                    reason = e.reason,
+                    detail = %e.detail,
+                    "mTLS handshake with endpoint failed"
+                );
+                Err(ProxyError::Handshake {
+                    service: self.service.clone(),
+                    addr: self.addr,
+                    reason: e.reason,
+                    detail: e.detail,
+                })
+            }
+        }
     }
 
     fn upstream(&self, source: hyper::Error) -> ProxyError {

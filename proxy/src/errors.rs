@@ -1,7 +1,8 @@
 //! Errors the proxy itself makes, and the one place they become a response.
 //!
 //! A gRPC caller gets a trailers-only response with `grpc-status` and
-//! `grpc-message`; an HTTP caller gets 502/503/504. Either way the response
+//! `grpc-message`; an HTTP caller gets 502/503/504, or 403 for a call the
+//! inbound authorization policy denies. Either way the response
 //! carries `x-tern-proxy-error` so a caller can tell the proxy's failure from
 //! the application's.
 
@@ -35,6 +36,13 @@ pub enum ProxyError {
     },
     #[error("service {service}: connect to {addr} timed out")]
     ConnectTimeout { service: Arc<str>, addr: SocketAddr },
+    #[error("service {service}: mTLS handshake with {addr} failed ({reason}): {detail}")]
+    Handshake {
+        service: Arc<str>,
+        addr: SocketAddr,
+        reason: &'static str,
+        detail: String,
+    },
     #[error("service {service}: endpoint {addr} failed: {source}")]
     Upstream {
         service: Arc<str>,
@@ -54,12 +62,17 @@ pub enum ProxyError {
         service: Arc<str>,
         elapsed: std::time::Duration,
     },
+    /// The inbound authorization policy does not let this caller in
+    /// (`authz.rs`); never retried.
+    #[error("service {service}: permission denied: {detail}")]
+    PermissionDenied { service: Arc<str>, detail: String },
 }
 
 /// gRPC status codes the proxy produces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GrpcCode {
     DeadlineExceeded = 4,
+    PermissionDenied = 7,
     Unavailable = 14,
 }
 
@@ -71,11 +84,13 @@ impl ProxyError {
             Self::NoEndpoints { .. } => "no_endpoints",
             Self::Connect { .. } => "connect",
             Self::ConnectTimeout { .. } => "connect_timeout",
+            Self::Handshake { .. } => "tls_handshake",
             Self::Upstream { source, .. } if unprocessed(source) => "refused_stream",
             Self::Upstream { .. } => "upstream_reset",
             Self::Reset { .. } => "reset",
             Self::PerTryTimeout { .. } => "per_try_timeout",
             Self::DeadlineExceeded { .. } => "deadline_exceeded",
+            Self::PermissionDenied { .. } => "permission_denied",
         }
     }
 
@@ -89,6 +104,7 @@ impl ProxyError {
             self,
             Self::Connect { .. }
                 | Self::ConnectTimeout { .. }
+                | Self::Handshake { .. }
                 | Self::PerTryTimeout { .. }
                 | Self::Upstream { .. }
         )
@@ -98,6 +114,7 @@ impl ProxyError {
         match self {
             Self::Connect { addr, .. }
             | Self::ConnectTimeout { addr, .. }
+            | Self::Handshake { addr, .. }
             | Self::Upstream { addr, .. }
             | Self::Reset { addr, .. } => Some(*addr),
             Self::PerTryTimeout { addr, .. } => *addr,
@@ -111,15 +128,18 @@ impl ProxyError {
             Self::ConnectTimeout { .. }
             | Self::PerTryTimeout { .. }
             | Self::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
-            Self::Connect { .. } | Self::Upstream { .. } | Self::Reset { .. } => {
-                StatusCode::BAD_GATEWAY
-            }
+            Self::Connect { .. }
+            | Self::Handshake { .. }
+            | Self::Upstream { .. }
+            | Self::Reset { .. } => StatusCode::BAD_GATEWAY,
+            Self::PermissionDenied { .. } => StatusCode::FORBIDDEN,
         }
     }
 
     fn grpc_code(&self) -> GrpcCode {
         match self {
             Self::DeadlineExceeded { .. } => GrpcCode::DeadlineExceeded,
+            Self::PermissionDenied { .. } => GrpcCode::PermissionDenied,
             _ => GrpcCode::Unavailable,
         }
     }

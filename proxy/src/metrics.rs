@@ -58,6 +58,8 @@ pub struct Metrics {
     pub config_updates: IntCounterVec,
     pub config_version: IntGauge,
     pub config_last_push: Gauge,
+    /// Inbound requests the authorization policy denied (`authz.rs`).
+    pub authz_denied: IntCounterVec,
     routes: [RwLock<RoutesByService>; 2],
 }
 
@@ -72,13 +74,23 @@ pub struct RouteMetrics {
 }
 
 impl RouteMetrics {
-    pub fn response(&self, status_class: &str, grpc_status: &str) -> IntCounter {
+    /// `tls` is "true" or "false"; `peer_identity` is the verified SPIFFE id
+    /// of the other side (the caller inbound, the endpoint outbound) or "".
+    pub fn response(
+        &self,
+        status_class: &str,
+        grpc_status: &str,
+        tls: &str,
+        peer_identity: &str,
+    ) -> IntCounter {
         self.responses.with_label_values(&[
             self.direction.as_str(),
             &self.service,
             &self.route,
             status_class,
             grpc_status,
+            tls,
+            peer_identity,
         ])
     }
 }
@@ -94,8 +106,8 @@ impl Metrics {
             &["direction", "service", "route"],
         )?;
         let responses = IntCounterVec::new(
-            Opts::new("tern_responses_total", "Responses completed, by direction, service, route, HTTP status class and gRPC status."),
-            &["direction", "service", "route", "status_class", "grpc_status"],
+            Opts::new("tern_responses_total", "Responses completed, by direction, service, route, HTTP status class, gRPC status, whether the mesh hop was mTLS, and the peer's verified identity (bounded by the mesh's service accounts)."),
+            &["direction", "service", "route", "status_class", "grpc_status", "tls", "peer_identity"],
         )?;
         let duration = HistogramVec::new(
             HistogramOpts::new(
@@ -210,6 +222,14 @@ impl Metrics {
         registry.register(Box::new(config_updates.clone()))?;
         registry.register(Box::new(config_version.clone()))?;
         registry.register(Box::new(config_last_push.clone()))?;
+        let authz_denied = IntCounterVec::new(
+            Opts::new(
+                "tern_authz_denied_total",
+                "Inbound requests denied by the authorization policy, by service and caller identity (\"\" for none; bounded by the mesh's identities).",
+            ),
+            &["service", "peer_identity"],
+        )?;
+        registry.register(Box::new(authz_denied.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(responses.clone()))?;
         registry.register(Box::new(duration.clone()))?;
@@ -242,6 +262,7 @@ impl Metrics {
             config_updates,
             config_version,
             config_last_push,
+            authz_denied,
             routes: [RwLock::default(), RwLock::default()],
         })
     }

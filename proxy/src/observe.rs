@@ -16,6 +16,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::{Request, Response, Version};
 use http_body::{Body as _, Frame, SizeHint};
+use tern_identity::ConnTls;
 
 use crate::access_log::{self, AccessLog};
 use crate::balance::Upstream;
@@ -120,6 +121,12 @@ where
             })
         });
         req.extensions_mut().insert(attempts.clone());
+        // Inbound: what the caller's connection established. Outbound: set
+        // from the response, once an endpoint was chosen.
+        let tls = match sh.direction {
+            Direction::Inbound => req.extensions().get::<ConnTls>().cloned(),
+            Direction::Outbound => None,
+        };
         let mut pending = Pending(Some(Box::new(Completion {
             shared: Arc::clone(sh),
             route,
@@ -132,6 +139,7 @@ where
             upstream: None,
             error: None,
             attempts,
+            tls,
             log,
         })));
         let fut = self.inner.call(req);
@@ -144,6 +152,11 @@ where
                 c.grpc_status = grpc_status(&parts.headers);
                 c.upstream = parts.extensions.get::<Upstream>().map(|u| u.0);
                 c.error = parts.extensions.get::<ProxyErrorReason>().map(|r| r.0);
+                if let Some(t) = parts.extensions.get::<ConnTls>() {
+                    if c.tls.is_none() {
+                        c.tls = Some(t.clone());
+                    }
+                }
             }
             let mut body = ObservedBody { inner, done };
             if body.inner.is_end_stream() {
@@ -175,6 +188,7 @@ struct Completion {
     upstream: Option<std::net::SocketAddr>,
     error: Option<&'static str>,
     attempts: Attempts,
+    tls: Option<ConnTls>,
     log: Option<Box<LogInfo>>,
 }
 
@@ -198,7 +212,14 @@ impl Completion {
                 (true, Some(code)) => tern_proto::grpc_code::name(code),
                 _ => "",
             };
-            self.route.response(class, grpc).inc();
+            let (tls, peer) = match &self.tls {
+                Some(t) => (
+                    if t.is_tls() { "true" } else { "false" },
+                    t.peer_identity.as_deref().unwrap_or(""),
+                ),
+                None => ("false", ""),
+            };
+            self.route.response(class, grpc, tls, peer).inc();
         }
         self.route.duration.observe(elapsed.as_secs_f64());
         let error = match outcome {
@@ -228,7 +249,8 @@ impl Completion {
                 bytes_in: self.bytes_in.load(Ordering::Relaxed),
                 bytes_out: self.bytes_out,
                 upstream: self.upstream,
-                peer_identity: None,
+                peer_identity: self.tls.as_ref().and_then(|t| t.peer_identity.as_deref()),
+                tls: self.tls.as_ref().and_then(|t| t.version),
                 attempts: self.attempts.0.load(Ordering::Relaxed),
                 trace_id: &info.trace_id,
                 error,

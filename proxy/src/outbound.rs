@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use crate::config::{Config, DiscoveryConfig};
 use crate::discovery::{self, dns};
+use crate::identity::Identity;
 use crate::metrics::Metrics;
 use crate::router::Target;
 use crate::targets::Targets;
@@ -21,7 +22,11 @@ pub struct Outbound {
     pub upstreams: Vec<(SocketAddr, Arc<Target>)>,
 }
 
-pub fn build(config: &Config, metrics: &Arc<Metrics>) -> Result<Outbound, dns::DnsError> {
+pub fn build(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    identity: Option<Arc<Identity>>,
+) -> Result<Outbound, dns::DnsError> {
     let needs_dns = config
         .services
         .iter()
@@ -40,22 +45,27 @@ pub fn build(config: &Config, metrics: &Arc<Metrics>) -> Result<Outbound, dns::D
         Arc::clone(metrics),
         config.connect_timeout,
         &config.namespace,
+        identity,
     );
     let mut upstreams = Vec::new();
     for svc in &config.services {
         let entry = targets.ensure(&svc.name, &svc.namespace, &svc.policy);
         match (&svc.discovery, &resolver) {
             (DiscoveryConfig::Static(addrs), _) => {
-                entry.set_local(discovery::fixed(addrs));
+                entry.set_local(discovery::with_identity(
+                    discovery::fixed(addrs),
+                    svc.identity.as_ref(),
+                ));
             }
             (DiscoveryConfig::Dns { host, port }, Some(r)) => {
                 let (tx, mut rx) = tokio::sync::watch::channel(Arc::new(Vec::new()));
                 dns::spawn_watch(r.clone(), svc.name.clone(), host.clone(), *port, tx);
                 let entry = Arc::clone(&entry);
+                let identity = svc.identity.clone();
                 tokio::spawn(async move {
                     while rx.changed().await.is_ok() {
                         let set = rx.borrow_and_update().clone();
-                        entry.set_local(set);
+                        entry.set_local(discovery::with_identity(set, identity.as_ref()));
                     }
                 });
             }

@@ -217,6 +217,9 @@ impl tower::Service<Request<Body>> for Forward {
                 None => rsp,
             };
             rsp.extensions_mut().insert(Upstream(ep.addr()));
+            if ep.uses_tls() {
+                rsp.extensions_mut().insert(ep.conn_tls());
+            }
             Ok(rsp)
         })
     }

@@ -1,13 +1,15 @@
 //! The HTTP request path, read top to bottom as a request travels it.
 //!
 //! Both directions use the same stack; they differ in how the target is named
-//! (see [`crate::inbound`] and [`crate::outbound`]) and in the metric labels.
+//! (see [`crate::inbound`] and [`crate::outbound`]), in the metric labels, and
+//! in that only inbound requests are authorized (see [`crate::authz`]).
 
 use std::sync::Arc;
 
 use tower::ServiceBuilder;
 
 use crate::access_log::AccessLog;
+use crate::authz::{Authorize, AuthorizeLayer, SharedPolicy};
 use crate::errors::{ErrorResponse, ErrorResponseLayer};
 use crate::metrics::{Direction, Metrics};
 use crate::observe::{Observe, ObserveLayer};
@@ -15,14 +17,32 @@ use crate::retry::{Retry, RetryLayer};
 use crate::router::{Forward, Route, RouteLayer, Selector};
 use crate::trace_context::{TraceContext, TraceContextLayer};
 
-pub type HttpStack = TraceContext<Route<Observe<ErrorResponse<Retry<Forward>>>>>;
+pub type HttpStack = Stack<Forward>;
 
+/// The stack over any bottom service (tests put a stub where [`Forward`] goes).
+pub type Stack<S> = TraceContext<Route<Observe<ErrorResponse<Authorize<Retry<S>>>>>>;
+
+/// `inbound_authz`: the inbound authorization policy in force (see
+/// [`crate::authz::Policy::shared`]); `None` for outbound listeners, which
+/// authorize nothing.
 pub fn http(
     direction: Direction,
     selector: Selector,
     metrics: &Arc<Metrics>,
     log: Option<AccessLog>,
+    inbound_authz: Option<SharedPolicy>,
 ) -> HttpStack {
+    http_over(direction, selector, metrics, log, inbound_authz, Forward)
+}
+
+pub(crate) fn http_over<S>(
+    direction: Direction,
+    selector: Selector,
+    metrics: &Arc<Metrics>,
+    log: Option<AccessLog>,
+    inbound_authz: Option<SharedPolicy>,
+    bottom: S,
+) -> Stack<S> {
     ServiceBuilder::new()
         // 1. pass on W3C traceparent, or start a trace
         .layer(TraceContextLayer)
@@ -30,11 +50,18 @@ pub fn http(
         .layer(RouteLayer::new(selector))
         // 3. count the request, follow the response to its end, log it
         .layer(ObserveLayer::new(direction, Arc::clone(metrics), log))
-        // 4. the proxy's own failures become a gRPC status or HTTP 5xx
+        // 4. the proxy's own failures become a gRPC status or HTTP 4xx/5xx
         .layer(ErrorResponseLayer::new(direction, Arc::clone(metrics)))
-        // 5. retries within a budget, per-try timeouts, deadlines; each attempt
+        // 5. inbound only: callers the authorization policy does not allow
+        //    stop here (PERMISSION_DENIED / 403), still logged and counted
+        .layer(AuthorizeLayer::new(
+            direction,
+            inbound_authz,
+            Arc::clone(metrics),
+        ))
+        // 6. retries within a budget, per-try timeouts, deadlines; each attempt
         //    picks an endpoint (round robin, skipping ejected ones)
         .layer(RetryLayer::new(Arc::clone(metrics)))
-        // 6. send on the endpoint's pooled connection
-        .service(Forward)
+        // 7. send on the endpoint's pooled connection
+        .service(bottom)
 }

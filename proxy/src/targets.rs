@@ -94,16 +94,23 @@ pub struct Targets {
     connect_timeout: Duration,
     /// The sidecar's own namespace: its services win short names like `pay`.
     namespace: String,
+    identity: Option<Arc<crate::identity::Identity>>,
 }
 
 impl Targets {
-    pub fn new(metrics: Arc<Metrics>, connect_timeout: Duration, namespace: &str) -> Arc<Self> {
+    pub fn new(
+        metrics: Arc<Metrics>,
+        connect_timeout: Duration,
+        namespace: &str,
+        identity: Option<Arc<crate::identity::Identity>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             entries: Mutex::default(),
             table: Arc::new(ArcSwap::from_pointee(RouteTable::default())),
             metrics,
             connect_timeout,
             namespace: namespace.to_string(),
+            identity,
         })
     }
 
@@ -120,13 +127,14 @@ impl Targets {
             return Arc::clone(e);
         }
         let service: Arc<str> = Arc::from(name);
-        let params = ClientParams::for_service(
+        let mut params = ClientParams::for_service(
             &self.metrics,
             name,
             self.connect_timeout,
             policy.accrual.clone(),
             true,
         );
+        params.identity = self.identity.clone();
         let (tx, rx) = watch::channel(EndpointSet::default());
         let balancer = Balancer::spawn(Arc::clone(&service), rx, params);
         let target = Arc::new(Target::new(

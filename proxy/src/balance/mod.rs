@@ -70,6 +70,8 @@ pub struct ClientParams {
     pub accrual: AccrualPolicy,
     pub ejections: IntCounter,
     pub ejected: IntGauge,
+    /// This sidecar's identity: endpoints that have one are dialed with mTLS.
+    pub identity: Option<Arc<crate::identity::Identity>>,
 }
 
 impl ClientParams {
@@ -92,6 +94,7 @@ impl ClientParams {
             accrual,
             ejections: metrics.ejections.with_label_values(&[service]),
             ejected: metrics.ejected.with_label_values(&[service]),
+            identity: None,
         }
     }
 }
@@ -198,24 +201,29 @@ impl Balancer {
 
     fn rebuild(&self, w: &Writer) {
         let old = self.state.load();
-        let mut by_key: HashMap<(SocketAddr, &Labels), &Arc<EndpointClient>> = old
+        // An endpoint whose identity changed needs a client that checks the new one.
+        type Key<'a> = (SocketAddr, &'a Labels, Option<&'a str>);
+        let mut by_key: HashMap<Key<'_>, &Arc<EndpointClient>> = old
             .all
             .eps
             .iter()
-            .map(|c| ((c.addr(), c.labels()), c))
+            .map(|c| ((c.addr(), c.labels(), c.identity()), c))
             .collect();
         let all: Vec<Arc<EndpointClient>> = w
             .set
             .iter()
-            .map(|ep| match by_key.remove(&(ep.addr, &ep.labels)) {
-                Some(c) => Arc::clone(c),
-                None => Arc::new(EndpointClient::new(
-                    self.service.clone(),
-                    ep.clone(),
-                    self.params.connect_timeout,
-                    self.params.open_connections.clone(),
-                )),
-            })
+            .map(
+                |ep| match by_key.remove(&(ep.addr, &ep.labels, ep.identity.as_deref())) {
+                    Some(c) => Arc::clone(c),
+                    None => Arc::new(EndpointClient::new(
+                        self.service.clone(),
+                        ep.clone(),
+                        self.params.connect_timeout,
+                        self.params.open_connections.clone(),
+                        self.params.identity.as_ref(),
+                    )),
+                },
+            )
             .collect();
         let now = now_ms();
         for gone in by_key.values() {

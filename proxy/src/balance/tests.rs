@@ -18,6 +18,7 @@ fn params() -> ClientParams {
         },
         ejections: IntCounter::new("x", "x").unwrap(),
         ejected: IntGauge::new("y", "y").unwrap(),
+        identity: None,
     }
 }
 

@@ -109,6 +109,42 @@ pub struct Args {
     #[arg(long, env = "TERN_FAILURE_ACCRUAL")]
     pub failure_accrual: Option<u32>,
 
+    /// PEM file of the mesh trust anchors; turns on mTLS (needs an https:// control plane).
+    #[arg(long, env = "TERN_IDENTITY_TRUST_ANCHORS")]
+    pub identity_trust_anchors: Option<String>,
+
+    /// File holding the bootstrap token that proves this workload's service account.
+    #[arg(long, env = "TERN_IDENTITY_TOKEN_FILE")]
+    pub identity_token_file: Option<String>,
+
+    /// SPIFFE trust domain [default: cluster.local].
+    #[arg(long, env = "TERN_TRUST_DOMAIN")]
+    pub trust_domain: Option<String>,
+
+    /// Service account the workload runs as [default: the service name].
+    #[arg(long, env = "TERN_SERVICE_ACCOUNT")]
+    pub service_account: Option<String>,
+
+    /// SPIFFE id the control plane must present [default: spiffe://<trust-domain>/ns/tern/sa/tern-control].
+    #[arg(long, env = "TERN_CONTROL_PLANE_IDENTITY")]
+    pub control_plane_identity: Option<String>,
+
+    /// tern-control's Identity service, https://host:port [default: the --control-plane URL].
+    #[arg(long, env = "TERN_IDENTITY_SERVER")]
+    pub identity_server: Option<String>,
+
+    /// Inbound port mode: strict (mTLS only), permissive (mTLS or plaintext), off [default: strict with identity].
+    #[arg(long, env = "TERN_INBOUND_TLS")]
+    pub inbound_tls: Option<String>,
+
+    /// NAME=SPIFFE-ID: the identity service NAME's static or DNS endpoints must present.
+    #[arg(
+        long = "endpoint-identity",
+        env = "TERN_ENDPOINT_IDENTITIES",
+        value_delimiter = ';'
+    )]
+    pub endpoint_identities: Vec<String>,
+
     /// Tokio worker threads [default: 1].
     #[arg(long, env = "TERN_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
@@ -165,6 +201,14 @@ impl Args {
         if self.worker_threads.is_some() {
             f.worker_threads = self.worker_threads;
         }
+        let id = &mut f.identity;
+        set(&mut id.trust_anchors, &self.identity_trust_anchors);
+        set(&mut id.token_file, &self.identity_token_file);
+        set(&mut id.trust_domain, &self.trust_domain);
+        set(&mut id.service_account, &self.service_account);
+        set(&mut id.control_plane_identity, &self.control_plane_identity);
+        set(&mut id.inbound_tls, &self.inbound_tls);
+        set(&mut id.server, &self.identity_server);
         let d = &mut f.defaults;
         let retry = d.retry.get_or_insert_with(Default::default);
         if self.retry_attempts.is_some() {
@@ -200,6 +244,14 @@ impl Args {
         for d in self.dns.iter().filter(|s| !s.trim().is_empty()) {
             let (name, host) = split_pair("--dns", d)?;
             service(f, name).dns = Some(host.to_string());
+        }
+        for e in self
+            .endpoint_identities
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+        {
+            let (name, id) = split_pair("--endpoint-identity", e)?;
+            service(f, name).identity = Some(id.to_string());
         }
         Ok(())
     }

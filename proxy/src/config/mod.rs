@@ -6,6 +6,7 @@
 //! configuration again.
 
 pub mod args;
+pub mod identity;
 pub mod policy;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -15,6 +16,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use identity::{IdentityConfig, IdentityFile, InboundTls};
 use policy::{PolicyFile, ServicePolicy};
 
 /// The bootstrap document as written in YAML (and as filled from flags).
@@ -46,6 +48,9 @@ pub struct FileConfig {
     /// Retry, timeout and failure-accrual settings for services that do not set their own.
     #[serde(default)]
     pub defaults: PolicyFile,
+    /// Workload identity and mTLS.
+    #[serde(default)]
+    pub identity: IdentityFile,
     #[serde(default)]
     pub services: Vec<ServiceFile>,
 }
@@ -86,6 +91,8 @@ pub struct ServiceFile {
     pub endpoints: Vec<String>,
     /// `host:port` whose A/AAAA records are the endpoints.
     pub dns: Option<String>,
+    /// The SPIFFE id this service's endpoints (static or DNS) must present; with it, calls use mTLS.
+    pub identity: Option<String>,
     pub retry: Option<policy::RetryFile>,
     pub timeout: Option<policy::TimeoutFile>,
     pub failure_accrual: Option<policy::AccrualFile>,
@@ -111,6 +118,8 @@ pub struct Config {
     #[serde(with = "humantime_serde_compat")]
     pub connect_timeout: Duration,
     pub worker_threads: usize,
+    pub identity: Option<IdentityConfig>,
+    pub inbound_tls: InboundTls,
     pub services: Vec<ServiceConfig>,
 }
 
@@ -135,6 +144,8 @@ pub struct ServiceConfig {
     pub namespace: String,
     pub upstream: Option<SocketAddr>,
     pub discovery: DiscoveryConfig,
+    /// What endpoints from local discovery must present (mTLS).
+    pub identity: Option<std::sync::Arc<str>>,
     pub policy: ServicePolicy,
 }
 
@@ -342,11 +353,20 @@ impl FileConfig {
             let policy = own
                 .over(&self.defaults)
                 .validate(&format!("services[{i}]"))?;
+            let identity = match s.identity.as_deref() {
+                None | Some("") => None,
+                Some(id) => Some(std::sync::Arc::from(
+                    tern_identity::SpiffeId::parse(id)
+                        .map_err(|e| err(field("identity"), e.to_string()))?
+                        .to_string(),
+                )),
+            };
             services.push(ServiceConfig {
                 name: s.name.clone(),
                 namespace: svc_namespace,
                 upstream,
                 discovery,
+                identity,
                 policy,
             });
         }
@@ -390,6 +410,9 @@ impl FileConfig {
             }
         }
         let default_policy = self.defaults.validate("defaults")?;
+        let (identity, inbound_tls) =
+            self.identity
+                .validate(&service_name, &namespace, control_plane.as_deref())?;
         Ok(Config {
             service_name,
             namespace,
@@ -405,6 +428,8 @@ impl FileConfig {
             drain_grace,
             connect_timeout,
             worker_threads,
+            identity,
+            inbound_tls,
             services,
         })
     }

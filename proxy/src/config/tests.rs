@@ -104,3 +104,99 @@ fn yaml_and_flags_merge() {
         Some("127.0.0.1:5001".parse().unwrap())
     );
 }
+
+#[test]
+fn identity_settings_are_validated() {
+    // No trust anchors: no mTLS, and asking for strict inbound is an error.
+    let c = parse(&["--service-name", "pay"]).unwrap();
+    assert!(c.identity.is_none());
+    assert_eq!(c.inbound_tls, identity::InboundTls::Off);
+    let e = parse(&["--inbound-tls", "strict"]).unwrap_err();
+    assert_eq!(e.field, "identity.inbound_tls");
+
+    let base = [
+        "--service-name",
+        "pay",
+        "--identity-trust-anchors",
+        "/etc/tern/anchors.pem",
+        "--identity-token-file",
+        "/var/run/tern/token",
+        "--control-plane",
+        "https://tern-control:8090",
+    ];
+    let c = parse(&base).unwrap();
+    let id = c.identity.unwrap();
+    assert_eq!(
+        id.id.to_string(),
+        "spiffe://cluster.local/ns/default/sa/pay"
+    );
+    assert_eq!(id.server, "https://tern-control:8090");
+    assert_eq!(
+        &*id.control_plane_identity,
+        "spiffe://cluster.local/ns/tern/sa/tern-control"
+    );
+    // Default with an identity: strict.
+    assert_eq!(c.inbound_tls, identity::InboundTls::Strict);
+
+    let with = |extra: &[&str]| {
+        let mut v = base.to_vec();
+        v.extend_from_slice(extra);
+        parse(&v)
+    };
+    let c = with(&[
+        "--service-account",
+        "pay-sa",
+        "--trust-domain",
+        "example.org",
+        "--inbound-tls",
+        "permissive",
+    ])
+    .unwrap();
+    assert_eq!(
+        c.identity.unwrap().id.to_string(),
+        "spiffe://example.org/ns/default/sa/pay-sa"
+    );
+    assert_eq!(c.inbound_tls, identity::InboundTls::Permissive);
+    assert_eq!(
+        with(&["--inbound-tls", "sometimes"]).unwrap_err().field,
+        "identity.inbound_tls"
+    );
+    assert_eq!(
+        with(&["--service-account", "a b"]).unwrap_err().field,
+        "identity.service_account"
+    );
+    // Certificates are never requested in plaintext.
+    let mut plain = base[..6].to_vec();
+    plain.extend_from_slice(&["--control-plane", "http://tern-control:8090"]);
+    assert_eq!(parse(&plain).unwrap_err().field, "identity.server");
+    plain.extend_from_slice(&["--identity-server", "https://tern-control:8090"]);
+    assert_eq!(parse(&plain).unwrap_err().field, "control_plane");
+    let e = parse(&[
+        "--identity-trust-anchors",
+        "/a.pem",
+        "--control-plane",
+        "https://c:1",
+    ])
+    .unwrap_err();
+    assert_eq!(e.field, "identity.token_file");
+    // Endpoint identities must be SPIFFE ids.
+    let c = with(&[
+        "--endpoints",
+        "echo=127.0.0.1:1",
+        "--endpoint-identity",
+        "echo=spiffe://cluster.local/ns/default/sa/echo",
+    ])
+    .unwrap();
+    assert_eq!(
+        c.services[0].identity.as_deref(),
+        Some("spiffe://cluster.local/ns/default/sa/echo")
+    );
+    let e = with(&[
+        "--endpoints",
+        "echo=127.0.0.1:1",
+        "--endpoint-identity",
+        "echo=echo",
+    ])
+    .unwrap_err();
+    assert_eq!(e.field, "services[0].identity");
+}

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tern_proto::control::v1 as pb;
 
+use crate::authz;
 use crate::balance::Algorithm;
 use crate::config::policy::ServicePolicy;
 use crate::discovery::{Endpoint, EndpointSet};
@@ -199,6 +200,85 @@ fn rule(r: &pb::Route, base: &ServicePolicy) -> Result<Rule, String> {
     })
 }
 
+/// The snapshot's inbound authorization policy; absent means allow all.
+pub fn inbound(p: Option<&pb::InboundPolicy>) -> Result<authz::Policy, String> {
+    let Some(p) = p else {
+        return Ok(authz::Policy::allow_all());
+    };
+    let at = |what: String| format!("inbound policy {:?}: {what}", p.name);
+    let mut rules = Vec::with_capacity(p.rules.len());
+    for (i, r) in p.rules.iter().enumerate() {
+        rules.push(authz_rule(r).map_err(|e| at(format!("rule {i}: {e}")))?);
+    }
+    let default_action = match pb::Action::try_from(p.default_action) {
+        Ok(pb::Action::Allow) => authz::Action::Allow,
+        Ok(pb::Action::Deny) => authz::Action::Deny,
+        // Not set: an empty policy restricts nothing (as no policy at all);
+        // one with rules exists to restrict callers, so the rest is denied.
+        Ok(pb::Action::Unspecified) if rules.is_empty() => authz::Action::Allow,
+        Ok(pb::Action::Unspecified) => authz::Action::Deny,
+        Err(_) => return Err(at(format!("unknown default action {}", p.default_action))),
+    };
+    Ok(authz::Policy::new(Some(&p.name), default_action, rules))
+}
+
+fn authz_rule(r: &pb::AuthorizationRule) -> Result<authz::Rule, String> {
+    if r.from.is_empty() {
+        return Err("names no client (from is empty)".into());
+    }
+    let mut from = Vec::with_capacity(r.from.len());
+    for f in &r.from {
+        from.push(match &f.kind {
+            Some(pb::identity_match::Kind::Exact(id)) => authz::PeerMatch::Exact(
+                tern_identity::SpiffeId::parse(id).map_err(|e| e.to_string())?,
+            ),
+            Some(pb::identity_match::Kind::Namespace(ns)) => {
+                if !dns_label(ns) {
+                    return Err(format!("namespace {ns:?} is not a DNS label"));
+                }
+                authz::PeerMatch::Namespace(ns.clone())
+            }
+            None => return Err("a from entry names neither an identity nor a namespace".into()),
+        });
+    }
+    let mut methods = Vec::with_capacity(r.methods.len());
+    for m in &r.methods {
+        if !m.service.is_empty() && !m.service.split('.').all(proto_ident) {
+            return Err(format!("{:?} is not a gRPC service name", m.service));
+        }
+        if !m.method.is_empty() && (m.service.is_empty() || !proto_ident(&m.method)) {
+            return Err(format!(
+                "method {:?} of service {:?} is not a gRPC method",
+                m.method, m.service
+            ));
+        }
+        methods.push(authz::MethodMatch {
+            service: (!m.service.is_empty()).then(|| m.service.clone()),
+            method: (!m.method.is_empty()).then(|| m.method.clone()),
+        });
+    }
+    Ok(authz::Rule { from, methods })
+}
+
+/// How namespaces are named: a DNS-1123 label.
+fn dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// A protobuf identifier (`Pay`, one part of `tern.demo.v1.PayService`).
+fn proto_ident(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -272,6 +352,63 @@ mod tests {
         );
         assert!((rule.policy.retry.budget_percent - 0.2).abs() < 1e-6);
         assert_eq!(u.routes.subsets().len(), 2);
+    }
+
+    #[test]
+    fn inbound_policies_convert_and_bad_ones_are_rejected() {
+        use pb::identity_match::Kind;
+        let policy = |kind: Kind, method: &str| pb::InboundPolicy {
+            name: "pay-callers".into(),
+            default_action: pb::Action::Deny as i32,
+            rules: vec![pb::AuthorizationRule {
+                from: vec![pb::IdentityMatch { kind: Some(kind) }],
+                methods: vec![pb::GrpcMethod {
+                    service: "tern.demo.v1.PayService".into(),
+                    method: method.into(),
+                }],
+            }],
+        };
+        assert!(inbound(None).unwrap().allows_all());
+        let ok = inbound(Some(&policy(
+            Kind::Exact("spiffe://cluster.local/ns/default/sa/order".into()),
+            "Pay",
+        )))
+        .unwrap();
+        assert_eq!(ok.name(), Some("pay-callers"));
+        assert_eq!(ok.default_action(), authz::Action::Deny);
+        assert_eq!(ok.rules()[0].methods[0].method.as_deref(), Some("Pay"));
+        for (bad, why) in [
+            (policy(Kind::Exact("order".into()), ""), "not a SPIFFE id"),
+            (
+                policy(Kind::Namespace("Pay_NS".into()), ""),
+                "not a DNS label",
+            ),
+            (
+                policy(Kind::Namespace("payments".into()), "Pay/x"),
+                "not a gRPC method",
+            ),
+        ] {
+            let e = inbound(Some(&bad)).err().unwrap();
+            assert!(e.contains(why) && e.contains("pay-callers"), "{e}");
+        }
+        let mut no_from = policy(Kind::Namespace("payments".into()), "");
+        no_from.rules[0].from.clear();
+        assert!(inbound(Some(&no_from)).is_err());
+        let mut bad_action = no_from.clone();
+        bad_action.rules.clear();
+        bad_action.default_action = 9;
+        assert!(inbound(Some(&bad_action)).is_err());
+        // Not set: no rules restrict nothing; rules make the rest denied.
+        let unset = |rules| pb::InboundPolicy {
+            rules,
+            ..Default::default()
+        };
+        assert!(inbound(Some(&unset(vec![]))).unwrap().allows_all());
+        let ruled = policy(Kind::Namespace("payments".into()), "").rules;
+        assert_eq!(
+            inbound(Some(&unset(ruled))).unwrap().default_action(),
+            authz::Action::Deny
+        );
     }
 
     #[test]

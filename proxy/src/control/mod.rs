@@ -7,6 +7,7 @@
 //! sidecar keeps its last snapshot, keeps serving, and reconnects with
 //! backoff.
 
+pub mod channel;
 pub mod convert;
 
 use std::collections::BTreeMap;
@@ -65,6 +66,11 @@ pub struct Client {
     pub status: Arc<Status>,
     /// Fires once the first snapshot has been applied.
     pub first: watch::Sender<bool>,
+    /// Where each applied snapshot's inbound authorization policy goes; the
+    /// inbound stack reads it (created by `authz::Policy::shared()`).
+    pub inbound_authz: crate::authz::SharedPolicy,
+    /// With an identity the stream is mTLS, so the control plane knows who registers.
+    pub identity: Option<Arc<crate::identity::Identity>>,
 }
 
 impl Client {
@@ -86,15 +92,13 @@ impl Client {
     }
 
     async fn session(&self, backoff: &mut Duration) -> Result<(), String> {
-        let channel = tonic::transport::Endpoint::from_shared(self.url.clone())
-            .map_err(|e| format!("bad control plane URL: {e}"))?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
+        if let Some(id) = &self.identity {
+            // Registering needs the certificate that proves the identity.
+            if id.store.get().is_none() {
+                return Err("waiting for the workload certificate".to_string());
+            }
+        }
+        let channel = channel::connect(&self.url, self.identity.as_ref()).await?;
         let mut client = pb::control_plane_client::ControlPlaneClient::new(channel);
         let (tx, rx) = mpsc::channel(8);
         let hello = pb::Hello {
@@ -192,6 +196,7 @@ impl Client {
                 .unwrap_or_else(|| self.defaults.clone());
             updates.push(convert::service(svc, &base)?);
         }
+        let authz = convert::inbound(snap.inbound.as_ref())?;
         let mut listed = Vec::with_capacity(updates.len());
         for u in updates {
             let base = self
@@ -237,6 +242,7 @@ impl Client {
             .map(|d| d.as_secs_f64())
             .unwrap_or(0.0);
         self.metrics.config_last_push.set(now);
+        self.inbound_authz.store(Arc::new(authz));
         self.status.applied.store(Some(Arc::new(applied)));
         self.status.last_error.store(None);
         self.first.send_replace(true);

@@ -35,6 +35,21 @@ impl Endpoint {
 /// The endpoints of one service at one moment, sorted by address.
 pub type EndpointSet = Arc<Vec<Endpoint>>;
 
+/// `set` with every endpoint expected to present `identity` (mTLS), when given.
+pub fn with_identity(set: EndpointSet, identity: Option<&Arc<str>>) -> EndpointSet {
+    match identity {
+        None => set,
+        Some(id) => Arc::new(
+            set.iter()
+                .map(|e| Endpoint {
+                    identity: Some(Arc::clone(id)),
+                    ..e.clone()
+                })
+                .collect(),
+        ),
+    }
+}
+
 /// Static endpoints from bootstrap config.
 pub fn fixed(addrs: &[SocketAddr]) -> EndpointSet {
     let mut set: Vec<Endpoint> = addrs.iter().copied().map(Endpoint::new).collect();

@@ -1,0 +1,232 @@
+//! The two TLS ends of a mesh hop.
+//!
+//! Outbound, an endpoint whose discovery names an identity is dialed with
+//! TLS 1.3 and must present exactly that SPIFFE id under the mesh trust
+//! anchors. Inbound, a strict port takes only mTLS and a permissive one also
+//! plaintext, told apart by the first byte (a TLS record starts with 0x16;
+//! HTTP/1 methods and the HTTP/2 preface are ASCII letters).
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use tern_identity::ConnTls;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use super::Identity;
+use crate::config::identity::InboundTls;
+
+/// How long a peer may take to finish a handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection to an endpoint, with or without TLS.
+pub enum ClientIo {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// Why a handshake with an endpoint failed: a bounded reason and the detail.
+#[derive(Debug)]
+pub struct HandshakeError {
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+/// Dials `tcp` with TLS, requiring the peer to be `expected`. Returns the
+/// stream and when the connection must stop taking new requests: when either
+/// side's certificate expires, so a connection never outlives the
+/// certificates it was authenticated with.
+pub async fn connect(
+    identity: &Identity,
+    expected: &Arc<str>,
+    h2: bool,
+    addr: SocketAddr,
+    tcp: TcpStream,
+) -> Result<(ClientIo, Option<SystemTime>), HandshakeError> {
+    let fail = |reason: &'static str, detail: String| {
+        identity
+            .metrics
+            .handshake_failures
+            .with_label_values(&["outbound", reason])
+            .inc();
+        HandshakeError { reason, detail }
+    };
+    let Some(own) = identity.store.get() else {
+        return Err(fail(
+            "no_certificate",
+            "this sidecar has no certificate yet".into(),
+        ));
+    };
+    let config = identity
+        .client_config(expected, h2)
+        .map_err(|e| fail("config", e.to_string()))?;
+    let name = tern_identity::tls::server_name(addr.ip());
+    let handshake = TlsConnector::from(config).connect(name, tcp);
+    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Err(_) => return Err(fail("timeout", "TLS handshake timed out".into())),
+        Ok(Err(e)) => {
+            let reason = tern_identity::tls::failure_reason(&e);
+            return Err(fail(reason, e.to_string()));
+        }
+        Ok(Ok(s)) => s,
+    };
+    identity
+        .metrics
+        .handshakes
+        .with_label_values(&["outbound"])
+        .inc();
+    let peer_expiry = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|leaf| tern_identity::spiffe::validity(leaf).ok())
+        .map(|(_, not_after)| not_after);
+    let retire_at = match peer_expiry {
+        Some(p) => Some(p.min(own.not_after)),
+        None => Some(own.not_after),
+    };
+    Ok((ClientIo::Tls(Box::new(stream)), retire_at))
+}
+
+/// Accepts mesh connections on the inbound port.
+pub struct Inbound {
+    pub mode: InboundTls,
+    acceptor: TlsAcceptor,
+    identity: Arc<Identity>,
+}
+
+/// An accepted inbound connection and what its handshake established.
+pub enum Accepted {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>, ConnTls),
+}
+
+impl Inbound {
+    pub fn new(identity: Arc<Identity>, mode: InboundTls) -> Self {
+        Self {
+            mode,
+            acceptor: TlsAcceptor::from(Arc::clone(&identity.server)),
+            identity,
+        }
+    }
+
+    /// The connection ready for HTTP, or why it was refused (already counted).
+    pub async fn accept(&self, tcp: TcpStream) -> Result<Accepted, HandshakeError> {
+        let fail = |reason: &'static str, detail: String| {
+            self.identity
+                .metrics
+                .handshake_failures
+                .with_label_values(&["inbound", reason])
+                .inc();
+            HandshakeError { reason, detail }
+        };
+        let mut first = [0u8; 1];
+        let peeked = tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await;
+        let n = match peeked {
+            Err(_) => {
+                return Err(fail(
+                    "timeout",
+                    "no bytes before the handshake timeout".into(),
+                ))
+            }
+            Ok(Err(e)) => return Err(fail("io", e.to_string())),
+            Ok(Ok(0)) => return Err(fail("closed", "closed before sending anything".into())),
+            Ok(Ok(n)) => n,
+        };
+        // A TLS record starts with 0x16; HTTP/1 methods and the HTTP/2
+        // preface start with ASCII letters.
+        if n == 0 || first[0] != 0x16 {
+            return match self.mode {
+                InboundTls::Strict => Err(fail(
+                    "plaintext",
+                    "plaintext connection to a strict mTLS port".into(),
+                )),
+                _ => Ok(Accepted::Plain(tcp)),
+            };
+        }
+        let handshake = self.acceptor.accept(tcp);
+        let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+            Err(_) => return Err(fail("timeout", "TLS handshake timed out".into())),
+            Ok(Err(e)) => {
+                let reason = tern_identity::tls::failure_reason(&e);
+                return Err(fail(reason, e.to_string()));
+            }
+            Ok(Ok(s)) => s,
+        };
+        self.identity
+            .metrics
+            .handshakes
+            .with_label_values(&["inbound"])
+            .inc();
+        let conn = stream.get_ref().1;
+        let tls = ConnTls {
+            version: Some(tern_identity::tls::version_name(conn)),
+            peer_identity: tern_identity::tls::peer_identity(conn),
+        };
+        Ok(Accepted::Tls(Box::new(stream), tls))
+    }
+}
+
+impl AsyncRead for ClientIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ClientIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Plain(s) => s.is_write_vectored(),
+            Self::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_flush(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
