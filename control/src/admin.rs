@@ -1,4 +1,5 @@
-//! The admin listener (HTTP/1.1): `GET /metrics`, `/ready`, `/state`.
+//! The admin listener (HTTP/1.1): `GET /metrics`, `/ready`, `/state` (the
+//! mesh, the registry, the subscribers, and the CA under `identity`).
 //!
 //! Read-only on purpose: the mesh config changes only through the watched
 //! directory, so what is in force is always what is in the files.
@@ -19,6 +20,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ConfigErrors, MeshConfig, ServiceKey};
+use crate::identity::Authority;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::state::{Mesh, Subscriber};
@@ -28,6 +30,8 @@ pub struct Admin {
     pub mesh: Arc<Mesh>,
     pub metrics: Arc<Metrics>,
     pub ready: Arc<AtomicBool>,
+    /// The CA and the control plane's own identity, shown under `identity`.
+    pub authority: Option<Arc<Authority>>,
 }
 
 /// Serves admin requests on `listener` until `stop` fires.
@@ -87,7 +91,11 @@ impl Admin {
                 }
             }
             (&Method::GET, "/state") => {
-                let body = serde_json::to_string_pretty(&self.mesh.state()).unwrap_or_default();
+                let mut state = self.mesh.state();
+                if let Some(a) = &self.authority {
+                    state["identity"] = a.json();
+                }
+                let body = serde_json::to_string_pretty(&state).unwrap_or_default();
                 reply(StatusCode::OK, "application/json", body + "\n")
             }
             (_, "/metrics" | "/ready" | "/state") => reply(

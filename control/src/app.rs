@@ -1,5 +1,6 @@
-//! Wires the control plane together: watch and load the config, bind the
-//! listeners, serve until SIGTERM, then end every stream and exit.
+//! Wires the control plane together: watch and load the config, load (or
+//! generate) the CA and the token key, bind the listeners, serve until
+//! SIGTERM, then end every stream and exit.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -8,14 +9,15 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::TcpIncoming;
 
 use crate::admin::{self, Admin};
 use crate::cli::Args;
 use crate::config;
+use crate::identity;
 use crate::metrics::Metrics;
 use crate::server::ControlPlane;
 use crate::state::Mesh;
+use crate::tls;
 use crate::watch::Watching;
 use crate::wire::ControlPlaneService;
 
@@ -42,7 +44,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         authorization_policies = config.authorization.len(),
         "config loaded"
     );
-    let mesh = Mesh::new(config, args.registration_grace, Arc::clone(&metrics));
+    let mesh = Mesh::with_authz_default(
+        config,
+        args.registration_grace,
+        Arc::clone(&metrics),
+        args.authz_default.into(),
+    );
+    let identity = identity::setup(&args, &metrics)?;
+    let authority = Arc::clone(&identity.authority);
 
     let grpc = TcpListener::bind(args.grpc_listen)
         .await
@@ -70,8 +79,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             mesh: Arc::clone(&mesh),
             metrics: Arc::clone(&metrics),
             ready: Arc::clone(&ready),
+            authority: Some(Arc::clone(&authority)),
         },
         admin_stop.clone(),
+    ));
+    tokio::spawn(tls::keep_fresh(
+        Arc::clone(&authority.serving),
+        Arc::clone(&authority.ca),
+        authority.control_identity.clone(),
+        Arc::clone(&metrics),
+        shutdown.clone(),
     ));
     let service = ControlPlaneService::new(ControlPlane {
         mesh: Arc::clone(&mesh),
@@ -85,12 +102,27 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(service)
+        .add_service(identity.service.into_server())
         .serve_with_incoming_shutdown(
-            TcpIncoming::from(grpc).with_nodelay(Some(true)),
+            tls::incoming(
+                grpc,
+                identity.acceptor,
+                Arc::clone(&metrics),
+                shutdown.clone(),
+            ),
             shutdown.clone().cancelled_owned(),
         );
 
     tracing::info!(grpc = %grpc_addr, admin = %admin_addr, "listening");
+    let ca = &authority.ca;
+    tracing::info!(
+        trust_anchor = %ca.anchor_path().display(),
+        trust_domain = ca.trust_domain(),
+        identity = %authority.control_identity,
+        anchor_expires = %crate::ca::rfc3339(ca.anchor().not_after),
+        issuer_expires = %crate::ca::rfc3339(ca.issuer().not_after),
+        "serving TLS (and plaintext) on the gRPC listener; sidecars trust the trust anchor file"
+    );
     // Tests and `ternctl demo` wait for this line; it names the real
     // addresses, including ports the OS chose.
     println!("tern-control ready: grpc={grpc_addr} admin={admin_addr}");

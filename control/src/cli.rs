@@ -64,6 +64,116 @@ pub struct Args {
     /// Only validate the config directory: print each error (or "valid") and exit 0 if valid, 1 if not.
     #[arg(long, env = "TERN_CONTROL_CHECK")]
     pub check: bool,
+
+    /// Where the generated CA (trust-anchor.pem, trust-anchor-key.pem, issuer.pem, issuer-key.pem)
+    /// and the token key live when no CA files are given; created on first start, reused after.
+    #[arg(long, env = "TERN_CONTROL_STATE_DIR", default_value = ".tern-control")]
+    pub state_dir: PathBuf,
+
+    /// The mesh trust anchor: the root CA certificate (PEM). Give it with --ca-issuer-cert and
+    /// --ca-issuer-key, or none of the three to use (or generate) the CA in --state-dir.
+    #[arg(long, env = "TERN_CONTROL_CA_ANCHOR")]
+    pub ca_anchor: Option<PathBuf>,
+
+    /// The issuer: an intermediate CA certificate (PEM) signed by the trust anchor.
+    #[arg(long, env = "TERN_CONTROL_CA_ISSUER_CERT")]
+    pub ca_issuer_cert: Option<PathBuf>,
+
+    /// The issuer's private key (PEM, PKCS#8).
+    #[arg(long, env = "TERN_CONTROL_CA_ISSUER_KEY")]
+    pub ca_issuer_key: Option<PathBuf>,
+
+    /// Trust domain of the SPIFFE ids the CA issues (spiffe://<trust-domain>/ns/<ns>/sa/<sa>).
+    #[arg(
+        long,
+        env = "TERN_CONTROL_TRUST_DOMAIN",
+        default_value = "cluster.local"
+    )]
+    pub trust_domain: String,
+
+    /// Lifetime of the workload certificates the CA issues (at least 1s); sidecars renew at
+    /// about 70% of it.
+    #[arg(
+        long,
+        env = "TERN_CONTROL_CERT_LIFETIME",
+        default_value = "24h",
+        value_parser = cert_lifetime
+    )]
+    pub cert_lifetime: Duration,
+
+    /// The control plane's own SPIFFE id, presented on TLS connections
+    /// [default: spiffe://<trust-domain>/ns/tern/sa/tern-control].
+    #[arg(long, env = "TERN_CONTROL_IDENTITY")]
+    pub identity: Option<String>,
+
+    /// HMAC key that bootstrap tokens are signed with (`ternctl token create` reads the same file)
+    /// [default: <state-dir>/token.key, generated if missing].
+    #[arg(long, env = "TERN_CONTROL_TOKEN_KEY_FILE")]
+    pub token_key_file: Option<PathBuf>,
+
+    /// What a sidecar does with a call to a service that has no AuthorizationPolicy.
+    #[arg(
+        long,
+        env = "TERN_CONTROL_AUTHZ_DEFAULT",
+        value_enum,
+        default_value = "allow"
+    )]
+    pub authz_default: AuthzDefault,
+}
+
+/// The mesh-wide default for services without an AuthorizationPolicy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuthzDefault {
+    Allow,
+    Deny,
+}
+
+impl From<AuthzDefault> for crate::config::Action {
+    fn from(d: AuthzDefault) -> Self {
+        match d {
+            AuthzDefault::Allow => crate::config::Action::Allow,
+            AuthzDefault::Deny => crate::config::Action::Deny,
+        }
+    }
+}
+
+impl Args {
+    /// The trust domain as SPIFFE ids spell it (lowercase), checked.
+    pub fn trust_domain(&self) -> anyhow::Result<String> {
+        tern_identity::SpiffeId::new(&self.trust_domain, "tern", "tern-control")
+            .map(|id| id.trust_domain().to_owned())
+            .map_err(|e| anyhow::anyhow!("--trust-domain: {e}"))
+    }
+
+    /// The control plane's own identity: `--identity`, or the default in the trust domain.
+    pub fn control_identity(&self) -> anyhow::Result<tern_identity::SpiffeId> {
+        let domain = self.trust_domain()?;
+        let id = match &self.identity {
+            None => tern_identity::SpiffeId::new(&domain, "tern", "tern-control")?,
+            Some(s) => {
+                tern_identity::SpiffeId::parse(s).map_err(|e| anyhow::anyhow!("--identity: {e}"))?
+            }
+        };
+        if id.trust_domain() != domain {
+            anyhow::bail!("--identity {id} is not in the trust domain {domain} (--trust-domain)");
+        }
+        Ok(id)
+    }
+
+    /// The token key file: `--token-key-file`, or `token.key` in the state directory.
+    pub fn token_key_path(&self) -> PathBuf {
+        self.token_key_file
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("token.key"))
+    }
+}
+
+fn cert_lifetime(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("{s:?}: a certificate lives at least 1s"));
+    }
+    Ok(d)
 }
 
 #[cfg(test)]
@@ -93,5 +203,46 @@ mod tests {
             "--registration-grace=soon"
         ])
         .is_err());
+    }
+
+    #[test]
+    fn identity_defaults() {
+        let a = Args::try_parse_from(["tern-control", "--config-dir", "/etc/tern"]).unwrap();
+        assert_eq!(a.state_dir, PathBuf::from(".tern-control"));
+        assert_eq!(a.token_key_path(), PathBuf::from(".tern-control/token.key"));
+        assert_eq!(a.cert_lifetime, Duration::from_secs(24 * 3600));
+        assert_eq!(a.authz_default, AuthzDefault::Allow);
+        assert_eq!(
+            a.control_identity().unwrap().to_string(),
+            "spiffe://cluster.local/ns/tern/sa/tern-control"
+        );
+        let a = Args::try_parse_from([
+            "tern-control",
+            "--config-dir=/x",
+            "--trust-domain=Example.org",
+            "--cert-lifetime=1s",
+            "--authz-default=deny",
+        ])
+        .unwrap();
+        assert_eq!(a.cert_lifetime, Duration::from_secs(1));
+        assert_eq!(a.authz_default, AuthzDefault::Deny);
+        assert_eq!(
+            a.control_identity().unwrap().to_string(),
+            "spiffe://example.org/ns/tern/sa/tern-control"
+        );
+        assert!(
+            Args::try_parse_from(["tern-control", "--config-dir=/x", "--cert-lifetime=500ms"])
+                .is_err()
+        );
+        let a = Args::try_parse_from([
+            "tern-control",
+            "--config-dir=/x",
+            "--identity=spiffe://other.org/ns/tern/sa/tern-control",
+        ])
+        .unwrap();
+        assert!(a.control_identity().is_err(), "another trust domain");
+        let a = Args::try_parse_from(["tern-control", "--config-dir=/x", "--trust-domain=a b"])
+            .unwrap();
+        assert!(a.trust_domain().is_err());
     }
 }

@@ -6,17 +6,28 @@
 //! sidecars a change affects ([`snapshot`], [`state`]), and pushes versioned
 //! snapshots over the `tern.control.v1.ControlPlane/Subscribe` stream
 //! ([`server`], [`session`], [`wire`]). [`admin`] serves `/metrics`, `/ready` and `/state`.
+//!
+//! Identity: a CA ([`ca`]) signs the CSRs of workloads that prove who they
+//! are with a bootstrap token ([`tokens`]) over the `tern.identity.v1.Identity`
+//! service ([`identity`]). The gRPC listener ([`tls`]) serves TLS with the
+//! control plane's own certificate beside plaintext, and a sidecar's client
+//! certificate is what its registration is checked against.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod app;
+pub mod ca;
 pub mod cli;
 pub mod config;
+pub mod files;
+pub mod identity;
 pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod session;
 pub mod snapshot;
 pub mod state;
+pub mod tls;
+pub mod tokens;
 pub mod watch;
 pub mod wire;

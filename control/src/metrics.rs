@@ -4,7 +4,8 @@
 //! many control planes in one process as they like.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -18,6 +19,14 @@ pub struct Metrics {
     pub config_errors: IntCounter,
     pub config_version: IntGauge,
     pub registered_endpoints: IntGauge,
+    pub certificates_issued: IntCounter,
+    /// By `reason`: plaintext, unauthenticated, invalid_identity, permission_denied,
+    /// invalid_csr, unavailable, internal.
+    pub certificate_refusals: IntCounterVec,
+    /// By `reason`, from `tern_identity::tls::failure_reason` (plus `timeout`).
+    pub tls_handshake_failures: IntCounterVec,
+    /// Unix seconds, by `certificate`: trust_anchor, issuer, control_plane.
+    pub certificate_expiry: IntGaugeVec,
     resident_memory: IntGauge,
 }
 
@@ -44,7 +53,37 @@ impl Metrics {
             ]),
         )?;
         registry.register(Box::new(push_latency.clone()))?;
+        let counters =
+            |name: &str, help: &str, label: &str| -> Result<IntCounterVec, prometheus::Error> {
+                let c =
+                    IntCounterVec::new(Opts::new(format!("tern_control_{name}"), help), &[label])?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
+        let certificate_expiry = IntGaugeVec::new(
+            Opts::new(
+                "tern_control_certificate_expiry_timestamp_seconds",
+                "When the CA's certificates and the control plane's own expire (unix seconds).",
+            ),
+            &["certificate"],
+        )?;
+        registry.register(Box::new(certificate_expiry.clone()))?;
         Ok(Metrics {
+            certificates_issued: counter(
+                "certificates_issued_total",
+                "Workload certificates signed by the CA (Identity.Certify).",
+            )?,
+            certificate_refusals: counters(
+                "certificate_refusals_total",
+                "Certify calls refused, by reason.",
+                "reason",
+            )?,
+            tls_handshake_failures: counters(
+                "tls_handshake_failures_total",
+                "TLS handshakes on the gRPC listener that failed, by reason.",
+                "reason",
+            )?,
+            certificate_expiry,
             subscribers: gauge("subscribers", "Sidecars with an open Subscribe stream.")?,
             pushes: counter("pushes_total", "Snapshots sent to sidecars.")?,
             push_latency,
@@ -103,6 +142,13 @@ mod tests {
         let m = Metrics::new().unwrap();
         m.pushes.inc();
         m.push_latency.observe(0.003);
+        m.certificates_issued.inc();
+        m.certificate_refusals
+            .with_label_values(&["unauthenticated"])
+            .inc();
+        m.tls_handshake_failures
+            .with_label_values(&["unknown_ca"])
+            .inc();
         let text = m.encode().unwrap();
         for name in [
             "tern_control_subscribers",
@@ -111,6 +157,9 @@ mod tests {
             "tern_control_nacks_total",
             "tern_control_config_errors_total",
             "tern_control_config_version",
+            "tern_control_certificates_issued_total 1",
+            "tern_control_certificate_refusals_total{reason=\"unauthenticated\"} 1",
+            "tern_control_tls_handshake_failures_total{reason=\"unknown_ca\"} 1",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

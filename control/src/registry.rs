@@ -23,7 +23,7 @@ use crate::config::ServiceKey;
 pub struct Registration {
     pub address: SocketAddr,
     pub labels: BTreeMap<String, String>,
-    /// The identity the workload claimed; empty claims are stored as `None`.
+    /// The workload's verified identity (its client certificate's SPIFFE id).
     pub identity: Option<String>,
 }
 

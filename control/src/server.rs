@@ -1,6 +1,13 @@
 //! The push API's server side (`tern.control.v1.ControlPlane/Subscribe`):
 //! what a sidecar may say and how each message is checked and acted on. The
 //! stream itself is a [`Session`]; the wire format is in [`crate::wire`].
+//!
+//! Who a sidecar is comes from its connection, not from what it says: over
+//! TLS with a client certificate, the certificate's verified SPIFFE id is the
+//! workload's identity and `Hello.identity` may only repeat it; without one,
+//! the workload has no identity and `Hello.identity` must be empty. (The
+//! Service rules — a declared identity must be the verified one, and only a
+//! workload with it registers endpoints — are in [`Mesh::subscribe`].)
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -16,6 +23,7 @@ use crate::metrics::Metrics;
 use crate::session::{Session, SnapshotStream};
 use crate::snapshot;
 use crate::state::{Mesh, Subscriber, Workload};
+use crate::tls::ConnInfo;
 
 /// Bounds what one sidecar can make the control plane hold.
 const MAX_WATCHED: usize = 10_000;
@@ -35,12 +43,12 @@ impl ControlPlane {
         &self,
         request: Request<Streaming<pb::SidecarMessage>>,
     ) -> Response<SnapshotStream> {
-        let peer = request.remote_addr();
+        let conn = ConnInfo::of(&request);
         let session = Session::new(
             Arc::clone(&self.mesh),
             Arc::clone(&self.metrics),
             self.shutdown.clone(),
-            peer,
+            conn,
             request.into_inner(),
         );
         Response::new(session.into_stream())
@@ -105,7 +113,55 @@ pub(crate) fn handle(
 }
 
 /// Checks a Hello and turns it into the workload and the services it calls.
+/// `verified` is the SPIFFE id of the connection's client certificate.
+/// A malformed field is INVALID_ARGUMENT naming it; an identity the
+/// connection does not prove is PERMISSION_DENIED.
 pub(crate) fn parse_hello(
+    h: pb::Hello,
+    peer: Option<SocketAddr>,
+    verified: Option<&str>,
+) -> Result<(Workload, BTreeSet<ServiceKey>), Status> {
+    let (workload, calls) = parse_fields(h, peer).map_err(Status::invalid_argument)?;
+    let claimed = workload.identity.as_deref();
+    let identity = match (verified, claimed) {
+        (Some(v), Some(c)) if v != c => {
+            return Err(Status::permission_denied(format!(
+                "Hello.identity `{c}` is not the identity of the client certificate, `{v}`"
+            )))
+        }
+        (Some(v), _) => Some(v.to_owned()),
+        (None, Some(c)) => {
+            return Err(Status::permission_denied(format!(
+                "Hello.identity `{c}`: an identity needs a client certificate (connect with TLS \
+                 and the workload's certificate, or leave Hello.identity empty)"
+            )))
+        }
+        (None, None) => None,
+    };
+    // A workload runs in its service account's namespace: a certificate
+    // from one namespace does not register workloads in another.
+    if let Some(v) = verified {
+        let namespace = tern_identity::SpiffeId::parse(v)
+            .map(|id| id.namespace().to_owned())
+            .map_err(|e| Status::permission_denied(format!("client certificate: {e}")))?;
+        if namespace != workload.key.namespace {
+            return Err(Status::permission_denied(format!(
+                "Hello.namespace `{}`: the client certificate `{v}` is for namespace `{namespace}`",
+                workload.key.namespace
+            )));
+        }
+    }
+    Ok((
+        Workload {
+            identity,
+            ..workload
+        },
+        calls,
+    ))
+}
+
+/// The Hello's fields, each checked; `identity` is still only the claim.
+fn parse_fields(
     h: pb::Hello,
     peer: Option<SocketAddr>,
 ) -> Result<(Workload, BTreeSet<ServiceKey>), String> {
@@ -193,7 +249,7 @@ mod tests {
     #[test]
     fn hello_fills_namespace_and_peer_ip() {
         let peer: SocketAddr = "10.1.2.3:55000".parse().unwrap();
-        let (w, calls) = parse_hello(hello(), Some(peer)).unwrap();
+        let (w, calls) = parse_hello(hello(), Some(peer), None).unwrap();
         assert_eq!(w.key, ServiceKey::new("default", "order"));
         assert_eq!(w.address, Some("10.1.2.3:4143".parse().unwrap()));
         assert_eq!(w.identity, None);
@@ -218,10 +274,50 @@ mod tests {
             let mut h = hello();
             h.address = "10.0.0.1:4143".into();
             mutate(&mut h);
-            let e = parse_hello(h, None).unwrap_err();
-            assert!(e.starts_with(field), "{e}");
+            let e = parse_hello(h, None, None).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert!(e.message().starts_with(field), "{e}");
         }
-        let e = parse_hello(hello(), None).unwrap_err();
-        assert!(e.starts_with("Hello.address"), "{e}");
+        let e = parse_hello(hello(), None, None).unwrap_err();
+        assert!(e.message().starts_with("Hello.address"), "{e}");
+    }
+
+    const ORDER: &str = "spiffe://cluster.local/ns/default/sa/order";
+    const PAY: &str = "spiffe://cluster.local/ns/default/sa/pay";
+
+    #[test]
+    fn identity_comes_from_the_client_certificate() {
+        let peer: SocketAddr = "10.1.2.3:55000".parse().unwrap();
+        // A verified identity is the workload's, whether the Hello repeats it or not.
+        let (w, _) = parse_hello(hello(), Some(peer), Some(ORDER)).unwrap();
+        assert_eq!(w.identity.as_deref(), Some(ORDER));
+        let mut h = hello();
+        h.identity = ORDER.into();
+        let (w, _) = parse_hello(h.clone(), Some(peer), Some(ORDER)).unwrap();
+        assert_eq!(w.identity.as_deref(), Some(ORDER));
+        // A Hello claiming another identity than the certificate's.
+        let e = parse_hello(h.clone(), Some(peer), Some(PAY)).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(
+            e.message().contains(PAY) && e.message().contains(ORDER),
+            "{e}"
+        );
+        // A claim without a certificate.
+        let e = parse_hello(h, Some(peer), None).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(
+            e.message()
+                .contains("an identity needs a client certificate"),
+            "{e}"
+        );
+        // No claim, no certificate: a workload without identity.
+        let (w, _) = parse_hello(hello(), Some(peer), None).unwrap();
+        assert_eq!(w.identity, None);
+        // A certificate does not register workloads outside its namespace.
+        let mut h = hello();
+        h.namespace = "prod".into();
+        let e = parse_hello(h, Some(peer), Some(ORDER)).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(e.message().contains("namespace `default`"), "{e}");
     }
 }

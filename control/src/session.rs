@@ -25,6 +25,7 @@ use crate::metrics::Metrics;
 use crate::server::{handle, parse_hello};
 use crate::snapshot::Built;
 use crate::state::{Mesh, Subscription};
+use crate::tls::ConnInfo;
 
 /// A connection that never says who it is should not hold a slot for long.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -35,6 +36,8 @@ pub struct Session {
     mesh: Arc<Mesh>,
     metrics: Arc<Metrics>,
     peer: Option<SocketAddr>,
+    /// The verified SPIFFE id of the connection's client certificate.
+    verified: Option<Arc<str>>,
     inbound: Streaming<pb::SidecarMessage>,
     // Made once: every session waits on the same token, and re-registering
     // on each poll would make them all contend for its lock.
@@ -63,13 +66,14 @@ impl Session {
         mesh: Arc<Mesh>,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
-        peer: Option<SocketAddr>,
+        conn: ConnInfo,
         inbound: Streaming<pb::SidecarMessage>,
     ) -> Self {
         Session {
             mesh,
             metrics,
-            peer,
+            peer: conn.remote,
+            verified: conn.peer_identity,
             inbound,
             stopping: Box::pin(shutdown.cancelled_owned()),
             state: State::AwaitingHello,
@@ -163,14 +167,19 @@ impl Session {
             }
             Err(_) => return Err(Some(Status::deadline_exceeded("no Hello within 10s"))),
         };
-        let (workload, calls) =
-            parse_hello(hello, self.peer).map_err(|m| Some(Status::invalid_argument(m)))?;
+        let (workload, calls) = parse_hello(hello, self.peer, self.verified.as_deref())
+            .map_err(|status| {
+                if status.code() == tonic::Code::PermissionDenied {
+                    tracing::warn!(peer = ?self.peer, detail = status.message(), "subscription refused");
+                }
+                Some(status)
+            })?;
         let mut sub = self.mesh.subscribe(workload, calls).map_err(|e| {
             tracing::warn!(peer = ?self.peer, error = %e, "subscription refused");
             Some(Status::permission_denied(e.to_string()))
         })?;
         let w = &sub.subscriber.workload;
-        tracing::info!(id = sub.subscriber.id, service = %w.key, address = ?w.address, peer = ?self.peer, "sidecar subscribed");
+        tracing::info!(id = sub.subscriber.id, service = %w.key, identity = w.identity.as_deref().unwrap_or("-"), address = ?w.address, peer = ?self.peer, "sidecar subscribed");
         // Subscribing woke it; the first snapshot is due regardless.
         sub.woken.borrow_and_update();
         self.dirty = true;

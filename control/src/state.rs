@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use tern_proto::control::v1 as pb;
 use tokio::sync::watch;
 
-use crate::config::{ConfigErrors, MeshConfig, ServiceKey};
+use crate::config::{Action, ConfigErrors, MeshConfig, ServiceKey};
 use crate::metrics::Metrics;
 use crate::registry::{Registration, Registry};
 use crate::snapshot::{self, Built, InboundViews, Interest, View, Views};
@@ -27,11 +27,17 @@ use crate::snapshot::{self, Built, InboundViews, Interest, View, Views};
 mod subscriber;
 pub use subscriber::{Delivery, NackRecord, Subscriber, Workload};
 
+/// Why a sidecar may not subscribe as the workload it says it is (PERMISSION_DENIED).
 #[derive(Debug, thiserror::Error)]
 pub enum SubscribeError {
-    #[error("identity `{claimed}` may not register for Service `{service}`, which declares `{declared}`")]
+    #[error("identity `{verified}` may not register for Service `{service}`, which declares `{declared}`")]
     IdentityMismatch {
-        claimed: String,
+        verified: String,
+        service: ServiceKey,
+        declared: String,
+    },
+    #[error("Service `{service}` declares identity `{declared}`: registering an endpoint for it needs a client certificate for that identity")]
+    CertificateRequired {
         service: ServiceKey,
         declared: String,
     },
@@ -42,7 +48,9 @@ pub struct Mesh {
     metrics: Arc<Metrics>,
     next_id: AtomicU64,
     next_version: AtomicU64,
-    allow_all: Arc<View<pb::InboundPolicy>>,
+    /// The inbound policy of services without an AuthorizationPolicy.
+    no_policy: Arc<View<pb::InboundPolicy>>,
+    authz_default: Action,
 }
 
 struct Inner {
@@ -62,8 +70,20 @@ struct Entry {
 }
 
 impl Mesh {
-    /// A mesh with `config` in force as version 1.
+    /// A mesh with `config` in force as version 1, allowing calls to
+    /// services without an AuthorizationPolicy.
     pub fn new(config: MeshConfig, grace: Duration, metrics: Arc<Metrics>) -> Arc<Mesh> {
+        Self::with_authz_default(config, grace, metrics, Action::Allow)
+    }
+
+    /// Like [`Mesh::new`], with `authz_default` deciding calls to services
+    /// without an AuthorizationPolicy (`--authz-default`).
+    pub fn with_authz_default(
+        config: MeshConfig,
+        grace: Duration,
+        metrics: Arc<Metrics>,
+        authz_default: Action,
+    ) -> Arc<Mesh> {
         let registry = Registry::new(grace);
         let mut views = Views::new();
         snapshot::refresh_all(&mut views, &config, &registry);
@@ -81,10 +101,8 @@ impl Mesh {
                 interest: Interest::default(),
                 subscribers: HashMap::new(),
             }),
-            allow_all: Arc::new(View::new(snapshot::inbound_policy(
-                &MeshConfig::default(),
-                &ServiceKey::new("", ""),
-            ))),
+            no_policy: Arc::new(View::new(snapshot::no_policy(authz_default))),
+            authz_default,
             metrics,
             next_id: AtomicU64::new(1),
             // Seeded from the clock so versions keep growing across restarts of
@@ -136,6 +154,10 @@ impl Mesh {
     /// Adds a subscriber: registers its endpoint, indexes what it watches and
     /// wakes it for its first snapshot. It leaves when the returned
     /// [`Subscription`] is dropped.
+    ///
+    /// `workload.identity` is the verified identity of its client certificate.
+    /// When its Service declares an identity, a verified identity must be
+    /// that one, and only a workload with one may register an endpoint.
     pub fn subscribe(
         self: &Arc<Self>,
         workload: Workload,
@@ -149,14 +171,21 @@ impl Mesh {
             .services
             .get(&workload.key)
             .and_then(|s| s.identity.as_ref());
-        if let (Some(claimed), Some(declared)) = (&workload.identity, declared) {
-            if claimed != declared {
+        match (&workload.identity, declared) {
+            (Some(verified), Some(declared)) if verified != declared => {
                 return Err(SubscribeError::IdentityMismatch {
-                    claimed: claimed.clone(),
+                    verified: verified.clone(),
                     service: workload.key.clone(),
                     declared: declared.clone(),
                 });
             }
+            (None, Some(declared)) if workload.address.is_some() => {
+                return Err(SubscribeError::CertificateRequired {
+                    service: workload.key.clone(),
+                    declared: declared.clone(),
+                });
+            }
+            _ => {}
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (sub, woken) = Subscriber::new(id, workload);
@@ -237,7 +266,7 @@ impl Mesh {
                 .inbound
                 .get(&entry.sub.workload.key)
                 .cloned()
-                .unwrap_or_else(|| Arc::clone(&self.allow_all)),
+                .unwrap_or_else(|| Arc::clone(&self.no_policy)),
         })
     }
 
@@ -299,13 +328,15 @@ impl Mesh {
     /// Everything `/state` shows, as JSON.
     pub fn state(&self) -> serde_json::Value {
         let inner = lock(&self.inner);
-        crate::admin::state_json(
+        let mut state = crate::admin::state_json(
             &inner.config,
             inner.config_version,
             inner.last_error.as_ref(),
             &inner.registry,
             inner.subscribers.values().map(|e| (&*e.sub, &e.watching)),
-        )
+        );
+        state["authz_default"] = serde_json::json!(self.authz_default);
+        state
     }
 }
 

@@ -52,6 +52,11 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(store);
     config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
+    // No resumption: a resumed session skips certificate checks, so it could
+    // outlive an expired or rotated certificate. Mesh connections are
+    // long-lived, so a full handshake per connection costs little.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 
@@ -78,6 +83,8 @@ pub fn client_config(
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    // See server_config: every connection checks the peer's certificate.
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }
 

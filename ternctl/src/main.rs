@@ -1,8 +1,10 @@
-//! `ternctl`: run the meshed demo on loopback, or benchmark the proxy.
+//! `ternctl`: run the meshed demo on loopback, benchmark the proxy, or mint
+//! bootstrap tokens for tern-control's CA.
 
 mod bench;
 mod demo;
 mod procs;
+mod token;
 
 use clap::{Parser, Subcommand};
 
@@ -19,6 +21,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Measure gRPC unary traffic direct, through one sidecar and through two.
     Bench(bench::BenchArgs),
+    /// Bootstrap tokens: how a workload proves its service account to tern-control's CA.
+    Token(token::TokenArgs),
 }
 
 fn main() {
@@ -37,6 +41,7 @@ fn main() {
         let result = match cli.command {
             Command::Demo(args) => demo::run(args).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Token(args) => token::run(args),
         };
         match result {
             Ok(code) => code,

@@ -25,15 +25,24 @@ pub struct ConfigDir {
 
 impl ConfigDir {
     /// Creates `parent/mesh/` holding a copy of the demo's `services.yaml` (the `pay` and
-    /// `order` Services, no policies).
+    /// `order` Services, no policies) without their declared identities: tern-control lets only
+    /// a sidecar with a client certificate for a Service's declared identity register an
+    /// endpoint for it, and the sidecars these tests start have none.
     pub fn with_demo_services(parent: &Path) -> Result<Self> {
+        let text = demo_services()?;
+        let text: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("identity:"))
+            .collect();
+        Self::with_services(parent, &(text.join("\n") + "\n"))
+    }
+
+    /// Creates `parent/mesh/` holding `services` as `services.yaml`.
+    pub fn with_services(parent: &Path, services: &str) -> Result<Self> {
         let path = parent.join("mesh");
         std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
-        let services = repo_root().join("control/examples/mesh/services.yaml");
-        let text = std::fs::read_to_string(&services)
-            .with_context(|| format!("reading {}", services.display()))?;
         let dir = Self { path };
-        dir.write("services.yaml", &text)?;
+        dir.write("services.yaml", services)?;
         Ok(dir)
     }
 
@@ -57,6 +66,12 @@ impl ConfigDir {
     }
 }
 
+/// The demo's `services.yaml` as it is (`pay` and `order`, each declaring its identity).
+pub fn demo_services() -> Result<String> {
+    let services = repo_root().join("control/examples/mesh/services.yaml");
+    std::fs::read_to_string(&services).with_context(|| format!("reading {}", services.display()))
+}
+
 /// A TrafficPolicy document for `pay` (named `pay`, namespace `default`) whose `spec` is
 /// `service: pay` followed by `spec` (YAML indented by two spaces, as under `spec:`).
 pub fn pay_policy(spec: &str) -> String {
@@ -74,6 +89,8 @@ pub struct Control {
     pub config_dir: ConfigDir,
     /// The extra flags it was started with, for a restart.
     pub extra_args: Vec<String>,
+    /// Its `--state-dir`: the generated CA and token key, kept across restarts.
+    pub state_dir: PathBuf,
 }
 
 impl Control {
@@ -91,6 +108,8 @@ impl Control {
     }
 
     /// Like [`Control::start`] with the gRPC listener on `grpc` (a restart on the same port).
+    /// Unless `extra_args` name a `--state-dir`, the CA and token key go to
+    /// `dir/control-state`, which a restart in the same directory reuses.
     pub async fn start_on(
         dir: &Path,
         label: &str,
@@ -98,6 +117,10 @@ impl Control {
         grpc: SocketAddr,
         extra_args: &[String],
     ) -> Result<Self> {
+        let state_dir = match state_dir_arg(extra_args) {
+            Some(given) => given,
+            None => dir.join("control-state"),
+        };
         let mut args = vec![
             "--config-dir".to_string(),
             config_dir.path().display().to_string(),
@@ -108,6 +131,10 @@ impl Control {
             "--worker-threads".to_string(),
             "1".to_string(),
         ];
+        if state_dir_arg(extra_args).is_none() {
+            args.push("--state-dir".to_string());
+            args.push(state_dir.display().to_string());
+        }
         args.extend(extra_args.iter().cloned());
         let mut proc = Proc::spawn(dir, label, &binary("tern-control")?, &args)?;
         let rest = proc.wait_for_line(CONTROL_READY, START_TIMEOUT).await?;
@@ -119,7 +146,13 @@ impl Control {
             admin,
             config_dir: config_dir.clone(),
             extra_args: extra_args.to_vec(),
+            state_dir,
         })
+    }
+
+    /// The trust anchor tern-control generated in its state directory: what clients trust.
+    pub fn trust_anchor(&self) -> PathBuf {
+        self.state_dir.join("trust-anchor.pem")
     }
 
     /// Starts another `tern-control` on this one's gRPC address, config directory and flags
@@ -166,6 +199,20 @@ impl Control {
         let text = self.get("/state").await?;
         serde_json::from_str(&text).with_context(|| format!("/state is not JSON: {text}"))
     }
+}
+
+/// The value of a `--state-dir DIR` or `--state-dir=DIR` among `args`.
+fn state_dir_arg(args: &[String]) -> Option<PathBuf> {
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--state-dir" {
+            return it.next().map(PathBuf::from);
+        }
+        if let Some(v) = a.strip_prefix("--state-dir=") {
+            return Some(PathBuf::from(v));
+        }
+    }
+    None
 }
 
 /// Reads `grpc=ADDR admin=ADDR`.
@@ -285,6 +332,30 @@ mod tests {
         assert_eq!(g.port(), 8090);
         assert_eq!(a.port(), 9990);
         assert!(parse_ready("grpc=127.0.0.1:8090").is_err());
+    }
+
+    #[test]
+    fn finds_a_given_state_dir() {
+        let args = |a: &[&str]| a.iter().map(ToString::to_string).collect::<Vec<_>>();
+        assert_eq!(state_dir_arg(&args(&["--x", "1"])), None);
+        assert_eq!(
+            state_dir_arg(&args(&["--state-dir", "/s"])),
+            Some(PathBuf::from("/s"))
+        );
+        assert_eq!(
+            state_dir_arg(&args(&["--state-dir=/t"])),
+            Some(PathBuf::from("/t"))
+        );
+    }
+
+    #[test]
+    fn demo_services_lose_their_identities() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ConfigDir::with_demo_services(dir.path()).unwrap();
+        let text = std::fs::read_to_string(config.path().join("services.yaml")).unwrap();
+        assert!(text.contains("name: pay") && text.contains("name: order"));
+        assert!(!text.contains("identity: spiffe://"), "{text}");
+        assert!(demo_services().unwrap().contains("identity: spiffe://"));
     }
 
     #[test]

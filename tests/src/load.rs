@@ -83,7 +83,24 @@ pub struct Load {
 }
 
 impl Load {
+    /// `concurrency` workers, each calling again as soon as its call finishes.
     pub async fn start(target: SocketAddr, concurrency: usize) -> Result<Self> {
+        Self::start_paced(target, concurrency, None).await
+    }
+
+    /// About `per_second` calls a second in total, spread over 4 workers (a slow call delays
+    /// only its worker's next one).
+    pub async fn at_rate(target: SocketAddr, per_second: u32) -> Result<Self> {
+        const WORKERS: usize = 4;
+        let interval = Duration::from_secs_f64(WORKERS as f64 / f64::from(per_second.max(1)));
+        Self::start_paced(target, WORKERS, Some(interval)).await
+    }
+
+    async fn start_paced(
+        target: SocketAddr,
+        concurrency: usize,
+        interval: Option<Duration>,
+    ) -> Result<Self> {
         let client = PayServiceClient::new(connect(target).await?);
         let stop = Arc::new(AtomicBool::new(false));
         let done = Arc::new(AtomicU64::new(0));
@@ -99,7 +116,15 @@ impl Load {
                     Arc::clone(&outcomes),
                 );
                 tokio::spawn(async move {
+                    let mut ticks = interval.map(|i| {
+                        let mut t = tokio::time::interval(i);
+                        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        t
+                    });
                     while !stop.load(Ordering::Relaxed) {
+                        if let Some(t) = ticks.as_mut() {
+                            t.tick().await;
+                        }
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let outcome = pay_once(&mut client, i as usize, &[]).await?;
                         outcomes

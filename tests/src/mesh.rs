@@ -1,5 +1,7 @@
 //! Topologies for the gRPC tests: echo apps reached directly, or through the two-sidecar path
-//! (client → client sidecar's `--upstream` port → an app's inbound sidecar → the app).
+//! (client → client sidecar's `--upstream` port → an app's inbound sidecar → the app), the
+//! real mesh path: the sidecars hold certificates from a `tern-control` CA and the hop between
+//! them is mTLS, with each app's sidecar checked for the `echo` identity.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -11,6 +13,7 @@ use tern_proto::test::v1::{StatsReply, StatsRequest};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::checks::Target;
+use crate::mtls::{spiffe, MeshCa};
 use crate::process::{binary, Proc, TestDir, START_TIMEOUT};
 use crate::proxy::{Proxy, ProxySpec};
 use crate::{within, CALL_TIMEOUT};
@@ -27,7 +30,7 @@ pub const LISTENING: &str = "echo-server listening on ";
 pub enum Route {
     /// The client dials the (first) app itself: proves the harness and the app without a proxy.
     Direct,
-    /// The client dials its sidecar's upstream port; the call crosses two sidecars.
+    /// The client dials its sidecar's upstream port; the call crosses two sidecars, mTLS between them.
     Sidecars,
 }
 
@@ -83,6 +86,8 @@ pub struct EchoMesh {
     pub client: Option<Proxy>,
     pub inbound: Vec<Proxy>,
     pub apps: Vec<App>,
+    /// The CA the sidecars' certificates come from (Route::Sidecars).
+    pub ca: Option<MeshCa>,
     /// Where the test's client dials.
     pub target: SocketAddr,
     pub route: Route,
@@ -118,28 +123,33 @@ impl EchoMesh {
                 client: None,
                 inbound: Vec::new(),
                 apps,
+                ca: None,
                 target: first,
                 route,
                 dir,
             });
         }
+        let ca = MeshCa::start(dir.path(), &[]).await?;
         let mut inbound = Vec::with_capacity(apps.len());
         for app in &apps {
             let spec =
                 ProxySpec::new(&format!("{}-sidecar", app.name), ECHO_SERVICE).inbound(app.addr);
-            let spec = inbound_spec(spec);
+            let spec = ca.sidecar(inbound_spec(spec), ECHO_SERVICE)?;
             inbound.push(Proxy::start(dir.path(), spec).await?);
         }
         let endpoints: Vec<SocketAddr> = inbound.iter().map(|p| p.inbound).collect();
         let upstream = crate::process::free_addr()?;
+        let echo_identity = format!("{ECHO_SERVICE}={}", spiffe(ECHO_SERVICE));
         let spec = ProxySpec::new("client-sidecar", "client")
             .upstream(ECHO_SERVICE, upstream)
-            .endpoints(ECHO_SERVICE, &endpoints);
-        let client = Proxy::start(dir.path(), spec).await?;
+            .endpoints(ECHO_SERVICE, &endpoints)
+            .args(&["--endpoint-identity", &echo_identity]);
+        let client = Proxy::start(dir.path(), ca.sidecar(spec, "client")?).await?;
         Ok(Self {
             client: Some(client),
             inbound,
             apps,
+            ca: Some(ca),
             target: upstream,
             route,
             dir,
@@ -194,6 +204,9 @@ impl EchoMesh {
         let mut out = Vec::new();
         for app in &self.apps {
             out.push(app.proc.diagnostics());
+        }
+        if let Some(ca) = &self.ca {
+            out.push(ca.control.proc.diagnostics());
         }
         for proxy in self.inbound.iter().chain(self.client.iter()) {
             out.push(proxy.proc.diagnostics());

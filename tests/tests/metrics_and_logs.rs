@@ -11,6 +11,7 @@ use anyhow::{bail, ensure, Context as _, Result};
 use serde_json::Value;
 use tern_proto::test::v1::EchoRequest;
 use tern_tests::metrics::{self, names};
+use tern_tests::mtls::spiffe;
 use tern_tests::{eventually, within, EchoMesh, Must, Proxy, Route, CALL_TIMEOUT};
 use tonic::metadata::MetadataValue;
 
@@ -107,6 +108,19 @@ async fn request_and_response_counters_match_calls() {
         .await;
         mesh.ok(result);
     }
+    // Each side labels its responses with the mTLS peer it verified.
+    let (echo, client_id) = (spiffe("echo"), spiffe("client"));
+    let client = mesh.client.as_ref().unwrap();
+    let samples = mesh.ok(metrics::parse(&mesh.ok(client.metrics().await)));
+    let labels = [("tls", "true"), ("peer_identity", echo.as_str())];
+    assert_eq!(metrics::sum(&samples, names::RESPONSES_TOTAL, &labels), n);
+    let mut inbound = 0.0;
+    for proxy in &mesh.inbound {
+        let samples = mesh.ok(metrics::parse(&mesh.ok(proxy.metrics().await)));
+        let labels = [("tls", "true"), ("peer_identity", client_id.as_str())];
+        inbound += metrics::sum(&samples, names::RESPONSES_TOTAL, &labels);
+    }
+    assert_eq!(inbound, n);
 }
 
 /// The JSON access log lines of one direction in a sidecar's stdout; any line that looks like
@@ -145,6 +159,16 @@ fn check_access_line(line: &Value, upstreams: &[String]) -> Result<()> {
     if !is_trace_id(trace_id) {
         bail!("trace_id {trace_id:?} is not 32 lowercase hex digits (not all zero)");
     }
+    check_mtls(line, &spiffe("echo"))
+}
+
+/// The hop between the sidecars was mTLS and the peer was who it had to be.
+fn check_mtls(line: &Value, peer: &str) -> Result<()> {
+    ensure!(line["tls"] == "TLSv1.3", "tls in {line}");
+    ensure!(
+        line["peer_identity"] == peer,
+        "peer_identity in {line}, expected {peer}"
+    );
     Ok(())
 }
 
@@ -193,11 +217,15 @@ async fn access_log_has_one_json_line_per_call() {
         N,
         "calls without a traceparent must each start a new trace"
     );
-    let inbound: usize = mesh
+    let inbound_lines: Vec<Value> = mesh
         .inbound
         .iter()
-        .map(|p| mesh.ok(access_lines(&p.proc.stdout(), "inbound")).len())
-        .sum();
+        .flat_map(|p| mesh.ok(access_lines(&p.proc.stdout(), "inbound")))
+        .collect();
+    for line in &inbound_lines {
+        mesh.ok(check_mtls(line, &spiffe("client")));
+    }
+    let inbound = inbound_lines.len();
     assert_eq!(
         inbound, N,
         "inbound access log lines summed over the echo sidecars"

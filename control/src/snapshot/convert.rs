@@ -114,21 +114,35 @@ fn grpc_method(g: &config::GrpcMethod) -> pb::GrpcMethod {
     }
 }
 
-/// A workload's inbound authorization; with no policy, everything is allowed.
-pub fn inbound(config: &MeshConfig, key: &ServiceKey) -> pb::InboundPolicy {
+/// The inbound policy of a service without an AuthorizationPolicy: no
+/// rules, and the mesh-wide default (`--authz-default`) decides every call.
+pub fn no_policy(mesh_default: config::Action) -> pb::InboundPolicy {
+    pb::InboundPolicy {
+        name: String::new(),
+        default_action: action(mesh_default) as i32,
+        rules: Vec::new(),
+    }
+}
+
+fn action(a: config::Action) -> pb::Action {
+    match a {
+        config::Action::Allow => pb::Action::Allow,
+        config::Action::Deny => pb::Action::Deny,
+    }
+}
+
+/// A workload's inbound authorization; with no policy, `mesh_default` decides.
+pub fn inbound(
+    config: &MeshConfig,
+    key: &ServiceKey,
+    mesh_default: config::Action,
+) -> pb::InboundPolicy {
     let Some(p) = config.authorization.get(key) else {
-        return pb::InboundPolicy {
-            name: String::new(),
-            default_action: pb::Action::Allow as i32,
-            rules: Vec::new(),
-        };
+        return no_policy(mesh_default);
     };
     pb::InboundPolicy {
         name: p.name.clone(),
-        default_action: match p.default_action {
-            config::Action::Allow => pb::Action::Allow,
-            config::Action::Deny => pb::Action::Deny,
-        } as i32,
+        default_action: action(p.default_action) as i32,
         rules: p
             .rules
             .iter()

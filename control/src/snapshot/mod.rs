@@ -22,7 +22,7 @@ use tern_proto::control::v1 as pb;
 use crate::config::{names, MeshConfig, ServiceKey};
 use crate::registry::Registry;
 
-pub use convert::inbound as inbound_policy;
+pub use convert::{inbound as inbound_policy, no_policy};
 
 pub type Views = HashMap<ServiceKey, Arc<View<pb::ServiceConfig>>>;
 pub type InboundViews = HashMap<ServiceKey, Arc<View<pb::InboundPolicy>>>;
@@ -144,8 +144,8 @@ pub fn refresh_all(
 }
 
 /// Recomputes inbound policies; a service without one gets none here (the
-/// caller hands out the allow-all default). Returns the services whose
-/// policy changed.
+/// caller hands out [`no_policy`] with the mesh-wide default). Returns the
+/// services whose policy changed.
 pub fn refresh_inbound(inbound: &mut InboundViews, config: &MeshConfig) -> BTreeSet<ServiceKey> {
     let keys: BTreeSet<ServiceKey> = config
         .authorization
@@ -158,7 +158,8 @@ pub fn refresh_inbound(inbound: &mut InboundViews, config: &MeshConfig) -> BTree
         let new = config
             .authorization
             .contains_key(key)
-            .then(|| convert::inbound(config, key));
+            // The policy exists, so the mesh default plays no part.
+            .then(|| convert::inbound(config, key, crate::config::Action::Allow));
         if update(inbound, key, new) {
             changed.insert(key.clone());
         }

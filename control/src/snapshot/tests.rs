@@ -160,15 +160,18 @@ fn a_change_reaches_only_the_subscribers_it_affects() {
 }
 
 #[test]
-fn inbound_policy_defaults_to_allow() {
+fn inbound_policy_defaults_to_the_mesh_default() {
     let c = config(MESH);
-    let p = inbound_policy(&c, &key("pay"));
+    let p = inbound_policy(&c, &key("pay"), crate::config::Action::Allow);
     assert_eq!(p.default_action, pb::Action::Allow as i32);
     assert!(p.rules.is_empty());
+    let p = inbound_policy(&c, &key("pay"), crate::config::Action::Deny);
+    assert_eq!(p.default_action, pb::Action::Deny as i32);
+    assert_eq!(p, no_policy(crate::config::Action::Deny));
     let c = config(&format!(
         "{MESH}---\napiVersion: tern.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: pay}}\nspec:\n  service: pay\n  rules: [{{from: [{{identity: spiffe://cluster.local/ns/default/sa/order}}], methods: [{{service: tern.demo.v1.PayService}}]}}]\n"
     ));
-    let p = inbound_policy(&c, &key("pay"));
+    let p = inbound_policy(&c, &key("pay"), crate::config::Action::Allow);
     assert_eq!(p.name, "pay");
     assert_eq!(p.default_action, pb::Action::Deny as i32);
     let rule = &p.rules[0];

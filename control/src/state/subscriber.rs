@@ -16,6 +16,8 @@ use crate::config::ServiceKey;
 #[derive(Clone, Debug)]
 pub struct Workload {
     pub key: ServiceKey,
+    /// The SPIFFE id of the sidecar's client certificate, verified in the
+    /// TLS handshake; `None` on a plaintext connection.
     pub identity: Option<String>,
     /// Its inbound listener; `None` for a workload nobody calls.
     pub address: Option<SocketAddr>,

@@ -1,5 +1,6 @@
 //! The live state end to end: wake-ups, registration and its grace, ACKs,
-//! identity claims, and the assembled snapshot encoding.
+//! the identity rules of registration, the mesh-wide authorization default,
+//! and the assembled snapshot encoding.
 #![allow(clippy::unwrap_used)]
 use std::path::PathBuf;
 
@@ -30,10 +31,14 @@ fn mesh(grace: Duration) -> Arc<Mesh> {
     Mesh::new(config(MESH), grace, Arc::new(Metrics::new().unwrap()))
 }
 
+const PAY_ID: &str = "spiffe://cluster.local/ns/default/sa/pay";
+
+/// A workload; `pay`'s with the identity its Service declares, as its
+/// client certificate would prove it.
 fn workload(service: &str, address: Option<&str>) -> Workload {
     Workload {
         key: key(service),
-        identity: None,
+        identity: (service == "pay").then(|| PAY_ID.to_owned()),
         address: address.map(|a| a.parse().unwrap()),
         labels: [("version".to_owned(), "v1".to_owned())].into(),
         peer: None,
@@ -165,16 +170,78 @@ async fn watch_adds_targets_and_acks_are_recorded() {
 }
 
 #[tokio::test]
-async fn a_claimed_identity_must_match_the_service() {
+async fn registration_follows_the_verified_identity() {
     let m = mesh(Duration::from_secs(1));
+    let mut order = m
+        .subscribe(workload("order", None), calls(&["pay", "inventory"]))
+        .unwrap();
+    woken(&mut order);
+    // A verified identity other than the one pay declares.
     let mut w = workload("pay", Some("127.0.0.1:7001"));
     w.identity = Some("spiffe://cluster.local/ns/default/sa/order".into());
-    assert!(matches!(
-        m.subscribe(w.clone(), calls(&[])),
-        Err(SubscribeError::IdentityMismatch { .. })
-    ));
-    w.identity = Some("spiffe://cluster.local/ns/default/sa/pay".into());
-    assert!(m.subscribe(w, calls(&[])).is_ok());
+    let e = m.subscribe(w.clone(), calls(&[])).err().unwrap();
+    assert!(matches!(e, SubscribeError::IdentityMismatch { .. }), "{e}");
+    // No certificate: no endpoint for a Service that declares an identity...
+    w.identity = None;
+    let e = m.subscribe(w.clone(), calls(&[])).err().unwrap();
+    assert!(
+        matches!(e, SubscribeError::CertificateRequired { .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("client certificate"), "{e}");
+    // ...but it may still call others without registering one.
+    w.address = None;
+    assert!(m.subscribe(w, calls(&["inventory"])).is_ok());
+    // And a Service without a declared identity takes plaintext registrations.
+    let _inv = m
+        .subscribe(workload("inventory", Some("127.0.0.1:7003")), calls(&[]))
+        .unwrap();
+    let _pay = m
+        .subscribe(workload("pay", Some("127.0.0.1:7001")), calls(&[]))
+        .unwrap();
+    assert!(woken(&mut order));
+    let built = m.build(order.subscriber.id).unwrap();
+    let identity = |service: &str| {
+        built
+            .services
+            .iter()
+            .find(|v| v.name == service)
+            .map(|v| v.endpoints[0].identity.clone())
+            .unwrap()
+    };
+    assert_eq!(identity("pay"), PAY_ID);
+    assert_eq!(identity("inventory"), "", "no identity, no mTLS expected");
+}
+
+#[tokio::test]
+async fn a_verified_identity_fills_in_for_an_undeclared_one() {
+    let m = mesh(Duration::from_secs(1));
+    let order = m
+        .subscribe(workload("order", None), calls(&["inventory"]))
+        .unwrap();
+    let mut w = workload("inventory", Some("127.0.0.1:7003"));
+    w.identity = Some("spiffe://cluster.local/ns/default/sa/inventory".into());
+    let _inv = m.subscribe(w, calls(&[])).unwrap();
+    let built = m.build(order.subscriber.id).unwrap();
+    assert_eq!(
+        built.services[0].endpoints[0].identity,
+        "spiffe://cluster.local/ns/default/sa/inventory"
+    );
+}
+
+#[tokio::test]
+async fn services_without_a_policy_get_the_mesh_default() {
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let m = Mesh::with_authz_default(config(MESH), Duration::from_secs(1), metrics, Action::Deny);
+    let s = m.subscribe(workload("order", None), calls(&[])).unwrap();
+    let built = m.build(s.subscriber.id).unwrap();
+    assert_eq!(built.inbound.default_action, pb::Action::Deny as i32);
+    assert!(built.inbound.rules.is_empty());
+    assert_eq!(m.state()["authz_default"], "deny");
+    let s = mesh(Duration::from_secs(1));
+    let sub = s.subscribe(workload("order", None), calls(&[])).unwrap();
+    let built = s.build(sub.subscriber.id).unwrap();
+    assert_eq!(built.inbound.default_action, pb::Action::Allow as i32);
 }
 
 #[tokio::test]

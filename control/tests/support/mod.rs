@@ -29,7 +29,8 @@ pub struct ControlPlane {
 
 impl ControlPlane {
     /// Starts `bin` on ports chosen by the OS and waits for its ready line.
-    /// Its stderr goes to `log_dir/control.log`.
+    /// Its stderr goes to `log_dir/control.log`; its CA and token key are
+    /// generated in `log_dir/state` (unless `extra` names a `--state-dir`).
     pub async fn start(
         bin: &Path,
         config_dir: &Path,
@@ -38,15 +39,17 @@ impl ControlPlane {
     ) -> anyhow::Result<Self> {
         let log = log_dir.join("control.log");
         let stderr = std::fs::File::create(&log).context("creating the log file")?;
-        let mut child = Command::new(bin)
-            .arg("--config-dir")
-            .arg(config_dir)
-            .args([
-                "--grpc-listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-            ])
+        let mut cmd = Command::new(bin);
+        cmd.arg("--config-dir").arg(config_dir).args([
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ]);
+        if !extra.iter().any(|a| a.starts_with("--state-dir")) {
+            cmd.arg("--state-dir").arg(log_dir.join("state"));
+        }
+        let mut child = cmd
             .args(extra)
             .env_remove("TERN_CONTROL_LOG")
             .stdout(Stdio::piped())
