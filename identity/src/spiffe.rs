@@ -29,7 +29,11 @@ pub struct SpiffeId {
 }
 
 impl SpiffeId {
-    pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Result<Self, IdError> {
+    pub fn new(
+        trust_domain: &str,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<Self, IdError> {
         check("trust domain", trust_domain)?;
         check("namespace", namespace)?;
         check("service account", service_account)?;
@@ -116,7 +120,14 @@ pub fn spiffe_id_of(cert_der: &[u8]) -> Result<String, IdError> {
     found.ok_or(IdError::NoSpiffeId)
 }
 
-/// When a DER certificate's validity starts and ends.
+/// The first moment a certificate with this `notAfter` is refused. X.509
+/// validity includes its `notAfter` second, and webpki checks whole seconds
+/// (`now > notAfter`), so peers accept the certificate until one second later.
+pub fn refused_from(not_after: SystemTime) -> SystemTime {
+    not_after + Duration::from_secs(1)
+}
+
+/// When a DER certificate's validity starts and ends (`notBefore`, `notAfter`).
 pub fn validity(cert_der: &[u8]) -> Result<(SystemTime, SystemTime), IdError> {
     let (_, cert) =
         X509Certificate::from_der(cert_der).map_err(|e| IdError::BadCertificate(e.to_string()))?;

@@ -63,8 +63,9 @@ impl Credentials {
         &self.certified.cert
     }
 
+    /// Whether a peer would accept the certificate at `t`.
     pub fn is_valid_at(&self, t: SystemTime) -> bool {
-        self.not_before <= t && t < self.not_after
+        self.not_before <= t && t < spiffe::refused_from(self.not_after)
     }
 }
 
@@ -96,7 +97,10 @@ impl CertStore {
     }
 
     fn certified(&self) -> Option<Arc<CertifiedKey>> {
-        self.current.load().as_ref().map(|c| Arc::clone(&c.certified))
+        self.current
+            .load()
+            .as_ref()
+            .map(|c| Arc::clone(&c.certified))
     }
 }
 

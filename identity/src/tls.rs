@@ -137,8 +137,9 @@ impl ServerCertVerifier for SpiffeVerifier {
             now,
             self.provider.signature_verification_algorithms.all,
         )?;
-        let presented = crate::spiffe::spiffe_id_of(end_entity)
-            .map_err(|e| Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e)))))?;
+        let presented = crate::spiffe::spiffe_id_of(end_entity).map_err(|e| {
+            Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+        })?;
         if presented != *self.expected {
             return Err(Error::InvalidCertificate(CertificateError::Other(
                 OtherError(Arc::new(WrongIdentity {
@@ -216,8 +217,7 @@ pub fn failure_reason(err: &std::io::Error) -> &'static str {
     };
     match tls {
         Error::InvalidCertificate(c) => match c {
-            CertificateError::UnknownIssuer
-            | CertificateError::BadSignature => "unknown_ca",
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => "unknown_ca",
             CertificateError::Expired
             | CertificateError::ExpiredContext { .. }
             | CertificateError::NotValidYet

@@ -68,7 +68,10 @@ impl TokenKey {
 
     /// Checks the tag (in constant time) and expiry, and returns the claims.
     pub fn verify(&self, token: &str, now: SystemTime) -> Result<Claims, TokenError> {
-        let rest = token.trim().strip_prefix(PREFIX).ok_or(TokenError::Malformed)?;
+        let rest = token
+            .trim()
+            .strip_prefix(PREFIX)
+            .ok_or(TokenError::Malformed)?;
         let (body, tag) = rest.split_once('.').ok_or(TokenError::Malformed)?;
         let tag = URL_SAFE_NO_PAD
             .decode(tag)
@@ -78,7 +81,10 @@ impl TokenKey {
             .decode(body)
             .map_err(|_| TokenError::Malformed)?;
         let claims: Claims = serde_json::from_slice(&json).map_err(|_| TokenError::Malformed)?;
-        let now = now.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let now = now
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         if claims.expires.is_some_and(|exp| now >= exp) {
             return Err(TokenError::Expired);
         }

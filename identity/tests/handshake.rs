@@ -70,7 +70,8 @@ async fn handshake(
 ) -> Result<ConnTls, (&'static str, Option<&'static str>)> {
     let (a, b) = tokio::io::duplex(64 * 1024);
     let server_cfg = tls::server_config(server, server_roots, ClientAuth::Required).unwrap();
-    let client_cfg = tls::client_config(client, client_roots, Arc::from(expected), &[ALPN_H2]).unwrap();
+    let client_cfg =
+        tls::client_config(client, client_roots, Arc::from(expected), &[ALPN_H2]).unwrap();
     let srv = tokio::spawn(async move {
         let s = TlsAcceptor::from(server_cfg).accept(b).await;
         s.map(|s| {
@@ -132,16 +133,28 @@ async fn mutual_tls_checks_identity_and_ca() {
 
     // A server from another CA.
     let impostor = leaf(&other, PAY);
-    let err = handshake(impostor, roots(&other), Some(Arc::clone(&order)), roots(&mesh), PAY)
-        .await
-        .unwrap_err();
+    let err = handshake(
+        impostor,
+        roots(&other),
+        Some(Arc::clone(&order)),
+        roots(&mesh),
+        PAY,
+    )
+    .await
+    .unwrap_err();
     assert_eq!(err.0, "unknown_ca");
 
     // A client from another CA, or with no certificate, is refused by the server.
     let stranger = leaf(&other, ORDER);
-    let err = handshake(Arc::clone(&pay), roots(&mesh), Some(stranger), roots(&mesh), PAY)
-        .await
-        .unwrap_err();
+    let err = handshake(
+        Arc::clone(&pay),
+        roots(&mesh),
+        Some(stranger),
+        roots(&mesh),
+        PAY,
+    )
+    .await
+    .unwrap_err();
     assert_eq!(err.1, Some("unknown_ca"));
     let err = handshake(Arc::clone(&pay), roots(&mesh), None, roots(&mesh), PAY)
         .await

@@ -152,9 +152,13 @@ async fn bench(args: BenchArgs) -> anyhow::Result<i32> {
     procs::sibling("pay").context("ternctl bench needs the demo's pay server")?;
     if kinds
         .iter()
-        .any(|k| matches!(k, PathKind::One | PathKind::Two))
+        .any(|k| matches!(k, PathKind::One | PathKind::Two | PathKind::TwoMtls))
     {
         procs::sibling("tern-proxy").context("ternctl bench needs tern-proxy")?;
+    }
+    if kinds.contains(&PathKind::TwoMtls) {
+        procs::sibling("tern-control")
+            .context("ternctl bench needs tern-control for the mTLS path's certificates")?;
     }
     let mut skipped = Vec::new();
     let haproxy = paths::find_haproxy();

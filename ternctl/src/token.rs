@@ -62,6 +62,19 @@ pub fn run(args: TokenArgs) -> anyhow::Result<i32> {
     }
 }
 
+/// A token for `namespace`/`service_account` signed with the key in `state_dir`
+/// (what `ternctl token create --state-dir` prints); the demo and the benchmark
+/// mint their sidecars' tokens with it.
+pub fn mint(state_dir: &Path, namespace: &str, service_account: &str) -> anyhow::Result<String> {
+    create(&CreateArgs {
+        namespace: namespace.to_string(),
+        service_account: service_account.to_string(),
+        expires: None,
+        state_dir: state_dir.to_path_buf(),
+        token_key_file: None,
+    })
+}
+
 fn create(a: &CreateArgs) -> anyhow::Result<String> {
     // The same rules as the SPIFFE id the token will be exchanged for.
     SpiffeId::new("cluster.local", &a.namespace, &a.service_account)

@@ -374,7 +374,8 @@ async fn ten_second_certificates_rotate_under_load_and_expire_without_the_ca() {
         refused
             .iter()
             .any(|l| l.contains("expired") || l.contains("rejected_by_peer")),
-        "no refused handshake counted: {refused:?}"
+        "no refused handshake counted: {refused:?}; the call: {status:?}\n{}",
+        order_sidecar.proc.diagnostics()
     );
 }
 

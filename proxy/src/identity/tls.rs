@@ -87,10 +87,11 @@ pub async fn connect(
         .and_then(|c| c.first())
         .and_then(|leaf| tern_identity::spiffe::validity(leaf).ok())
         .map(|(_, not_after)| not_after);
-    let retire_at = match peer_expiry {
-        Some(p) => Some(p.min(own.not_after)),
-        None => Some(own.not_after),
+    let not_after = match peer_expiry {
+        Some(p) => p.min(own.not_after),
+        None => own.not_after,
     };
+    let retire_at = Some(tern_identity::spiffe::refused_from(not_after));
     Ok((ClientIo::Tls(Box::new(stream)), retire_at))
 }
 

@@ -1,6 +1,10 @@
 //! What each measured path needs running: the `pay` server, tern-proxy
 //! sidecars, and haproxy as the reference a user could pick instead.
 //!
+//! The mTLS path is the real mesh hop: a tern-control CA (in a temporary
+//! state directory) issues both sidecars their certificates, and the client
+//! side checks the server side's SPIFFE id.
+//!
 //! Every listener Tern binds uses port 0 and is read back from the process's
 //! ready line, so concurrent runs on one machine cannot collide; haproxy does
 //! not report its ports, so it gets a free port picked beforehand.
@@ -25,15 +29,17 @@ pub enum PathKind {
     Direct,
     One,
     Two,
+    TwoMtls,
     HaproxyOne,
     HaproxyTwo,
 }
 
 impl PathKind {
-    pub const ALL: [PathKind; 5] = [
+    pub const ALL: [PathKind; 6] = [
         PathKind::Direct,
         PathKind::One,
         PathKind::Two,
+        PathKind::TwoMtls,
         PathKind::HaproxyOne,
         PathKind::HaproxyTwo,
     ];
@@ -43,6 +49,7 @@ impl PathKind {
             PathKind::Direct => "direct",
             PathKind::One => "one",
             PathKind::Two => "two",
+            PathKind::TwoMtls => "two-mtls",
             PathKind::HaproxyOne => "haproxy-one",
             PathKind::HaproxyTwo => "haproxy-two",
         }
@@ -53,6 +60,9 @@ impl PathKind {
             PathKind::Direct => "client → pay",
             PathKind::One => "client → tern-proxy (outbound) → pay",
             PathKind::Two => "client → tern-proxy (outbound) → tern-proxy (inbound) → pay",
+            PathKind::TwoMtls => {
+                "client → tern-proxy (outbound) =mTLS=> tern-proxy (inbound) → pay"
+            }
             PathKind::HaproxyOne => "client → haproxy → pay",
             PathKind::HaproxyTwo => "client → haproxy → haproxy → pay",
         }
@@ -66,7 +76,7 @@ impl PathKind {
     pub fn haproxy_peer(self) -> Option<PathKind> {
         match self {
             PathKind::One => Some(PathKind::HaproxyOne),
-            PathKind::Two => Some(PathKind::HaproxyTwo),
+            PathKind::Two | PathKind::TwoMtls => Some(PathKind::HaproxyTwo),
             _ => None,
         }
     }
@@ -83,7 +93,9 @@ pub struct Topology {
     pub target: SocketAddr,
     pub sidecars: Vec<Sidecar>,
     procs: Vec<Proc>,
-    // haproxy reads its config from here; removed when the path is done.
+    /// tern-control for the mTLS path: not measured, stopped last.
+    ca: Option<Proc>,
+    // haproxy's config, or the CA's state; removed when the path is done.
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -97,16 +109,35 @@ impl Topology {
             target: pay,
             sidecars: Vec::new(),
             procs: Vec::new(),
+            ca: None,
             _dir: None,
         };
         match kind {
             PathKind::Direct => {}
             PathKind::One => {
-                t.target = t.tern_outbound("tern-proxy (outbound)", pay).await?;
+                t.target = t.tern_outbound("tern-proxy (outbound)", pay, &[]).await?;
             }
             PathKind::Two => {
-                let inbound = t.tern_inbound("tern-proxy (inbound)", pay).await?;
-                t.target = t.tern_outbound("tern-proxy (outbound)", inbound).await?;
+                let inbound = t.tern_inbound("tern-proxy (inbound)", pay, &[]).await?;
+                t.target = t
+                    .tern_outbound("tern-proxy (outbound)", inbound, &[])
+                    .await?;
+            }
+            PathKind::TwoMtls => {
+                let dir = tempfile::tempdir().context("creating the CA's state directory")?;
+                let (ca, grpc) = start_ca(dir.path()).await?;
+                t.ca = Some(ca);
+                let server = identity_args(dir.path(), grpc, "pay")?;
+                let inbound = t.tern_inbound("tern-proxy (inbound)", pay, &server).await?;
+                let mut client = identity_args(dir.path(), grpc, "client")?;
+                client.extend([
+                    "--endpoint-identity".into(),
+                    "pay=spiffe://cluster.local/ns/default/sa/pay".to_string(),
+                ]);
+                t.target = t
+                    .tern_outbound("tern-proxy (outbound)", inbound, &client)
+                    .await?;
+                t._dir = Some(dir);
             }
             PathKind::HaproxyOne | PathKind::HaproxyTwo => {
                 let bin = haproxy.context("haproxy is not installed")?;
@@ -136,6 +167,9 @@ impl Topology {
         for p in self.procs.iter_mut().rev() {
             p.stop(GRACE).await;
         }
+        if let Some(ca) = self.ca.as_mut() {
+            ca.stop(GRACE).await;
+        }
     }
 
     fn keep(&mut self, p: Proc) -> anyhow::Result<()> {
@@ -155,8 +189,10 @@ impl Topology {
         &mut self,
         name: &str,
         endpoint: SocketAddr,
+        extra: &[String],
     ) -> anyhow::Result<SocketAddr> {
         let mut args = common_tern_args();
+        args.extend_from_slice(extra);
         args.extend([
             "--upstream".into(),
             "pay=127.0.0.1:0".into(),
@@ -169,8 +205,14 @@ impl Topology {
     }
 
     /// A server-side sidecar whose inbound listener forwards to `app`.
-    async fn tern_inbound(&mut self, name: &str, app: SocketAddr) -> anyhow::Result<SocketAddr> {
+    async fn tern_inbound(
+        &mut self,
+        name: &str,
+        app: SocketAddr,
+        extra: &[String],
+    ) -> anyhow::Result<SocketAddr> {
         let mut args = common_tern_args();
+        args.extend_from_slice(extra);
         args.extend([
             "--inbound-listen".into(),
             "127.0.0.1:0".into(),
@@ -216,6 +258,52 @@ impl Topology {
         self.keep(p)?;
         Ok(listen)
     }
+}
+
+/// tern-control with its CA in `dir` and an empty mesh config; returns it
+/// with its gRPC address.
+async fn start_ca(dir: &Path) -> anyhow::Result<(Proc, SocketAddr)> {
+    let config = dir.join("mesh");
+    std::fs::create_dir_all(&config).with_context(|| format!("creating {}", config.display()))?;
+    let args: Vec<String> = vec![
+        "--config-dir".into(),
+        config.display().to_string(),
+        "--state-dir".into(),
+        dir.join("state").display().to_string(),
+        "--grpc-listen".into(),
+        "127.0.0.1:0".into(),
+        "--admin-listen".into(),
+        "127.0.0.1:0".into(),
+        "--worker-threads".into(),
+        "1".into(),
+        "--log".into(),
+        "warn".into(),
+    ];
+    let mut p = Proc::spawn("tern-control", "tern-control", &args)?;
+    let line = p
+        .wait_for_line("tern-control ready:", READY_TIMEOUT)
+        .await?;
+    let grpc = ready_addr(&line, "grpc")?;
+    Ok((p, grpc))
+}
+
+/// The flags giving a sidecar the identity of service account `sa`, with a
+/// token minted from the CA's key.
+fn identity_args(dir: &Path, grpc: SocketAddr, sa: &str) -> anyhow::Result<Vec<String>> {
+    let state = dir.join("state");
+    let token = dir.join(format!("{sa}.token"));
+    std::fs::write(&token, crate::token::mint(&state, "default", sa)?)
+        .with_context(|| format!("writing {}", token.display()))?;
+    Ok(vec![
+        "--identity-server".into(),
+        format!("https://{grpc}"),
+        "--identity-trust-anchors".into(),
+        state.join("trust-anchor.pem").display().to_string(),
+        "--identity-token-file".into(),
+        token.display().to_string(),
+        "--service-account".into(),
+        sa.into(),
+    ])
 }
 
 /// Starts `pay` on a free port; returns it with its address.

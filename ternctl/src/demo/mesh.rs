@@ -4,6 +4,11 @@
 //! Nothing lists pay's addresses: each pay sidecar registers its workload
 //! with tern-control when it connects, and order's sidecar learns pay's
 //! endpoints and routes from the snapshots tern-control pushes.
+//!
+//! Every sidecar has a workload identity: tern-control's CA (generated in
+//! the demo's directory) issues each one a certificate for the token minted
+//! for its service account, and the order→pay hop is mutual TLS 1.3 with
+//! each side checking the other's SPIFFE id.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -77,6 +82,7 @@ pub struct Mesh {
     /// pay-1, pay-2, (pay-v2,) order.
     pub apps: Vec<Restartable>,
     pub order_inbound: String,
+    pub identities: Identities,
 }
 
 const SERVICES: &str = "\
@@ -87,6 +93,7 @@ metadata: {name: pay, namespace: default}
 spec:
   protocol: grpc
   ports: [{name: grpc, port: 50051}]
+  identity: spiffe://cluster.local/ns/default/sa/pay
 ---
 apiVersion: tern.dev/v1alpha1
 kind: Service
@@ -94,7 +101,50 @@ metadata: {name: order, namespace: default}
 spec:
   protocol: grpc
   ports: [{name: grpc, port: 50052}]
+  identity: spiffe://cluster.local/ns/default/sa/order
 ";
+
+/// The identities the demo's sidecars get.
+pub const ORDER_ID: &str = "spiffe://cluster.local/ns/default/sa/order";
+pub const PAY_ID: &str = "spiffe://cluster.local/ns/default/sa/pay";
+
+/// Where a sidecar's identity comes from: the CA's trust anchor and a token
+/// file per service account.
+pub struct Identities {
+    pub anchors: PathBuf,
+    tokens: PathBuf,
+}
+
+impl Identities {
+    /// Mints a token for each service account, as `ternctl token create` does.
+    fn mint(state_dir: &Path, dir: &Path, accounts: &[&str]) -> anyhow::Result<Self> {
+        let tokens = dir.join("tokens");
+        std::fs::create_dir_all(&tokens)
+            .with_context(|| format!("creating {}", tokens.display()))?;
+        for sa in accounts {
+            let token = crate::token::mint(state_dir, "default", sa)?;
+            let path = tokens.join(format!("{sa}.token"));
+            std::fs::write(&path, token + "\n")
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(Self {
+            anchors: state_dir.join("trust-anchor.pem"),
+            tokens,
+        })
+    }
+
+    fn args(&self, sa: &str) -> Vec<String> {
+        vec![
+            "--identity-trust-anchors".into(),
+            self.anchors.display().to_string(),
+            "--identity-token-file".into(),
+            self.tokens
+                .join(format!("{sa}.token"))
+                .display()
+                .to_string(),
+        ]
+    }
+}
 
 /// pay's TrafficPolicy: retries and timeouts, and the split between the
 /// stable replicas and the canary (`v2_percent` of calls to `version: v2`).
@@ -139,6 +189,7 @@ fn sidecar_args(
     admin: &str,
     control: &str,
     log_dir: &Path,
+    identity: Vec<String>,
     extra: &[String],
 ) -> anyhow::Result<Vec<String>> {
     let mut args = vec![
@@ -147,7 +198,7 @@ fn sidecar_args(
         "--outbound-listen".into(),
         addr(free_port()?),
         "--control-plane".into(),
-        format!("http://{control}"),
+        format!("https://{control}"),
         "--access-log".into(),
         log_dir
             .join(format!("{name}.access.log"))
@@ -156,6 +207,7 @@ fn sidecar_args(
         "--drain-grace".into(),
         "5s".into(),
     ];
+    args.extend(identity);
     args.extend_from_slice(extra);
     Ok(args)
 }
@@ -166,6 +218,7 @@ async fn start_pay(
     fail: bool,
     control: &str,
     log_dir: &Path,
+    ids: &Identities,
 ) -> anyhow::Result<(Restartable, (Restartable, String))> {
     let app = addr(free_port()?);
     let mut pay_args = vec![
@@ -192,6 +245,7 @@ async fn start_pay(
         &admin,
         control,
         log_dir,
+        ids.args("pay"),
         &[
             "--service-name".into(),
             "pay".into(),
@@ -218,6 +272,7 @@ pub async fn start(args: &DemoArgs, log_dir: &Path) -> anyhow::Result<Mesh> {
         &pay_policy(args.canary.then_some(0)),
     )?;
 
+    let state_dir = log_dir.join("control-state");
     let control_args = vec![
         "--config-dir".to_string(),
         config_dir.display().to_string(),
@@ -225,6 +280,8 @@ pub async fn start(args: &DemoArgs, log_dir: &Path) -> anyhow::Result<Mesh> {
         addr(free_port()?),
         "--admin-listen".into(),
         addr(free_port()?),
+        "--state-dir".into(),
+        state_dir.display().to_string(),
     ];
     let control_admin = control_args[5].clone();
     let grpc = control_args[3].clone();
@@ -235,6 +292,7 @@ pub async fn start(args: &DemoArgs, log_dir: &Path) -> anyhow::Result<Mesh> {
         "tern-control ready",
     )
     .await?;
+    let ids = Identities::mint(&state_dir, log_dir, &["order", "pay"])?;
 
     let mut apps = Vec::new();
     let mut sidecars = Vec::new();
@@ -243,7 +301,7 @@ pub async fn start(args: &DemoArgs, log_dir: &Path) -> anyhow::Result<Mesh> {
         replicas.push(("pay-v2", "v2", false));
     }
     for (replica, version, fail) in replicas {
-        let (pay, sidecar) = start_pay(replica, version, fail, &grpc, log_dir).await?;
+        let (pay, sidecar) = start_pay(replica, version, fail, &grpc, log_dir, &ids).await?;
         apps.push(pay);
         sidecars.push(sidecar);
     }
@@ -267,11 +325,16 @@ pub async fn start(args: &DemoArgs, log_dir: &Path) -> anyhow::Result<Mesh> {
         &admin,
         &grpc,
         log_dir,
+        ids.args("order"),
         &[
             "--service-name".into(),
             "order".into(),
             "--inbound-listen".into(),
             order_inbound.clone(),
+            // loadgen stands for callers outside the mesh: order's port takes
+            // plaintext beside mTLS, while pay's ports stay strict.
+            "--inbound-tls".into(),
+            "permissive".into(),
             "--inbound-app".into(),
             order_app,
             "--upstream".into(),
@@ -289,5 +352,6 @@ pub async fn start(args: &DemoArgs, log_dir: &Path) -> anyhow::Result<Mesh> {
         sidecars,
         apps,
         order_inbound,
+        identities: ids,
     })
 }

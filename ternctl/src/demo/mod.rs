@@ -13,7 +13,7 @@
 mod mesh;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -76,6 +76,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
         );
     }
     println!("  access logs: {}", log_dir.display());
+    println!(
+        "  identities: order = {}, pay = {} (certificates from tern-control's CA, trust anchor {})",
+        mesh::ORDER_ID,
+        mesh::PAY_ID,
+        mesh.identities.anchors.display()
+    );
     if args.faults {
         println!("  scenario: pay-1 fails 30% of calls with UNAVAILABLE");
     }
@@ -110,8 +116,17 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     let canary_at = args
         .canary
         .then(|| duration.mul_f64(0.5).min(Duration::from_secs(30)));
-    let summary = follow(&mut loadgen, &mut mesh, &order_admin, kill_at, canary_at).await;
+    let summary = follow(
+        &mut loadgen,
+        &mut mesh,
+        &order_admin,
+        &log_dir,
+        kill_at,
+        canary_at,
+    )
+    .await;
     let retries = scrape_sum(&order_admin, "tern_retries_total").await;
+    let hop = Hop::read(&log_dir);
 
     for (sc, _) in &mut mesh.sidecars {
         sc.stop(Duration::from_secs(6)).await;
@@ -123,12 +138,18 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     let summary = summary?;
     let mut out = demo_summary(&summary);
     out["retries"] = json!(retries);
+    out["mtls"] = json!({
+        "order_to_pay": hop.tls,
+        "order_sees": hop.order_sees,
+        "pay_sees": hop.pay_sees,
+    });
     out["scenarios"] = json!({"faults": args.faults, "kill": args.kill, "canary": args.canary});
     let mut must_serve = vec!["pay-1", "pay-2"];
     if args.canary {
         must_serve.push("pay-v2");
     }
     let ok = out["failed"].as_u64() == Some(0)
+        && hop.is_mutual()
         && out["calls"].as_u64().unwrap_or(0) > 0
         && must_serve
             .iter()
@@ -144,6 +165,7 @@ async fn follow(
     loadgen: &mut Proc,
     mesh: &mut Mesh,
     order_admin: &str,
+    log_dir: &Path,
     kill_at: Option<Duration>,
     canary_at: Option<Duration>,
 ) -> anyhow::Result<Value> {
@@ -215,7 +237,12 @@ async fn follow(
             Some("progress") => {
                 let retries = scrape_sum(order_admin, "tern_retries_total").await;
                 let version = scrape_sum(order_admin, "tern_config_version").await;
-                println!("{}  retries={retries}  config=v{version}", live_line(&v));
+                let hop = Hop::read(log_dir);
+                println!(
+                    "{}  retries={retries}  config=v{version}  {}",
+                    live_line(&v),
+                    hop.live()
+                );
             }
             Some("summary") => return Ok(v),
             _ => {}
@@ -291,4 +318,64 @@ fn demo_summary(s: &Value) -> Value {
         "errors": s["errors"],
         "duration_s": s["duration_s"],
     })
+}
+
+/// What the last logged order→pay call shows of its hop: the TLS version and
+/// the identity each side verified (from order-proxy's outbound and pay-1-proxy's
+/// inbound access logs).
+#[derive(Default)]
+struct Hop {
+    tls: Option<String>,
+    order_sees: Option<String>,
+    pay_sees: Option<String>,
+}
+
+impl Hop {
+    fn read(log_dir: &Path) -> Self {
+        let order = last_line(&log_dir.join("order-proxy.access.log"), "outbound");
+        let pay = last_line(&log_dir.join("pay-1-proxy.access.log"), "inbound")
+            .or_else(|| last_line(&log_dir.join("pay-2-proxy.access.log"), "inbound"));
+        let text =
+            |v: &Option<Value>, k: &str| v.as_ref().and_then(|v| v[k].as_str()).map(str::to_string);
+        Self {
+            tls: text(&order, "tls"),
+            order_sees: text(&order, "peer_identity"),
+            pay_sees: text(&pay, "peer_identity"),
+        }
+    }
+
+    fn is_mutual(&self) -> bool {
+        self.tls.as_deref() == Some("TLSv1.3")
+            && self.order_sees.as_deref() == Some(mesh::PAY_ID)
+            && self.pay_sees.as_deref() == Some(mesh::ORDER_ID)
+    }
+
+    fn live(&self) -> String {
+        let short = |id: &Option<String>| {
+            id.as_deref()
+                .map(|i| i.rsplit("/ns/").next().unwrap_or(i).to_string())
+                .unwrap_or_else(|| "-".into())
+        };
+        format!(
+            "order→pay={} (order sees {}, pay sees {})",
+            self.tls.as_deref().unwrap_or("plaintext"),
+            short(&self.order_sees),
+            short(&self.pay_sees)
+        )
+    }
+}
+
+/// The last JSON line of `direction` in the tail of an access log file.
+fn last_line(path: &Path, direction: &str) -> Option<Value> {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let mut f = std::fs::File::open(path).ok()?;
+    let len = f.metadata().ok()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(16 * 1024)))
+        .ok()?;
+    let mut tail = String::new();
+    f.read_to_string(&mut tail).ok()?;
+    tail.lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["direction"] == direction)
 }
