@@ -94,7 +94,7 @@ fn vs_haproxy(results: &[PathResult]) -> Vec<Comparison> {
 
 pub fn print_header(s: &Settings, haproxy: Option<&Path>) {
     println!(
-        "Tern bench: gRPC unary tern.demo.v1.PayService/Pay, plaintext HTTP/2 (h2c) on loopback"
+        "Tern bench: gRPC unary tern.demo.v1.PayService/Pay, h2c from the client and to pay, on loopback; between the sidecars plaintext (two) or mTLS 1.3 (two-mtls)"
     );
     println!(
         "  load generator: this process, {} tokio worker thread, one HTTP/2 connection per path; \
