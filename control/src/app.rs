@@ -19,6 +19,7 @@ use crate::server::ControlPlane;
 use crate::state::Mesh;
 use crate::tls;
 use crate::watch::Watching;
+use crate::webhook;
 use crate::wire::ControlPlaneService;
 
 /// How long shutdown waits for streams to close after telling them to.
@@ -113,6 +114,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             shutdown.clone().cancelled_owned(),
         );
 
+    let webhook_addr = webhook::start(
+        &args.webhook,
+        Arc::clone(&authority.ca),
+        Arc::clone(&metrics),
+        shutdown.clone(),
+    )
+    .await?;
+
     tracing::info!(grpc = %grpc_addr, admin = %admin_addr, "listening");
     let ca = &authority.ca;
     tracing::info!(
@@ -124,8 +133,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "serving TLS (and plaintext) on the gRPC listener; sidecars trust the trust anchor file"
     );
     // Tests and `ternctl demo` wait for this line; it names the real
-    // addresses, including ports the OS chose.
-    println!("tern-control ready: grpc={grpc_addr} admin={admin_addr}");
+    // addresses, including ports the OS chose (`webhook=` only when it is on).
+    let webhook_field = webhook_addr
+        .map(|a| format!(" webhook={a}"))
+        .unwrap_or_default();
+    println!("tern-control ready: grpc={grpc_addr} admin={admin_addr}{webhook_field}");
     ready.store(true, Ordering::Release);
 
     tokio::pin!(server);

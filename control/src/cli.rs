@@ -119,6 +119,9 @@ pub struct Args {
         default_value = "allow"
     )]
     pub authz_default: AuthzDefault,
+
+    #[command(flatten)]
+    pub webhook: crate::webhook::WebhookArgs,
 }
 
 /// The mesh-wide default for services without an AuthorizationPolicy.

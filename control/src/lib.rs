@@ -12,6 +12,9 @@
 //! service ([`identity`]). The gRPC listener ([`tls`]) serves TLS with the
 //! control plane's own certificate beside plaintext, and a sidecar's client
 //! certificate is what its registration is checked against.
+//!
+//! Kubernetes: [`webhook`] serves the mutating admission webhook that injects
+//! the sidecar into new Pods (`tern_inject`, as `ternctl inject` does).
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -30,4 +33,5 @@ pub mod state;
 pub mod tls;
 pub mod tokens;
 pub mod watch;
+pub mod webhook;
 pub mod wire;

@@ -25,8 +25,11 @@ pub struct Metrics {
     pub certificate_refusals: IntCounterVec,
     /// By `reason`, from `tern_identity::tls::failure_reason` (plus `timeout`).
     pub tls_handshake_failures: IntCounterVec,
-    /// Unix seconds, by `certificate`: trust_anchor, issuer, control_plane.
+    /// Unix seconds, by `certificate`: trust_anchor, issuer, control_plane, webhook.
     pub certificate_expiry: IntGaugeVec,
+    /// Admission reviews answered by the webhook, by `result`: injected, unchanged, denied,
+    /// bad_request.
+    pub webhook_reviews: IntCounterVec,
     resident_memory: IntGauge,
 }
 
@@ -84,6 +87,11 @@ impl Metrics {
                 "reason",
             )?,
             certificate_expiry,
+            webhook_reviews: counters(
+                "webhook_reviews_total",
+                "Admission reviews answered by the injection webhook, by result.",
+                "result",
+            )?,
             subscribers: gauge("subscribers", "Sidecars with an open Subscribe stream.")?,
             pushes: counter("pushes_total", "Snapshots sent to sidecars.")?,
             push_latency,
@@ -149,6 +157,7 @@ mod tests {
         m.tls_handshake_failures
             .with_label_values(&["unknown_ca"])
             .inc();
+        m.webhook_reviews.with_label_values(&["injected"]).inc();
         let text = m.encode().unwrap();
         for name in [
             "tern_control_subscribers",
@@ -160,6 +169,7 @@ mod tests {
             "tern_control_certificates_issued_total 1",
             "tern_control_certificate_refusals_total{reason=\"unauthenticated\"} 1",
             "tern_control_tls_handshake_failures_total{reason=\"unknown_ca\"} 1",
+            "tern_control_webhook_reviews_total{result=\"injected\"} 1",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

@@ -20,6 +20,9 @@ use crate::store::CertStore;
 
 pub const ALPN_H2: &[u8] = b"h2";
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+/// Opaque TCP between sidecars: after the handshake the client names the
+/// destination port in a small header, then the connection carries raw bytes.
+pub const ALPN_TERN_TCP: &[u8] = b"tern.tcp/1";
 
 pub fn provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
@@ -35,7 +38,8 @@ pub enum ClientAuth {
     Optional,
 }
 
-/// A server config presenting `store`'s certificate, ALPN h2 and http/1.1.
+/// A server config presenting `store`'s certificate, ALPN h2, http/1.1 and
+/// (for sidecars' opaque TCP) tern.tcp/1.
 pub fn server_config(
     store: Arc<CertStore>,
     roots: Arc<RootCertStore>,
@@ -51,7 +55,13 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(store);
-    config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
+    // In order of preference: a client offering h2 or http/1.1 never ends up
+    // on tern.tcp/1, which only sidecars dialing opaque TCP offer.
+    config.alpn_protocols = vec![
+        ALPN_H2.to_vec(),
+        ALPN_HTTP1.to_vec(),
+        ALPN_TERN_TCP.to_vec(),
+    ];
     // No resumption: a resumed session skips certificate checks, so it could
     // outlive an expired or rotated certificate. Mesh connections are
     // long-lived, so a full handshake per connection costs little.

@@ -1,4 +1,5 @@
-//! Access log: one JSON line per request, written off the request path.
+//! Access log: one JSON line per request (and per opaque TCP connection, see
+//! [`crate::tcp`]), written off the request path.
 //!
 //! Lines go through a bounded channel to a writer task, so a slow stdout or
 //! disk never stalls traffic; a line that does not fit is dropped and counted.
@@ -73,7 +74,8 @@ impl AccessLog {
         Ok(Some(Self { tx, dropped }))
     }
 
-    pub fn log(&self, line: &Line<'_>) {
+    /// Queues one line: a request's [`Line`], or an opaque TCP connection's.
+    pub fn log<L: Serialize>(&self, line: &L) {
         match serde_json::to_string(line) {
             Ok(s) => {
                 if self.tx.try_send(Msg::Line(s)).is_err() {

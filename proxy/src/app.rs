@@ -19,9 +19,9 @@ use crate::config::{Config, FileConfig};
 use crate::identity::{issue::Issuer, tls::Inbound, Identity};
 use crate::metrics::{Direction, Metrics};
 use crate::router::{Selector, Target};
-use crate::serve::{accept_loop, ConnMetrics};
+use crate::serve::{accept_loop, ConnMetrics, Listener, Mode};
 use crate::targets::{Entry, Targets};
-use crate::{authz, control, inbound, outbound, stack};
+use crate::{authz, control, inbound, intercept, outbound, stack, tcp};
 
 type Loop<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
@@ -37,10 +37,12 @@ pub async fn run(config: Config, file: FileConfig) -> anyhow::Result<()> {
     let out = outbound::build(&config, &metrics, identity.clone()).context("DNS resolver")?;
     // Written by the control client, read by the inbound stack.
     let inbound_authz = authz::Policy::shared();
-    let app = config
-        .inbound
-        .as_ref()
-        .map(|i| inbound::app_target(&config, i, &metrics));
+    let app =
+        config.inbound.as_ref().and_then(|i| i.app).map(|a| {
+            inbound::app_target(&config.service_name, a, config.connect_timeout, &metrics)
+        });
+    let tcp =
+        tcp::Tcp::new(&metrics, log.clone(), config.connect_timeout).context("TCP metrics")?;
 
     let ready = Arc::new(AtomicBool::new(false));
     let shutdown = CancellationToken::new();
@@ -56,59 +58,90 @@ pub async fn run(config: Config, file: FileConfig) -> anyhow::Result<()> {
     let outbound_listener = bind("outbound", config.outbound_listen).await?;
     bound.push(("outbound", local(&outbound_listener)));
     loops.push(Box::pin(accept_loop(
-        "outbound",
         outbound_listener,
-        stack::http(
-            Direction::Outbound,
-            Selector::Authority(out.targets.table()),
-            &metrics,
-            log.clone(),
-            None,
-        ),
-        conn_metrics(Direction::Outbound),
+        Listener {
+            name: "outbound",
+            svc: stack::http(
+                Direction::Outbound,
+                Selector::Intercepted(out.targets.table()),
+                &metrics,
+                log.clone(),
+                None,
+            ),
+            metrics: conn_metrics(Direction::Outbound),
+            tls: None,
+            mode: Mode::Outbound(Arc::new(intercept::Outbound {
+                targets: Arc::clone(&out.targets),
+                opaque_ports: config.opaque_ports.clone(),
+                tcp: Arc::clone(&tcp),
+            })),
+        },
         &graceful,
         stop_accepting.clone(),
-        None,
     )));
     for (addr, target) in &out.upstreams {
         let listener = bind("upstream", *addr).await?;
         bound.push(("upstream", local(&listener)));
         loops.push(Box::pin(accept_loop(
-            "upstream",
             listener,
-            stack::http(
-                Direction::Outbound,
-                Selector::Fixed(Arc::clone(target)),
-                &metrics,
-                log.clone(),
-                None,
-            ),
-            conn_metrics(Direction::Outbound),
+            Listener {
+                name: "upstream",
+                svc: stack::http(
+                    Direction::Outbound,
+                    Selector::Fixed(Arc::clone(target)),
+                    &metrics,
+                    log.clone(),
+                    None,
+                ),
+                metrics: conn_metrics(Direction::Outbound),
+                tls: None,
+                mode: Mode::Http,
+            },
             &graceful,
             stop_accepting.clone(),
-            None,
         )));
     }
-    if let (Some(inb), Some(app)) = (&config.inbound, &app) {
+    if let Some(inb) = &config.inbound {
         let listener = bind("inbound", inb.listen).await?;
         bound.push(("inbound", local(&listener)));
+        let ports = inbound::AppPorts::new(
+            &config.service_name,
+            config.connect_timeout,
+            Arc::clone(&metrics),
+            own_ports(&config),
+            inb.app.zip(app.clone()),
+        );
         loops.push(Box::pin(accept_loop(
-            "inbound",
             listener,
-            stack::http(
-                Direction::Inbound,
-                Selector::Fixed(Arc::clone(app)),
-                &metrics,
-                log.clone(),
-                Some(Arc::clone(&inbound_authz)),
-            ),
-            conn_metrics(Direction::Inbound),
+            Listener {
+                name: "inbound",
+                svc: stack::http(
+                    Direction::Inbound,
+                    Selector::Local {
+                        app: app.clone(),
+                        ports: inb.transparent.then(|| Arc::clone(&ports)),
+                    },
+                    &metrics,
+                    log.clone(),
+                    Some(Arc::clone(&inbound_authz)),
+                ),
+                metrics: conn_metrics(Direction::Inbound),
+                tls: identity
+                    .as_ref()
+                    .filter(|_| config.inbound_tls != InboundTls::Off)
+                    .map(|id| Arc::new(Inbound::new(Arc::clone(id), config.inbound_tls))),
+                mode: Mode::Inbound(Arc::new(intercept::Inbound {
+                    transparent: inb.transparent,
+                    mode: config.inbound_tls,
+                    opaque_ports: config.opaque_ports.clone(),
+                    ports,
+                    service: config.service_name.clone(),
+                    authz: Arc::clone(&inbound_authz),
+                    tcp: Arc::clone(&tcp),
+                })),
+            },
             &graceful,
             stop_accepting.clone(),
-            identity
-                .as_ref()
-                .filter(|_| config.inbound_tls != InboundTls::Off)
-                .map(|id| Arc::new(Inbound::new(Arc::clone(id), config.inbound_tls))),
         )));
     }
     // With an identity, nothing is ready before the first certificate: peers
@@ -189,16 +222,19 @@ pub async fn run(config: Config, file: FileConfig) -> anyhow::Result<()> {
     let admin_stop = CancellationToken::new();
     let admin_graceful = GracefulShutdown::new();
     let admin_loop = accept_loop(
-        "admin",
         admin_listener,
-        admin,
-        ConnMetrics {
-            open: prometheus::IntGauge::new("admin_open", "admin connections")?,
-            accepted: prometheus::IntCounter::new("admin_accepted", "admin connections")?,
+        Listener {
+            name: "admin",
+            svc: admin,
+            metrics: ConnMetrics {
+                open: prometheus::IntGauge::new("admin_open", "admin connections")?,
+                accepted: prometheus::IntCounter::new("admin_accepted", "admin connections")?,
+            },
+            tls: None,
+            mode: Mode::Http,
         },
         &admin_graceful,
         admin_stop.clone(),
-        None,
     );
 
     for (name, addr) in &bound {
@@ -240,7 +276,10 @@ pub async fn run(config: Config, file: FileConfig) -> anyhow::Result<()> {
             });
         } => {}
     }
-    let drained = tokio::time::timeout(config.drain_grace, graceful.shutdown()).await;
+    let drained = tokio::time::timeout(config.drain_grace, async {
+        tokio::join!(graceful.shutdown(), tcp.drained());
+    })
+    .await;
     match drained {
         Ok(()) => tracing::info!("drained"),
         Err(_) => {
@@ -252,6 +291,20 @@ pub async fn run(config: Config, file: FileConfig) -> anyhow::Result<()> {
     }
     admin_stop.cancel();
     Ok(())
+}
+
+/// The ports of the sidecar's own listeners: never a destination on loopback.
+fn own_ports(config: &Config) -> Vec<u16> {
+    let mut ports = vec![config.outbound_listen.port(), config.admin_listen.port()];
+    ports.extend(config.inbound.as_ref().map(|i| i.listen.port()));
+    ports.extend(
+        config
+            .services
+            .iter()
+            .filter_map(|s| s.upstream.map(|u| u.port())),
+    );
+    ports.retain(|p| *p != 0);
+    ports
 }
 
 async fn bind(name: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
@@ -324,9 +377,12 @@ fn config_view(
 
 fn describe(e: &Entry) -> serde_json::Value {
     let t = &e.target;
+    let (virtual_ip, opaque_ports) = e.addressing();
     serde_json::json!({
         "name": t.service.as_ref(),
         "namespace": e.namespace,
+        "virtual_ip": virtual_ip,
+        "opaque_ports": opaque_ports,
         "endpoints_from": if e.from_control() { "control plane" } else { "bootstrap" },
         "load_balancer": t.balancer.algorithm(),
         "endpoints": t.balancer.describe(),

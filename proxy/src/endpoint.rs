@@ -29,7 +29,7 @@ use crate::body::Body;
 use crate::discovery::{Endpoint, Labels};
 use crate::errors::ProxyError;
 use crate::identity::tls::ClientIo;
-use crate::identity::Identity;
+use crate::identity::{Alpn, Identity};
 
 /// Idle HTTP/1.1 connections kept per endpoint; more are closed when freed.
 const MAX_IDLE_H1: usize = 32;
@@ -290,20 +290,42 @@ impl EndpointClient {
         &self,
         h2: bool,
     ) -> Result<(TokioIo<ClientIo>, Option<SystemTime>), ProxyError> {
-        let connecting = tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr));
+        let (io, retire_at) = self.dial(self.addr, Alpn::http(h2)).await?;
+        Ok((TokioIo::new(io), retire_at))
+    }
+
+    /// A connection for opaque TCP to `port` of this endpoint's workload.
+    /// With identities on both sides: mTLS to its sidecar's inbound port
+    /// offering ALPN `tern.tcp/1` (the caller then sends the header naming
+    /// `port`, see [`crate::tcp::header`]); without: plain TCP straight to
+    /// `ip:port`, which the peer's interception, if any, takes from there.
+    pub async fn connect_tcp(&self, port: u16) -> Result<ClientIo, ProxyError> {
+        let addr = match self.tls {
+            Some(_) => self.addr,
+            None => SocketAddr::new(self.addr.ip(), port),
+        };
+        Ok(self.dial(addr, Alpn::Tcp).await?.0)
+    }
+
+    async fn dial(
+        &self,
+        addr: SocketAddr,
+        alpn: Alpn,
+    ) -> Result<(ClientIo, Option<SystemTime>), ProxyError> {
+        let connecting = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr));
         let stream = match connecting.await {
             Err(_) => {
                 self.connect_failed();
                 return Err(ProxyError::ConnectTimeout {
                     service: self.service.clone(),
-                    addr: self.addr,
+                    addr,
                 });
             }
             Ok(Err(source)) => {
                 self.connect_failed();
                 return Err(ProxyError::Connect {
                     service: self.service.clone(),
-                    addr: self.addr,
+                    addr,
                     source,
                 });
             }
@@ -313,12 +335,12 @@ impl EndpointClient {
         let _ = stream.set_nodelay(true);
         let (Some(identity), Some(expected)) = (&self.tls, &self.endpoint.identity) else {
             self.connected();
-            return Ok((TokioIo::new(ClientIo::Plain(stream)), None));
+            return Ok((ClientIo::Plain(stream), None));
         };
-        match crate::identity::tls::connect(identity, expected, h2, self.addr, stream).await {
+        match crate::identity::tls::connect(identity, expected, alpn, addr, stream).await {
             Ok((io, retire_at)) => {
                 self.connected();
-                Ok((TokioIo::new(io), retire_at))
+                Ok((io, retire_at))
             }
             Err(e) => {
                 // Another endpoint may be fine: back off this one like a
@@ -326,7 +348,7 @@ impl EndpointClient {
                 self.connect_failed();
                 tracing::warn!(
                     service = %self.service,
-                    addr = %self.addr,
+                    %addr,
                     expected = %expected,
                     reason = e.reason,
                     detail = %e.detail,
@@ -334,7 +356,7 @@ impl EndpointClient {
                 );
                 Err(ProxyError::Handshake {
                     service: self.service.clone(),
-                    addr: self.addr,
+                    addr,
                     reason: e.reason,
                     detail: e.detail,
                 })

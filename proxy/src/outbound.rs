@@ -1,9 +1,11 @@
 //! Outbound: the local app's calls into the mesh.
 //!
 //! Every configured service becomes a target fed by its discovery source. A
-//! request names its service in one of two ways: by the listener it arrived
-//! on (an explicit upstream port) or by its `:authority`/`Host` on the
-//! generic outbound port. The control plane can add targets and replace
+//! request names its service in one of three ways: by the listener it arrived
+//! on (an explicit upstream port), by its `:authority`/`Host` on the generic
+//! outbound port, or, for connections iptables redirected to that port, by
+//! their original destination (a virtual IP or an endpoint's IP, see
+//! [`crate::intercept`]). The control plane can add targets and replace
 //! their endpoints and routes later (see [`crate::control`]).
 
 use std::net::SocketAddr;
@@ -50,6 +52,7 @@ pub fn build(
     let mut upstreams = Vec::new();
     for svc in &config.services {
         let entry = targets.ensure(&svc.name, &svc.namespace, &svc.policy);
+        entry.set_bootstrap_vip(svc.virtual_ip);
         match (&svc.discovery, &resolver) {
             (DiscoveryConfig::Static(addrs), _) => {
                 entry.set_local(discovery::with_identity(

@@ -3,17 +3,19 @@
 //! [`RouteLayer`] names the target (fixed per listener, or looked up by
 //! `:authority`/`Host`) and records it in the request's extensions, so every
 //! layer below (metrics, logs, errors) knows it; [`Forward`] at the bottom of
-//! the stack hands the request to that target's balancer. Transparent
-//! interception adds one more [`Selector`]: the connection's original
-//! destination.
+//! the stack hands the request to that target's balancer. With transparent
+//! interception the connection's original destination names the target too:
+//! the accept loop resolves it once per connection ([`crate::intercept`]) and
+//! puts the [`Destination`] in each request.
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::{header, Request, Response};
+use http::{header, HeaderName, HeaderValue, Request, Response};
 
 use arc_swap::ArcSwap;
 
@@ -21,7 +23,27 @@ use crate::balance::{start_request, Algorithm, Balancer, InFlightBody, Upstream}
 use crate::body::Body;
 use crate::endpoint::EndpointClient;
 use crate::errors::ProxyError;
+use crate::inbound::AppPorts;
 use crate::routes::Routes;
+
+/// The port an intercepted request was sent to, told by the calling sidecar
+/// to the receiving one, whose transparent inbound forwards it to
+/// `127.0.0.1:<port>` (an app may listen on several). Never reaches the app.
+pub const DST_PORT: HeaderName = HeaderName::from_static("tern-dst-port");
+
+/// Where an intercepted connection was going, in each of its requests.
+#[derive(Clone)]
+pub struct Destination {
+    pub target: Arc<Target>,
+    /// The app dialed this endpoint's IP: every attempt goes to it.
+    pub endpoint: Option<SocketAddr>,
+    /// The port the app dialed (outbound), sent on as [`DST_PORT`].
+    pub port: Option<u16>,
+}
+
+/// Every attempt of the request goes to this endpoint (see [`Destination`]).
+#[derive(Clone, Copy, Debug)]
+pub struct PinnedEndpoint(pub SocketAddr);
 
 /// A service requests can be sent to. Long-lived: a config push swaps its
 /// routes and its balancer's endpoints, never the target itself.
@@ -58,6 +80,17 @@ pub enum Selector {
     /// The request's authority names the service; the table is replaced
     /// when the control plane adds services.
     Authority(Arc<ArcSwap<RouteTable>>),
+    /// The outbound port with interception: the authority when it names a
+    /// known service, else the connection's original destination (a
+    /// connection that was not redirected has none: as `Authority`).
+    Intercepted(Arc<ArcSwap<RouteTable>>),
+    /// The inbound port: a redirected connection's destination port, else
+    /// the port the caller's sidecar names in [`DST_PORT`] (with `ports`,
+    /// transparent inbound), else `app`.
+    Local {
+        app: Option<Arc<Target>>,
+        ports: Option<Arc<AppPorts>>,
+    },
 }
 
 /// Names under which each service is known: `pay`, `pay.ns`, `pay.ns.svc`,
@@ -166,15 +199,43 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        // Only this sidecar says which port a request was sent to.
+        let dst_port = req.headers_mut().remove(DST_PORT);
         let target = match &self.selector {
             Selector::Fixed(t) => Some(Arc::clone(t)),
             Selector::Authority(table) => table.load().lookup(authority(&req)).cloned(),
+            Selector::Intercepted(table) => {
+                let named = table.load().lookup(authority(&req)).cloned();
+                named.or_else(|| original_destination(&mut req))
+            }
+            Selector::Local { app, ports } => {
+                let named = dst_port.and_then(|v| v.to_str().ok()?.parse::<u16>().ok());
+                let dest = req.extensions().get::<Destination>().map(|d| &d.target);
+                match (dest, named, ports) {
+                    (Some(t), _, _) => Some(Arc::clone(t)),
+                    (None, Some(port), Some(ports)) => ports.get(port),
+                    _ => app.clone(),
+                }
+            }
         };
         if let Some(t) = target {
             req.extensions_mut().insert(t);
         }
         self.inner.call(req)
     }
+}
+
+/// The target of an intercepted connection's request; pins the endpoint the
+/// app dialed and tells the next sidecar which port that was.
+fn original_destination<B>(req: &mut Request<B>) -> Option<Arc<Target>> {
+    let d = req.extensions().get::<Destination>()?.clone();
+    if let Some(ep) = d.endpoint {
+        req.extensions_mut().insert(PinnedEndpoint(ep));
+    }
+    if let Some(port) = d.port {
+        req.headers_mut().insert(DST_PORT, HeaderValue::from(port));
+    }
+    Some(d.target)
 }
 
 /// The bottom of the stack: send to the endpoint chosen for this attempt,
@@ -227,7 +288,95 @@ impl tower::Service<Request<Body>> for Forward {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+    use std::time::Duration;
+    use tower::{Layer as _, Service as _, ServiceExt as _};
+
+    type Seen = (
+        Option<Vec<SocketAddr>>,
+        Option<SocketAddr>,
+        Option<HeaderValue>,
+    );
+
+    /// Routes `req` and reports the target's endpoints, the pinned endpoint
+    /// and the DST_PORT header the layers below would see.
+    async fn route(selector: &Selector, req: Request<()>) -> Seen {
+        let probe = tower::service_fn(|req: Request<()>| async move {
+            Ok::<Seen, std::convert::Infallible>((
+                req.extensions()
+                    .get::<Arc<Target>>()
+                    .map(|t| t.balancer.endpoint_addrs()),
+                req.extensions().get::<PinnedEndpoint>().map(|p| p.0),
+                req.headers().get(DST_PORT).cloned(),
+            ))
+        });
+        let mut svc = RouteLayer::new(selector.clone()).layer(probe);
+        svc.ready().await.unwrap().call(req).await.unwrap()
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn intercepted_requests_follow_their_destination() {
+        let metrics = Arc::new(crate::metrics::Metrics::new().unwrap());
+        let target = |name: &str, a: &str| {
+            crate::inbound::app_target(name, addr(a), Duration::from_secs(1), &metrics)
+        };
+        let (pay, web) = (
+            target("pay", "10.1.0.7:4143"),
+            target("web", "10.1.0.9:4143"),
+        );
+        let mut table = RouteTable::default();
+        table.insert("default", Arc::clone(&web));
+        let outbound = Selector::Intercepted(Arc::new(ArcSwap::from_pointee(table)));
+        let dest = Destination {
+            target: Arc::clone(&pay),
+            endpoint: Some(addr("10.1.0.7:4143")),
+            port: Some(50051),
+        };
+        let with_dest = |authority: &str| {
+            let mut req = Request::builder()
+                .uri(format!("http://{authority}/x"))
+                .header(DST_PORT, "4191")
+                .body(())
+                .unwrap();
+            req.extensions_mut().insert(dest.clone());
+            req
+        };
+        // The pod IP the app dialed: that endpoint, and the port goes along
+        // (a header the app sent is replaced).
+        let (eps, pinned, port) = route(&outbound, with_dest("10.1.0.7:50051")).await;
+        assert_eq!(eps.unwrap(), [addr("10.1.0.7:4143")]);
+        assert_eq!(pinned, Some(addr("10.1.0.7:4143")));
+        assert_eq!(port.unwrap(), "50051");
+        // An authority naming a known service wins.
+        let (eps, pinned, port) = route(&outbound, with_dest("web:80")).await;
+        assert_eq!(eps.unwrap(), [addr("10.1.0.9:4143")]);
+        assert_eq!((pinned, port), (None, None));
+
+        let ports = crate::inbound::AppPorts::new(
+            "pay",
+            Duration::from_secs(1),
+            Arc::clone(&metrics),
+            vec![4143, 4191],
+            None,
+        );
+        let inbound = Selector::Local {
+            app: Some(target("pay", "127.0.0.1:8080")),
+            ports: Some(ports),
+        };
+        let named = |port: &str| Request::builder().header(DST_PORT, port).body(()).unwrap();
+        let (eps, _, port) = route(&inbound, named("9000")).await;
+        assert_eq!(eps.unwrap(), [addr("127.0.0.1:9000")]);
+        assert_eq!(port, None, "the header never reaches the app");
+        let (eps, ..) = route(&inbound, Request::new(())).await;
+        assert_eq!(eps.unwrap(), [addr("127.0.0.1:8080")]);
+        // The sidecar's own ports are not a destination.
+        assert_eq!(route(&inbound, named("4191")).await.0, None);
+    }
 
     #[test]
     fn ports_are_stripped() {

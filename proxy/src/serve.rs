@@ -8,9 +8,13 @@
 //! The inbound listener may take mTLS ([`crate::identity::tls::Inbound`]):
 //! the handshake runs in the connection's own task, so a slow or hostile
 //! peer never holds up the accept loop, and what it established
-//! ([`ConnTls`]) rides in every request's extensions.
+//! ([`ConnTls`]) rides in every request's extensions. A connection may also
+//! turn out not to be HTTP at all ([`Mode`]): one iptables redirected to a
+//! destination outside the mesh, or opaque TCP (ALPN `tern.tcp/1` from
+//! another sidecar); those go to [`crate::tcp`].
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -19,15 +23,18 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use prometheus::{IntCounter, IntGauge};
+use tern_identity::tls::ALPN_TERN_TCP;
 use tern_identity::ConnTls;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::body::BoxError;
 use crate::identity::tls::{Accepted, Inbound};
+use crate::intercept::{self, InboundConn, OutboundConn};
+use crate::router::Destination;
 
 pub struct ConnMetrics {
     pub open: IntGauge,
@@ -48,26 +55,52 @@ pub fn server_builder() -> auto::Builder<TokioExecutor> {
     b
 }
 
-/// Serves `svc` on every connection `listener` accepts until `stop` fires;
-/// with `tls`, each connection first goes through its handshake.
+/// What a listener does with each connection besides serving HTTP.
+pub enum Mode {
+    /// Every connection is HTTP (admin, explicit upstream ports).
+    Http,
+    /// The generic outbound port: connections iptables redirected here are
+    /// routed by their original destination ([`crate::intercept`]).
+    Outbound(Arc<intercept::Outbound>),
+    /// The inbound port: opaque TCP from other sidecars, and redirected
+    /// connections with transparent inbound.
+    Inbound(Arc<intercept::Inbound>),
+}
+
+/// One listener: its name (logs), its HTTP stack, and how it treats connections.
+pub struct Listener<S> {
+    pub name: &'static str,
+    pub svc: S,
+    pub metrics: ConnMetrics,
+    /// With it, each connection first goes through its handshake.
+    pub tls: Option<Arc<Inbound>>,
+    pub mode: Mode,
+}
+
+/// Serves every connection `listener` accepts until `stop` fires; each in
+/// its own task, which decides what the connection is (see [`Mode`]).
 pub async fn accept_loop<S, B>(
-    name: &'static str,
     listener: TcpListener,
-    svc: S,
-    metrics: ConnMetrics,
+    l: Listener<S>,
     graceful: &GracefulShutdown,
     stop: CancellationToken,
-    tls: Option<Arc<Inbound>>,
 ) where
     S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
         + Clone
         + Send
+        + Sync
         + 'static,
     S::Future: Send + 'static,
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let builder = server_builder();
+    let name = l.name;
+    let open = l.metrics.open.clone();
+    let accepted = l.metrics.accepted.clone();
+    let ctx = Arc::new(Ctx {
+        builder: server_builder(),
+        l,
+    });
     loop {
         let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => break,
@@ -82,68 +115,125 @@ pub async fn accept_loop<S, B>(
             },
         };
         let _ = stream.set_nodelay(true);
-        metrics.accepted.inc();
-        let open = metrics.open.clone();
+        accepted.inc();
         open.inc();
-        let Some(tls) = &tls else {
-            let conn = builder
-                .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc.clone()))
-                .into_owned();
-            let conn = graceful.watch(conn);
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(listener = name, %peer, error = %e, "connection ended with error");
-                }
-                open.dec();
-            });
-            continue;
-        };
-        let tls = Arc::clone(tls);
+        let ctx = Arc::clone(&ctx);
         let watcher = graceful.watcher();
-        let svc = svc.clone();
-        let builder = builder.clone();
+        let open = open.clone();
         tokio::spawn(async move {
-            let result = match tls.accept(stream).await {
-                Err(e) => {
-                    tracing::warn!(listener = name, %peer, reason = e.reason, detail = %e.detail, "refused connection");
-                    Ok(())
-                }
-                Ok(Accepted::Plain(stream)) => {
-                    let svc = WithConnTls {
-                        inner: svc,
-                        tls: ConnTls::plaintext(),
-                    };
-                    let conn = builder
-                        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
-                    watcher.watch(conn.into_owned()).await
-                }
-                Ok(Accepted::Tls(stream, conn_tls)) => {
-                    let svc = WithConnTls {
-                        inner: svc,
-                        tls: conn_tls,
-                    };
-                    let conn = builder
-                        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
-                    watcher.watch(conn.into_owned()).await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(listener = name, %peer, error = %e, "connection ended with error");
-            }
+            ctx.connection(watcher, stream, peer).await;
             open.dec();
         });
     }
     tracing::debug!(listener = name, "stopped accepting");
 }
 
-/// Puts what the connection's handshake established into each request.
-#[derive(Clone)]
-struct WithConnTls<S> {
-    inner: S,
-    tls: ConnTls,
+struct Ctx<S> {
+    builder: auto::Builder<TokioExecutor>,
+    l: Listener<S>,
 }
 
-impl<S> tower::Service<Request<Incoming>> for WithConnTls<S>
+/// What the HTTP stack learns about its connection: the handshake's result
+/// and, for an intercepted one, where it was going.
+#[derive(Clone, Default)]
+struct ConnInfo {
+    tls: Option<ConnTls>,
+    dest: Option<Destination>,
+}
+
+impl<S, B> Ctx<S>
+where
+    S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    async fn connection(&self, watcher: Watcher, stream: TcpStream, peer: SocketAddr) {
+        let name = self.l.name;
+        let mut info = ConnInfo::default();
+        match &self.l.mode {
+            Mode::Outbound(out) => {
+                if let Some(dst) = intercept::original_dst(&stream) {
+                    match out.classify(&stream, dst).await {
+                        OutboundConn::Http(dest) => info.dest = Some(dest),
+                        OutboundConn::Mesh { target, pinned } => {
+                            return out.tcp.to_mesh(stream, peer, dst, target, pinned).await
+                        }
+                        OutboundConn::Passthrough => {
+                            return out.tcp.passthrough(stream, peer, dst).await
+                        }
+                    }
+                }
+            }
+            Mode::Inbound(inb) => {
+                if let Some(dst) = inb.redirected(&stream) {
+                    match inb.classify(&stream, dst).await {
+                        InboundConn::Http(dest) => info.dest = Some(dest),
+                        InboundConn::Opaque => {
+                            return inb.tcp.to_app(stream, peer, dst.port(), inb.app()).await
+                        }
+                        InboundConn::Refused => {
+                            let why = "a redirected connection to one of the sidecar's ports";
+                            tracing::warn!(listener = name, %peer, %dst, "refused {why}");
+                            return;
+                        }
+                    }
+                }
+            }
+            Mode::Http => {}
+        }
+        let Some(tls) = &self.l.tls else {
+            return self.http(watcher, stream, peer, info).await;
+        };
+        match tls.accept(stream).await {
+            Err(e) => {
+                tracing::warn!(listener = name, %peer, reason = e.reason, detail = %e.detail, "refused connection");
+            }
+            Ok(Accepted::Plain(stream)) => {
+                info.tls = Some(ConnTls::plaintext());
+                self.http(watcher, stream, peer, info).await
+            }
+            Ok(Accepted::Tls(stream, conn_tls)) => {
+                let opaque = stream.get_ref().1.alpn_protocol() == Some(ALPN_TERN_TCP);
+                if let (true, Mode::Inbound(inb)) = (opaque, &self.l.mode) {
+                    return inb.tcp.from_mesh(stream, peer, conn_tls, inb.app()).await;
+                }
+                info.tls = Some(conn_tls);
+                self.http(watcher, stream, peer, info).await
+            }
+        }
+    }
+
+    async fn http<I>(&self, watcher: Watcher, io: I, peer: SocketAddr, info: ConnInfo)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let svc = WithConn {
+            inner: self.l.svc.clone(),
+            info,
+        };
+        let conn = self
+            .builder
+            .serve_connection(TokioIo::new(io), TowerToHyperService::new(svc))
+            .into_owned();
+        if let Err(e) = watcher.watch(conn).await {
+            tracing::debug!(listener = self.l.name, %peer, error = %e, "connection ended with error");
+        }
+    }
+}
+
+/// Puts what is known about the connection into each request.
+#[derive(Clone)]
+struct WithConn<S> {
+    inner: S,
+    info: ConnInfo,
+}
+
+impl<S> tower::Service<Request<Incoming>> for WithConn<S>
 where
     S: tower::Service<Request<Incoming>>,
 {
@@ -156,7 +246,12 @@ where
     }
 
     fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
-        req.extensions_mut().insert(self.tls.clone());
+        if let Some(tls) = &self.info.tls {
+            req.extensions_mut().insert(tls.clone());
+        }
+        if let Some(dest) = &self.info.dest {
+            req.extensions_mut().insert(dest.clone());
+        }
         self.inner.call(req)
     }
 }

@@ -5,9 +5,14 @@
 //! routes in place, so listeners and connections never need rebuilding. A
 //! target's endpoints come from the control plane when it lists the service,
 //! otherwise from the sidecar's own discovery (static or DNS).
+//!
+//! For transparent interception the targets are also indexed by IP: a
+//! service's virtual IP, and the IP of each of its endpoints, name the
+//! service an intercepted connection is for ([`Targets::resolve`]).
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -28,8 +33,43 @@ pub struct Entry {
     pub base_policy: ServicePolicy,
     /// Extra names (a Service's DNS name) under which authority routing finds it.
     aliases: Mutex<Vec<String>>,
+    addressing: Mutex<Addressing>,
     sources: Mutex<Sources>,
     tx: watch::Sender<EndpointSet>,
+    /// Re-indexed by IP when the endpoints change.
+    targets: Weak<Targets>,
+}
+
+/// How intercepted connections find a service.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Addressing {
+    bootstrap_vip: Option<IpAddr>,
+    pushed_vip: Option<IpAddr>,
+    /// Ports the service declares opaque TCP.
+    opaque_ports: Vec<u16>,
+}
+
+impl Addressing {
+    fn vip(&self) -> Option<IpAddr> {
+        self.pushed_vip.or(self.bootstrap_vip)
+    }
+}
+
+/// What an intercepted connection's original destination names.
+#[derive(Clone)]
+pub struct Resolved {
+    pub target: Arc<Target>,
+    /// The app dialed this endpoint's IP: only this endpoint may take it.
+    pub endpoint: Option<SocketAddr>,
+    /// The service declares the port opaque TCP.
+    pub opaque: bool,
+}
+
+#[derive(Clone)]
+struct Dest {
+    target: Arc<Target>,
+    endpoint: Option<SocketAddr>,
+    opaque_ports: Arc<[u16]>,
 }
 
 #[derive(Default)]
@@ -43,17 +83,21 @@ impl Entry {
     pub fn set_local(&self, set: EndpointSet) {
         let mut s = self.sources.lock().unwrap_or_else(|p| p.into_inner());
         s.local = set;
-        self.publish(&s);
+        let changed = self.publish(&s);
+        drop(s);
+        self.reindex_if(changed);
     }
 
     /// Endpoints from the control plane; `None` when it does not know the service.
     pub fn set_control(&self, set: Option<EndpointSet>) {
         let mut s = self.sources.lock().unwrap_or_else(|p| p.into_inner());
         s.control = set;
-        self.publish(&s);
+        let changed = self.publish(&s);
+        drop(s);
+        self.reindex_if(changed);
     }
 
-    fn publish(&self, s: &Sources) {
+    fn publish(&self, s: &Sources) -> bool {
         let set = s.control.clone().unwrap_or_else(|| s.local.clone());
         self.tx.send_if_modified(|cur| {
             let changed = *cur != set;
@@ -61,7 +105,36 @@ impl Entry {
                 *cur = set;
             }
             changed
+        })
+    }
+
+    /// The virtual IP from bootstrap config (`--virtual-ip`).
+    pub fn set_bootstrap_vip(&self, ip: Option<IpAddr>) {
+        self.update_addressing(|a| a.bootstrap_vip = ip);
+    }
+
+    /// What the control plane says: the virtual IP (`None`: none pushed, the
+    /// bootstrap one stays) and the ports declared opaque.
+    pub fn set_pushed_addressing(&self, vip: Option<IpAddr>, opaque_ports: Vec<u16>) {
+        self.update_addressing(|a| {
+            a.pushed_vip = vip;
+            a.opaque_ports = opaque_ports;
         });
+    }
+
+    fn update_addressing(&self, f: impl FnOnce(&mut Addressing)) {
+        let mut a = self.addressing.lock().unwrap_or_else(|p| p.into_inner());
+        let before = a.clone();
+        f(&mut a);
+        let changed = *a != before;
+        drop(a);
+        self.reindex_if(changed);
+    }
+
+    fn reindex_if(&self, changed: bool) {
+        if let Some(t) = self.targets.upgrade().filter(|_| changed) {
+            t.reindex();
+        }
     }
 
     /// `set` plus the endpoints in force now that it lacks (by address).
@@ -77,6 +150,12 @@ impl Entry {
         Arc::new(merged)
     }
 
+    /// The virtual IP in force and the ports declared opaque, for `/config`.
+    pub fn addressing(&self) -> (Option<IpAddr>, Vec<u16>) {
+        let a = self.addressing.lock().unwrap_or_else(|p| p.into_inner());
+        (a.vip(), a.opaque_ports.clone())
+    }
+
     pub fn from_control(&self) -> bool {
         self.sources
             .lock()
@@ -90,6 +169,9 @@ pub struct Targets {
     /// (namespace, name) → entry.
     entries: Mutex<BTreeMap<(String, String), Arc<Entry>>>,
     table: Arc<ArcSwap<RouteTable>>,
+    /// Virtual IPs and endpoint IPs → the service (see [`Targets::resolve`]).
+    by_ip: ArcSwap<HashMap<IpAddr, Dest>>,
+    me: Weak<Targets>,
     metrics: Arc<Metrics>,
     connect_timeout: Duration,
     /// The sidecar's own namespace: its services win short names like `pay`.
@@ -104,9 +186,11 @@ impl Targets {
         namespace: &str,
         identity: Option<Arc<crate::identity::Identity>>,
     ) -> Arc<Self> {
-        Arc::new(Self {
+        Arc::new_cyclic(|me| Self {
             entries: Mutex::default(),
             table: Arc::new(ArcSwap::from_pointee(RouteTable::default())),
+            by_ip: ArcSwap::from_pointee(HashMap::new()),
+            me: Weak::clone(me),
             metrics,
             connect_timeout,
             namespace: namespace.to_string(),
@@ -147,8 +231,10 @@ impl Targets {
             namespace: namespace.to_string(),
             base_policy: policy.clone(),
             aliases: Mutex::default(),
+            addressing: Mutex::default(),
             sources: Mutex::default(),
             tx,
+            targets: Weak::clone(&self.me),
         });
         entries.insert(key, Arc::clone(&entry));
         self.rebuild(&entries);
@@ -193,5 +279,110 @@ impl Targets {
             }
         }
         self.table.store(Arc::new(table));
+    }
+
+    /// The service an intercepted connection to `dst` is for: the one whose
+    /// virtual IP it is, else the one with an endpoint on that IP (then only
+    /// that endpoint). `None`: not in the mesh, pass it through.
+    pub fn resolve(&self, dst: SocketAddr) -> Option<Resolved> {
+        let table = self.by_ip.load();
+        let d = table.get(&dst.ip())?;
+        Some(Resolved {
+            target: Arc::clone(&d.target),
+            endpoint: d.endpoint,
+            opaque: d.opaque_ports.contains(&dst.port()),
+        })
+    }
+
+    /// Rebuilds the IP index from every entry's endpoints and virtual IP.
+    fn reindex(&self) {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let mut by_ip = HashMap::new();
+        let mut vips = Vec::new();
+        for e in entries.values() {
+            let a = e
+                .addressing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let opaque_ports: Arc<[u16]> = Arc::from(a.opaque_ports.as_slice());
+            for ep in e.tx.borrow().iter() {
+                // Loopback endpoints (local tests) are never an intercepted
+                // destination; an IP two services share goes to the first.
+                if ep.addr.ip().is_loopback() || ep.addr.ip().is_unspecified() {
+                    continue;
+                }
+                by_ip.entry(ep.addr.ip()).or_insert_with(|| Dest {
+                    target: Arc::clone(&e.target),
+                    endpoint: Some(ep.addr),
+                    opaque_ports: Arc::clone(&opaque_ports),
+                });
+            }
+            if let Some(vip) = a.vip() {
+                vips.push((
+                    vip,
+                    Dest {
+                        target: Arc::clone(&e.target),
+                        endpoint: None,
+                        opaque_ports,
+                    },
+                ));
+            }
+        }
+        // A virtual IP wins over an endpoint that happens to share it.
+        by_ip.extend(vips);
+        self.by_ip.store(Arc::new(by_ip));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::config::policy::PolicyFile;
+    use crate::discovery::{fixed, Endpoint};
+
+    fn targets() -> (Arc<Targets>, ServicePolicy) {
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let t = Targets::new(metrics, Duration::from_secs(1), "default", None);
+        (t, PolicyFile::default().validate("t").unwrap())
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn virtual_ips_and_endpoint_ips_name_their_service() {
+        let (t, policy) = targets();
+        let pay = t.ensure("pay", "default", &policy);
+        pay.set_local(fixed(&[addr("10.1.0.7:4143"), addr("127.0.0.1:7001")]));
+        pay.set_bootstrap_vip(Some("10.96.0.10".parse().unwrap()));
+        let web = t.ensure("web", "default", &policy);
+        web.set_control(Some(Arc::new(vec![Endpoint::new(addr("10.1.0.9:4143"))])));
+
+        let r = t.resolve(addr("10.96.0.10:50051")).unwrap();
+        assert_eq!(&*r.target.service, "pay");
+        assert_eq!(r.endpoint, None);
+        assert!(!r.opaque);
+        // The app dialed a pod: that endpoint, whatever port it dialed.
+        let r = t.resolve(addr("10.1.0.9:8080")).unwrap();
+        assert_eq!(&*r.target.service, "web");
+        assert_eq!(r.endpoint, Some(addr("10.1.0.9:4143")));
+        assert!(t.resolve(addr("10.1.0.8:8080")).is_none());
+        // Loopback endpoints are never an intercepted destination.
+        assert!(t.resolve(addr("127.0.0.1:7001")).is_none());
+
+        // A pushed virtual IP replaces the bootstrap one; its opaque ports count.
+        pay.set_pushed_addressing(Some("10.96.0.11".parse().unwrap()), vec![6379]);
+        assert!(t.resolve(addr("10.96.0.10:50051")).is_none());
+        assert!(t.resolve(addr("10.96.0.11:6379")).unwrap().opaque);
+        assert!(!t.resolve(addr("10.96.0.11:50051")).unwrap().opaque);
+        // Once the control plane forgets it, the bootstrap one is back.
+        pay.set_pushed_addressing(None, Vec::new());
+        assert!(t.resolve(addr("10.96.0.10:6379")).is_some());
+        // Endpoints leaving take their IP with them.
+        web.set_control(Some(Arc::new(Vec::new())));
+        assert!(t.resolve(addr("10.1.0.9:8080")).is_none());
     }
 }

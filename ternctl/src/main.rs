@@ -1,8 +1,10 @@
-//! `ternctl`: run the meshed demo on loopback, benchmark the proxy, or mint
-//! bootstrap tokens for tern-control's CA.
+//! `ternctl`: run the meshed demo on loopback, benchmark the proxy, mint
+//! bootstrap tokens for tern-control's CA, or inject the sidecar into
+//! Kubernetes manifests.
 
 mod bench;
 mod demo;
+mod inject;
 mod procs;
 mod token;
 
@@ -23,6 +25,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Bootstrap tokens: how a workload proves its service account to tern-control's CA.
     Token(token::TokenArgs),
+    /// Add the tern-proxy sidecar and its init step to Kubernetes workloads (YAML in, YAML out).
+    Inject(inject::InjectArgs),
 }
 
 fn main() {
@@ -42,6 +46,7 @@ fn main() {
             Command::Demo(args) => demo::run(args).await,
             Command::Bench(args) => bench::run(args).await,
             Command::Token(args) => token::run(args),
+            Command::Inject(args) => inject::run(args),
         };
         match result {
             Ok(code) => code,

@@ -51,12 +51,21 @@ struct CreateArgs {
     /// The token key file [default: <state-dir>/token.key].
     #[arg(long, env = "TERN_CONTROL_TOKEN_KEY_FILE")]
     token_key_file: Option<PathBuf>,
+
+    /// Write the token to this file (replaced in one step) instead of stdout: for
+    /// containers without a shell, such as the Compose deployment's token job.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 pub fn run(args: TokenArgs) -> anyhow::Result<i32> {
     match args.command {
         TokenCommand::Create(a) => {
-            println!("{}", create(&a)?);
+            let token = create(&a)?;
+            match &a.out {
+                None => println!("{token}"),
+                Some(path) => write_token(path, &token)?,
+            }
             Ok(0)
         }
     }
@@ -72,6 +81,7 @@ pub fn mint(state_dir: &Path, namespace: &str, service_account: &str) -> anyhow:
         expires: None,
         state_dir: state_dir.to_path_buf(),
         token_key_file: None,
+        out: None,
     })
 }
 
@@ -105,6 +115,13 @@ fn create(a: &CreateArgs) -> anyhow::Result<String> {
     }))
 }
 
+fn write_token(path: &Path, token: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{token}\n"))
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+}
+
 fn read_key(path: &Path) -> anyhow::Result<TokenKey> {
     if !path.exists() {
         bail!(
@@ -135,6 +152,7 @@ mod tests {
             expires: Some(Duration::from_secs(3600)),
             state_dir: dir.to_path_buf(),
             token_key_file: None,
+            out: None,
         }
     }
 

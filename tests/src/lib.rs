@@ -17,16 +17,19 @@
 //! process logs.
 
 pub mod checks;
+pub mod containers;
 pub mod control;
 pub mod control_mesh;
 pub mod demo;
 pub mod dns;
 pub mod http1;
 pub mod identity;
+pub mod k8s;
 pub mod load;
 pub mod mesh;
 pub mod metrics;
 pub mod mtls;
+pub mod netns;
 pub mod pay_mesh;
 pub mod process;
 pub mod proxy;

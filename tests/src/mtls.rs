@@ -37,6 +37,18 @@ impl MeshCa {
 
     pub async fn start_with(dir: &Path, config: &ConfigDir, extra_args: &[&str]) -> Result<Self> {
         let (control, anchors) = crate::identity::start_control(dir, config, extra_args).await?;
+        Self::with_control(dir, control, anchors)
+    }
+
+    /// Like [`MeshCa::start_with`], the gRPC port listening on `grpc` (an address other
+    /// network namespaces reach, say).
+    pub async fn start_on(dir: &Path, config: &ConfigDir, grpc: SocketAddr) -> Result<Self> {
+        let control = Control::start_on(dir, "tern-control", config, grpc, &[]).await?;
+        let anchors = control.trust_anchor();
+        Self::with_control(dir, control, anchors)
+    }
+
+    fn with_control(dir: &Path, control: Control, anchors: PathBuf) -> Result<Self> {
         let tokens = dir.join("tokens");
         std::fs::create_dir_all(&tokens)
             .with_context(|| format!("creating {}", tokens.display()))?;

@@ -13,8 +13,13 @@
 //! only signs (KeyUsage digitalSignature), is no CA, and is backdated a minute
 //! for clocks a little behind ours. It carries the public key of the
 //! workload's CSR: the CA never makes a workload's key.
+//!
+//! The same issuer signs the server certificate of tern-control's admission
+//! webhook, for the DNS names the Kubernetes API server calls it by
+//! ([`Ca::issue_server`], in `server.rs`).
 
 mod generate;
+mod server;
 #[cfg(test)]
 mod tests;
 
@@ -297,6 +302,28 @@ impl Ca {
         public_key: &impl PublicKeyData,
         lifetime: Duration,
     ) -> Result<Issued, IssueError> {
+        self.sign(
+            DistinguishedName::new(),
+            vec![SanType::URI(id.to_string().try_into()?)],
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+            public_key,
+            lifetime,
+        )
+    }
+
+    /// Signs a leaf (not a CA, digitalSignature) with these names and uses, valid from a
+    /// minute ago for `lifetime` (never past the issuer's own expiry).
+    fn sign(
+        &self,
+        subject: DistinguishedName,
+        names: Vec<SanType>,
+        uses: Vec<ExtendedKeyUsagePurpose>,
+        public_key: &impl PublicKeyData,
+        lifetime: Duration,
+    ) -> Result<Issued, IssueError> {
         let now = whole_seconds(SystemTime::now());
         let not_before = now.checked_sub(CLOCK_SKEW).unwrap_or(now);
         let not_after = now
@@ -309,14 +336,11 @@ impl Ca {
             )));
         }
         let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
+        params.distinguished_name = subject;
+        params.subject_alt_names = names;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = uses;
         params.use_authority_key_identifier_extension = true;
         params.serial_number = Some(serial().ok_or(IssueError::Random)?);
         params.not_before = offset(not_before)?;

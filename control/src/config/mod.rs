@@ -123,6 +123,8 @@ pub enum Protocol {
 pub struct Port {
     pub name: Option<String>,
     pub port: u16,
+    /// Opaque TCP: sidecars carry it as bytes (`protocol: opaque` or `tcp`).
+    pub opaque: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -57,6 +57,15 @@ pub enum Protocol {
 pub struct PortSpec {
     pub name: Option<String>,
     pub port: Option<u16>,
+    /// `opaque` (or `tcp`): carried as bytes, never parsed as HTTP.
+    pub protocol: Option<PortProtocol>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PortProtocol {
+    Opaque,
+    Tcp,
 }
 
 #[derive(Debug, Deserialize)]

@@ -218,6 +218,7 @@ fn service(at: &At, spec: &raw::ServiceSpec) -> Result<Service, ConfigError> {
         ports.push(Port {
             name: p.name.clone(),
             port,
+            opaque: p.protocol.is_some(),
         });
     }
     let virtual_ip = match &spec.virtual_ip {

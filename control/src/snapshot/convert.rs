@@ -22,6 +22,7 @@ pub fn service_fields(sc: &mut pb::ServiceConfig, s: &config::Service) {
         .map(|p| pb::Port {
             name: p.name.clone().unwrap_or_default(),
             port: u32::from(p.port),
+            opaque: p.opaque,
         })
         .collect();
     sc.virtual_ip = s.virtual_ip.map(|ip| ip.to_string()).unwrap_or_default();

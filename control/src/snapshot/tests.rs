@@ -16,7 +16,7 @@ spec: {ports: [{port: 50051}], identity: spiffe://cluster.local/ns/default/sa/pa
 apiVersion: tern.dev/v1alpha1
 kind: Service
 metadata: {name: inventory}
-spec: {ports: [{port: 50053}]}
+spec: {ports: [{port: 50053}, {port: 6379, protocol: opaque}], virtualIP: 10.96.0.53}
 ---
 apiVersion: tern.dev/v1alpha1
 kind: TrafficPolicy
@@ -60,6 +60,10 @@ fn a_view_merges_static_and_registered_endpoints() {
     let v = service_view(&key("pay"), &c, &r).unwrap();
     assert!(v.declared);
     assert_eq!(v.protocol, pb::Protocol::Grpc as i32);
+    let inventory = service_view(&key("inventory"), &c, &r).unwrap();
+    let ports: Vec<(u32, bool)> = inventory.ports.iter().map(|p| (p.port, p.opaque)).collect();
+    assert_eq!(ports, [(50053, false), (6379, true)]);
+    assert_eq!(inventory.virtual_ip, "10.96.0.53");
     let eps: Vec<(&str, &str, &str)> = v
         .endpoints
         .iter()

@@ -293,6 +293,20 @@ impl Balancer {
         }
     }
 
+    /// The endpoint at `addr`, whatever its state: the app dialed that one.
+    pub fn get(&self, addr: SocketAddr) -> Result<Arc<EndpointClient>, ProxyError> {
+        let state = self.state.load();
+        state
+            .all
+            .eps
+            .iter()
+            .find(|e| e.addr() == addr)
+            .cloned()
+            .ok_or_else(|| ProxyError::NoEndpoints {
+                service: self.service.clone(),
+            })
+    }
+
     /// Feeds an attempt's outcome to failure accrual.
     pub fn report(&self, addr: SocketAddr, success: bool) {
         let state = self.state.load();

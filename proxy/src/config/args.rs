@@ -45,9 +45,24 @@ pub struct Args {
     #[arg(long, env = "TERN_INBOUND_LISTEN")]
     pub inbound_listen: Option<String>,
 
-    /// The local app inbound traffic is forwarded to; without it there is no inbound listener.
+    /// The local app inbound traffic is forwarded to; without it (and without
+    /// --inbound-transparent) there is no inbound listener.
     #[arg(long, env = "TERN_INBOUND_APP")]
     pub inbound_app: Option<String>,
+
+    /// Transparent inbound: connections iptables redirected to the inbound
+    /// listener go to 127.0.0.1:<the port they were sent to> [default: false].
+    #[arg(long, env = "TERN_INBOUND_TRANSPARENT", num_args = 0..=1, default_missing_value = "true")]
+    pub inbound_transparent: Option<bool>,
+
+    /// Ports carried as opaque TCP, no protocol detection (e.g. 3306,6379,7000-7010).
+    #[arg(long, env = "TERN_OPAQUE_PORTS", value_delimiter = ',')]
+    pub opaque_ports: Vec<String>,
+
+    /// NAME=IP: service NAME's virtual IP (like a ClusterIP); intercepted
+    /// connections to it go to NAME. The control plane can push it too.
+    #[arg(long = "virtual-ip", env = "TERN_VIRTUAL_IPS", value_delimiter = ';')]
+    pub virtual_ips: Vec<String>,
 
     /// Generic outbound listener, routing by :authority / Host [default: 127.0.0.1:4140].
     #[arg(long, env = "TERN_OUTBOUND_LISTEN")]
@@ -192,6 +207,16 @@ impl Args {
         }
         set(&mut f.inbound.listen, &self.inbound_listen);
         set(&mut f.inbound.app, &self.inbound_app);
+        if self.inbound_transparent.is_some() {
+            f.inbound.transparent = self.inbound_transparent;
+        }
+        if !self.opaque_ports.is_empty() {
+            f.opaque_ports = self
+                .opaque_ports
+                .iter()
+                .map(|p| super::ports::PortItem::Text(p.clone()))
+                .collect();
+        }
         set(&mut f.outbound.listen, &self.outbound_listen);
         set(&mut f.admin.listen, &self.admin_listen);
         set(&mut f.dns.nameserver, &self.dns_nameserver);
@@ -244,6 +269,10 @@ impl Args {
         for d in self.dns.iter().filter(|s| !s.trim().is_empty()) {
             let (name, host) = split_pair("--dns", d)?;
             service(f, name).dns = Some(host.to_string());
+        }
+        for v in self.virtual_ips.iter().filter(|s| !s.trim().is_empty()) {
+            let (name, ip) = split_pair("--virtual-ip", v)?;
+            service(f, name).virtual_ip = Some(ip.to_string());
         }
         for e in self
             .endpoint_identities

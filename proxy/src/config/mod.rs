@@ -8,9 +8,10 @@
 pub mod args;
 pub mod identity;
 pub mod policy;
+pub mod ports;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use identity::{IdentityConfig, IdentityFile, InboundTls};
 use policy::{PolicyFile, ServicePolicy};
+use ports::{PortItem, PortSet};
 
 /// The bootstrap document as written in YAML (and as filled from flags).
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -51,6 +53,9 @@ pub struct FileConfig {
     /// Workload identity and mTLS.
     #[serde(default)]
     pub identity: IdentityFile,
+    /// Ports whose traffic is opaque TCP (no HTTP detection), e.g. `[3306, "7000-7010"]`.
+    #[serde(default)]
+    pub opaque_ports: Vec<PortItem>,
     #[serde(default)]
     pub services: Vec<ServiceFile>,
 }
@@ -60,6 +65,9 @@ pub struct FileConfig {
 pub struct InboundFile {
     pub listen: Option<String>,
     pub app: Option<String>,
+    /// Connections redirected here by iptables go to the app on
+    /// `127.0.0.1:<the port they were sent to>`.
+    pub transparent: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -93,6 +101,8 @@ pub struct ServiceFile {
     pub dns: Option<String>,
     /// The SPIFFE id this service's endpoints (static or DNS) must present; with it, calls use mTLS.
     pub identity: Option<String>,
+    /// The service's virtual IP (like a ClusterIP): intercepted connections to it go to the service.
+    pub virtual_ip: Option<String>,
     pub retry: Option<policy::RetryFile>,
     pub timeout: Option<policy::TimeoutFile>,
     pub failure_accrual: Option<policy::AccrualFile>,
@@ -120,13 +130,19 @@ pub struct Config {
     pub worker_threads: usize,
     pub identity: Option<IdentityConfig>,
     pub inbound_tls: InboundTls,
+    /// Ports carried as opaque TCP (see [`crate::tcp`]).
+    pub opaque_ports: PortSet,
     pub services: Vec<ServiceConfig>,
 }
 
 #[derive(Clone, Debug, Serialize)]
 pub struct InboundConfig {
     pub listen: SocketAddr,
-    pub app: SocketAddr,
+    /// Where HTTP from other sidecars goes when nothing names another port.
+    pub app: Option<SocketAddr>,
+    /// Redirected connections (and requests naming a port) go to
+    /// `127.0.0.1:<port>`.
+    pub transparent: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -146,6 +162,7 @@ pub struct ServiceConfig {
     pub discovery: DiscoveryConfig,
     /// What endpoints from local discovery must present (mTLS).
     pub identity: Option<std::sync::Arc<str>>,
+    pub virtual_ip: Option<IpAddr>,
     pub policy: ServicePolicy,
 }
 
@@ -218,16 +235,20 @@ impl FileConfig {
                 format!("{namespace:?} is not a DNS label"),
             ));
         }
-        let inbound = match (&self.inbound.listen, &self.inbound.app) {
-            (_, None) => None,
-            (listen, Some(app)) => Some(InboundConfig {
+        let transparent = self.inbound.transparent.unwrap_or(false);
+        let inbound = match (&self.inbound.app, transparent) {
+            (None, false) => None,
+            (app, _) => Some(InboundConfig {
                 listen: addr(
                     "inbound.listen",
-                    listen.as_deref().unwrap_or("0.0.0.0:4143"),
+                    self.inbound.listen.as_deref().unwrap_or("0.0.0.0:4143"),
                 )?,
-                app: addr("inbound.app", app)?,
+                app: app.as_deref().map(|a| addr("inbound.app", a)).transpose()?,
+                transparent,
             }),
         };
+        let opaque_ports =
+            PortSet::parse(&self.opaque_ports).map_err(|e| err("opaque_ports", e))?;
         let outbound_listen = addr(
             "outbound.listen",
             self.outbound.listen.as_deref().unwrap_or("127.0.0.1:4140"),
@@ -278,7 +299,7 @@ impl FileConfig {
         if let Some(i) = &inbound {
             listeners.push(("inbound.listen".into(), i.listen));
         }
-        let mut services = Vec::with_capacity(self.services.len());
+        let mut services: Vec<ServiceConfig> = Vec::with_capacity(self.services.len());
         for (i, s) in self.services.iter().enumerate() {
             let field = |f: &str| format!("services[{i}].{f}");
             if !is_dns_label(&s.name) {
@@ -361,12 +382,28 @@ impl FileConfig {
                         .to_string(),
                 )),
             };
+            let virtual_ip = match s.virtual_ip.as_deref().map(str::trim) {
+                None | Some("") => None,
+                Some(v) => {
+                    let ip: IpAddr = v.parse().map_err(|_| {
+                        err(field("virtual_ip"), format!("{v:?} is not an IP address"))
+                    })?;
+                    if let Some(other) = services.iter().find(|o| o.virtual_ip == Some(ip)) {
+                        return Err(err(
+                            field("virtual_ip"),
+                            format!("{ip} is already the virtual IP of {}", other.name),
+                        ));
+                    }
+                    Some(ip)
+                }
+            };
             services.push(ServiceConfig {
                 name: s.name.clone(),
                 namespace: svc_namespace,
                 upstream,
                 discovery,
                 identity,
+                virtual_ip,
                 policy,
             });
         }
@@ -394,12 +431,12 @@ impl FileConfig {
                 ));
             }
         }
+        // An unspecified IP (the default 0.0.0.0:4143) is told as it is: the
+        // control plane puts in the address the sidecar connects from (the
+        // pod IP).
         let advertise = match self.advertise.as_deref() {
             Some(a) => Some(addr("advertise", a)?),
-            None => inbound
-                .as_ref()
-                .map(|i| i.listen)
-                .filter(|a| !a.ip().is_unspecified()),
+            None => inbound.as_ref().map(|i| i.listen),
         };
         for (k, v) in &self.labels {
             if k.is_empty() || k.len() > 63 || v.len() > 63 {
@@ -430,6 +467,7 @@ impl FileConfig {
             worker_threads,
             identity,
             inbound_tls,
+            opaque_ports,
             services,
         })
     }

@@ -200,3 +200,66 @@ fn identity_settings_are_validated() {
     .unwrap_err();
     assert_eq!(e.field, "services[0].identity");
 }
+
+#[test]
+fn interception_settings_parse() {
+    let c = parse(&[
+        "--inbound-transparent",
+        "--opaque-ports",
+        "6379,7000-7001",
+        "--virtual-ip",
+        "pay=10.96.0.10",
+    ])
+    .unwrap();
+    let inbound = c.inbound.unwrap();
+    assert!(inbound.transparent);
+    assert_eq!(inbound.app, None);
+    assert_eq!(inbound.listen, "0.0.0.0:4143".parse().unwrap());
+    assert!(c.opaque_ports.contains(6379) && c.opaque_ports.contains(7001));
+    assert!(!c.opaque_ports.contains(7002));
+    assert_eq!(
+        c.services[0].virtual_ip,
+        Some("10.96.0.10".parse().unwrap())
+    );
+    // Without either flag there is still no inbound listener.
+    assert!(parse(&[]).unwrap().inbound.is_none());
+    let c = parse(&[
+        "--inbound-transparent=false",
+        "--inbound-app",
+        "127.0.0.1:8080",
+    ])
+    .unwrap();
+    assert!(!c.inbound.unwrap().transparent);
+
+    let e = parse(&["--opaque-ports", "redis"]).unwrap_err();
+    assert_eq!(e.field, "opaque_ports");
+    let e = parse(&["--virtual-ip", "pay=10.96.0"]).unwrap_err();
+    assert_eq!(e.field, "services[0].virtual_ip");
+    let e = parse(&[
+        "--virtual-ip",
+        "pay=10.96.0.10",
+        "--virtual-ip",
+        "web=10.96.0.10",
+    ])
+    .unwrap_err();
+    assert!(e.reason.contains("already the virtual IP of pay"), "{e}");
+}
+
+#[test]
+fn yaml_takes_opaque_ports_as_numbers_or_ranges() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tern.yaml");
+    std::fs::write(
+        &path,
+        "opaque_ports: [3306, \"7000-7002\"]\ninbound: {app: 127.0.0.1:8080, transparent: true}\n\
+         services:\n  - name: pay\n    virtual_ip: 10.96.0.20\n",
+    )
+    .unwrap();
+    let c = parse(&["--config", path.to_str().unwrap()]).unwrap();
+    assert_eq!(c.opaque_ports.to_string(), "3306,7000-7002");
+    assert!(c.inbound.unwrap().transparent);
+    assert_eq!(
+        c.services[0].virtual_ip,
+        Some("10.96.0.20".parse().unwrap())
+    );
+}

@@ -3,7 +3,7 @@
 //! Everything is checked before anything is applied: a snapshot with one bad
 //! value is rejected whole (NACK) and the sidecar keeps what it had.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +24,9 @@ pub struct ServiceUpdate {
     pub algorithm: Algorithm,
     pub accrual: crate::config::policy::AccrualPolicy,
     pub aliases: Vec<String>,
+    pub virtual_ip: Option<IpAddr>,
+    /// Ports the service declares opaque TCP.
+    pub opaque_ports: Vec<u16>,
 }
 
 pub fn service(svc: &pb::ServiceConfig, base: &ServicePolicy) -> Result<ServiceUpdate, String> {
@@ -42,6 +45,20 @@ pub fn service(svc: &pb::ServiceConfig, base: &ServicePolicy) -> Result<ServiceU
     }
     endpoints.sort();
     endpoints.dedup_by(|a, b| a.addr == b.addr);
+    let virtual_ip = match svc.virtual_ip.trim() {
+        "" => None,
+        v => Some(
+            v.parse::<IpAddr>()
+                .map_err(|_| at(&format!("virtual_ip {v:?} is not an IP address")))?,
+        ),
+    };
+    let mut opaque_ports = Vec::new();
+    for p in svc.ports.iter().filter(|p| p.opaque) {
+        match u16::try_from(p.port) {
+            Ok(port) if port > 0 => opaque_ports.push(port),
+            _ => return Err(at(&format!("port {} is not 1-65535", p.port))),
+        }
+    }
 
     let traffic = svc.traffic.clone().unwrap_or_default();
     let algorithm = match pb::LoadBalancer::try_from(traffic.load_balancer) {
@@ -104,6 +121,8 @@ pub fn service(svc: &pb::ServiceConfig, base: &ServicePolicy) -> Result<ServiceU
         algorithm,
         accrual,
         aliases,
+        virtual_ip,
+        opaque_ports,
     })
 }
 
@@ -339,6 +358,8 @@ mod tests {
         };
         let u = service(&pay(vec![route]), &base()).unwrap();
         assert_eq!(u.algorithm, Algorithm::P2cEwma);
+        assert_eq!(u.virtual_ip, None);
+        assert!(u.opaque_ports.is_empty());
         assert_eq!(u.endpoints[0].labels["version"], "v2");
         let rule = &u.routes.rules[0];
         assert_eq!(rule.policy.retry.max_attempts, 5);
@@ -432,6 +453,31 @@ mod tests {
             ..Default::default()
         };
         assert!(service(&pay(vec![bad_code]), &base()).is_err());
+        let mut addressed = pay(vec![]);
+        addressed.virtual_ip = "10.96.0.20".into();
+        addressed.ports = vec![
+            pb::Port {
+                name: "grpc".into(),
+                port: 50051,
+                opaque: false,
+            },
+            pb::Port {
+                name: "redis".into(),
+                port: 6379,
+                opaque: true,
+            },
+        ];
+        let u = service(&addressed, &base()).unwrap();
+        assert_eq!(u.virtual_ip, Some("10.96.0.20".parse().unwrap()));
+        assert_eq!(u.opaque_ports, [6379]);
+        addressed.virtual_ip = "10.96.0".into();
+        assert!(service(&addressed, &base())
+            .err()
+            .unwrap()
+            .contains("virtual_ip"));
+        addressed.virtual_ip.clear();
+        addressed.ports[1].port = 70000;
+        assert!(service(&addressed, &base()).is_err());
         let mut bad_addr = pay(vec![]);
         bad_addr.endpoints[0].address = "nowhere".into();
         assert!(service(&bad_addr, &base())

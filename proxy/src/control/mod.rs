@@ -215,6 +215,7 @@ impl Client {
                 u.endpoints
             };
             entry.set_control(Some(endpoints));
+            entry.set_pushed_addressing(u.virtual_ip, u.opaque_ports);
             self.targets.set_aliases(&entry, u.aliases);
             listed.push(format!("{}.{}", u.name, u.namespace));
         }
@@ -223,6 +224,7 @@ impl Client {
             let key = format!("{}.{}", entry.target.service, entry.namespace);
             if entry.from_control() && !listed.contains(&key) {
                 entry.set_control(None);
+                entry.set_pushed_addressing(None, Vec::new());
             }
         }
         let applied = Applied {

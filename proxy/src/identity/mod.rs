@@ -18,14 +18,41 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context as _;
 use prometheus::{Gauge, IntCounterVec};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
-use tern_identity::tls::{ClientAuth, ALPN_H2, ALPN_HTTP1};
+use tern_identity::tls::{ClientAuth, ALPN_H2, ALPN_HTTP1, ALPN_TERN_TCP};
 use tern_identity::{CertStore, SpiffeId};
 
 use crate::config::identity::IdentityConfig;
 use crate::metrics::Metrics;
 
-/// Client configs by (expected peer identity, h2 or not).
-type ClientConfigs = HashMap<(Arc<str>, bool), Arc<ClientConfig>>;
+/// Client configs by (expected peer identity, protocol offered).
+type ClientConfigs = HashMap<(Arc<str>, Alpn), Arc<ClientConfig>>;
+
+/// What a mesh connection carries, offered as its one ALPN protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Alpn {
+    H2,
+    Http1,
+    /// Opaque TCP (see [`crate::tcp::header`]).
+    Tcp,
+}
+
+impl Alpn {
+    pub fn http(h2: bool) -> Self {
+        if h2 {
+            Self::H2
+        } else {
+            Self::Http1
+        }
+    }
+
+    fn id(self) -> &'static [u8] {
+        match self {
+            Self::H2 => ALPN_H2,
+            Self::Http1 => ALPN_HTTP1,
+            Self::Tcp => ALPN_TERN_TCP,
+        }
+    }
+}
 
 pub struct Identity {
     pub id: SpiffeId,
@@ -117,25 +144,24 @@ impl Identity {
     }
 
     /// The client config for dialing a peer that must present `expected`,
-    /// offering h2 or http/1.1; one per (identity, protocol), shared by every
+    /// offering `alpn`; one per (identity, protocol), shared by every
     /// endpoint with that identity.
     pub fn client_config(
         &self,
         expected: &Arc<str>,
-        h2: bool,
+        alpn: Alpn,
     ) -> Result<Arc<ClientConfig>, rustls::Error> {
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = clients.get(&(Arc::clone(expected), h2)) {
+        if let Some(c) = clients.get(&(Arc::clone(expected), alpn)) {
             return Ok(Arc::clone(c));
         }
-        let alpn: &[&[u8]] = if h2 { &[ALPN_H2] } else { &[ALPN_HTTP1] };
         let config = tern_identity::tls::client_config(
             Some(Arc::clone(&self.store)),
             Arc::clone(&self.roots),
             Arc::clone(expected),
-            alpn,
+            &[alpn.id()],
         )?;
-        clients.insert((Arc::clone(expected), h2), Arc::clone(&config));
+        clients.insert((Arc::clone(expected), alpn), Arc::clone(&config));
         Ok(config)
     }
 

@@ -18,7 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use super::Identity;
+use super::{Alpn, Identity};
 use crate::config::identity::InboundTls;
 
 /// How long a peer may take to finish a handshake.
@@ -44,7 +44,7 @@ pub struct HandshakeError {
 pub async fn connect(
     identity: &Identity,
     expected: &Arc<str>,
-    h2: bool,
+    alpn: Alpn,
     addr: SocketAddr,
     tcp: TcpStream,
 ) -> Result<(ClientIo, Option<SystemTime>), HandshakeError> {
@@ -63,7 +63,7 @@ pub async fn connect(
         ));
     };
     let config = identity
-        .client_config(expected, h2)
+        .client_config(expected, alpn)
         .map_err(|e| fail("config", e.to_string()))?;
     let name = tern_identity::tls::server_name(addr.ip());
     let handshake = TlsConnector::from(config).connect(name, tcp);

@@ -153,6 +153,11 @@ where
         .get::<Attempts>()
         .cloned()
         .unwrap_or_default();
+    // The app dialed one endpoint's IP: every attempt goes there.
+    let pinned = req
+        .extensions()
+        .get::<crate::router::PinnedEndpoint>()
+        .map(|p| p.0);
     let (parts, body) = req.into_parts();
     let mut source = if policy.retry.max_attempts > 1 {
         Source::Replay(Replay::new(body, policy.retry.buffer_bytes))
@@ -184,7 +189,10 @@ where
         if remaining == Some(Duration::ZERO) {
             return Err(deadline_exceeded());
         }
-        let endpoint = target.balancer.pick(subset, avoid)?;
+        let endpoint = match pinned {
+            Some(addr) => target.balancer.get(addr)?,
+            None => target.balancer.pick(subset, avoid)?,
+        };
         let addr = endpoint.addr();
         let mut req = Request::new(source.body());
         *req.method_mut() = parts.method.clone();

@@ -309,6 +309,11 @@ fn service_specs_are_checked() {
             "ports: [{port: 70000}]",
             "spec.ports[0].port",
         ),
+        (
+            "ports: [{name: grpc, port: 50051}]",
+            "ports: [{name: grpc, port: 50051, protocol: udp}]",
+            "spec.ports[0].protocol",
+        ),
         ("protocol: grpc", "protocol: tcp", "spec.protocol"),
         (
             "metadata: {name: pay, namespace: default}",

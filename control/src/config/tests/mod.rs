@@ -24,7 +24,7 @@ apiVersion: tern.dev/v1alpha1
 kind: Service
 metadata: {name: order}
 spec:
-  ports: [{port: 50052}]
+  ports: [{port: 50052}, {name: cache, port: 6379, protocol: opaque}, {port: 3306, protocol: tcp}]
 ";
 
 pub(super) const POLICY: &str = "\
@@ -124,6 +124,10 @@ fn a_full_config_validates_into_plain_data() {
     let svc = &c.services[&pay];
     assert_eq!(svc.protocol, Protocol::Grpc);
     assert_eq!(svc.virtual_ip, Some("10.96.0.20".parse().unwrap()));
+    assert!(!svc.ports[0].opaque);
+    let order = &c.services[&ServiceKey::new("default", "order")];
+    let opaque: Vec<(u16, bool)> = order.ports.iter().map(|p| (p.port, p.opaque)).collect();
+    assert_eq!(opaque, [(50052, false), (6379, true), (3306, true)]);
     let tp = &c.traffic[&pay];
     assert_eq!(tp.load_balancer, Some(LoadBalancer::P2cEwma));
     let names: Vec<&str> = tp.routes.iter().map(|r| r.name.as_str()).collect();
