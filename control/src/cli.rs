@@ -111,6 +111,20 @@ pub struct Args {
     #[arg(long, env = "TERN_CONTROL_TOKEN_KEY_FILE")]
     pub token_key_file: Option<PathBuf>,
 
+    /// How Certify checks a bootstrap token: `local` (Tern tokens signed with the token key),
+    /// `kubernetes` (ServiceAccount tokens, by TokenReview with the API server) or `both` (a
+    /// `tern1.` token locally, any other by TokenReview).
+    #[arg(
+        long,
+        env = "TERN_CONTROL_TOKEN_REVIEW",
+        value_enum,
+        default_value = "local"
+    )]
+    pub token_review: TokenReview,
+
+    #[command(flatten)]
+    pub kube: crate::tokens::kube::KubeArgs,
+
     /// What a sidecar does with a call to a service that has no AuthorizationPolicy.
     #[arg(
         long,
@@ -122,6 +136,14 @@ pub struct Args {
 
     #[command(flatten)]
     pub webhook: crate::webhook::WebhookArgs,
+}
+
+/// Which reviewer checks bootstrap tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TokenReview {
+    Local,
+    Kubernetes,
+    Both,
 }
 
 /// The mesh-wide default for services without an AuthorizationPolicy.
@@ -215,6 +237,11 @@ mod tests {
         assert_eq!(a.token_key_path(), PathBuf::from(".tern-control/token.key"));
         assert_eq!(a.cert_lifetime, Duration::from_secs(24 * 3600));
         assert_eq!(a.authz_default, AuthzDefault::Allow);
+        assert_eq!(a.token_review, TokenReview::Local);
+        assert_eq!(
+            a.kube.kube_token_file,
+            PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token")
+        );
         assert_eq!(
             a.control_identity().unwrap().to_string(),
             "spiffe://cluster.local/ns/tern/sa/tern-control"
@@ -225,8 +252,17 @@ mod tests {
             "--trust-domain=Example.org",
             "--cert-lifetime=1s",
             "--authz-default=deny",
+            "--token-review=both",
+            "--kube-api-server=https://127.0.0.1:6443",
+            "--kube-ca-file=/tmp/ca.crt",
         ])
         .unwrap();
+        assert_eq!(a.token_review, TokenReview::Both);
+        assert_eq!(
+            a.kube.kube_api_server.as_deref(),
+            Some("https://127.0.0.1:6443")
+        );
+        assert_eq!(a.kube.kube_ca_file, PathBuf::from("/tmp/ca.crt"));
         assert_eq!(a.cert_lifetime, Duration::from_secs(1));
         assert_eq!(a.authz_default, AuthzDefault::Deny);
         assert_eq!(

@@ -31,7 +31,7 @@ use crate::ca::{self, Ca, CsrError, Issued, Source};
 use crate::cli::Args;
 use crate::metrics::Metrics;
 use crate::tls::{issue_own, ConnInfo};
-use crate::tokens::{LocalTokens, ReviewError, Reviewed, TokenReviewer};
+use crate::tokens::{self, ReviewError, Reviewed, TokenReviewer};
 
 /// Bound on a whole CertifyRequest (the CSR alone is bounded tighter).
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -79,8 +79,7 @@ pub fn setup(args: &Args, metrics: &Arc<Metrics>) -> anyhow::Result<Setup> {
     let control_identity = args.control_identity()?;
     let ca = Arc::new(Ca::load(&Source::from_args(args)?, &trust_domain)?);
     let token_key_file = args.token_key_path();
-    let tokens = LocalTokens::load_or_generate(&token_key_file)
-        .with_context(|| format!("bootstrap token key {}", token_key_file.display()))?;
+    let reviewer = tokens::reviewer(args.token_review, &token_key_file, &args.kube)?;
     let serving = CertStore::new();
     let own =
         issue_own(&ca, &control_identity).context("issuing the control plane's certificate")?;
@@ -99,7 +98,7 @@ pub fn setup(args: &Args, metrics: &Arc<Metrics>) -> anyhow::Result<Setup> {
         .context("TLS server config")?;
     let service = IdentityService::new(
         Arc::clone(&ca),
-        Arc::new(tokens),
+        reviewer,
         args.cert_lifetime,
         Arc::clone(metrics),
     );

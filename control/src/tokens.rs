@@ -2,26 +2,34 @@
 //! reviewed into a namespace and a service account.
 //!
 //! Certify asks a [`TokenReviewer`] and nothing else, so the check can be
-//! swapped without touching issuance. Today's reviewer is [`LocalTokens`]:
-//! HMAC-signed Tern tokens (`tern1.<claims>.<tag>`, see
-//! [`tern_identity::token`]) minted by `ternctl token create` with the same
-//! key file. In Kubernetes a reviewer that posts the workload's projected
-//! ServiceAccount token to the API server's TokenReview
-//! (`authentication.k8s.io/v1`) and reads `status.user.username`
-//! (`system:serviceaccount:<namespace>:<name>`) implements the same trait and
-//! returns the same [`Reviewed`]; nothing else changes.
+//! swapped without touching issuance. `--token-review` picks it:
+//! - `local` ([`LocalTokens`]): HMAC-signed Tern tokens (`tern1.<claims>.<tag>`,
+//!   see [`tern_identity::token`]) minted by `ternctl token create` with the
+//!   same key file;
+//! - `kubernetes` ([`kube::KubeTokenReview`]): the workload's projected
+//!   ServiceAccount token, posted to the API server's TokenReview
+//!   (`authentication.k8s.io/v1`, audience `tern`);
+//! - `both` ([`Both`]): a token that looks like a Tern token (`tern1.`) is
+//!   checked locally, any other goes to the API server.
 //!
 //! The key file holds raw key bytes (any length from 16 bytes; generated: 32
 //! random bytes, mode 0600). `ternctl token create` reads it the same way.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use anyhow::bail;
 use futures::future::BoxFuture;
 use tern_identity::token::{TokenError, TokenKey};
 
+use crate::cli::TokenReview;
 use crate::files::{self, Mode};
+
+pub mod kube;
+
+/// How a Tern token starts (anything else, under `both`, is a Kubernetes token).
+pub const TERN_TOKEN_PREFIX: &str = "tern1.";
 
 /// Shorter keys are refused: an HMAC key should be as long as the hash.
 pub const MIN_KEY_BYTES: usize = 16;
@@ -127,6 +135,49 @@ impl TokenReviewer for LocalTokens {
     fn review<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Reviewed, ReviewError>> {
         Box::pin(std::future::ready(self.check(token)))
     }
+}
+
+/// Tern tokens locally, every other token through the API server.
+pub struct Both {
+    pub local: LocalTokens,
+    pub kube: kube::KubeTokenReview,
+}
+
+impl TokenReviewer for Both {
+    fn review<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Reviewed, ReviewError>> {
+        if token.starts_with(TERN_TOKEN_PREFIX) {
+            self.local.review(token)
+        } else {
+            self.kube.review(token)
+        }
+    }
+}
+
+/// The reviewer `--token-review` asks for; the token key (read, or generated)
+/// at `key_path` unless it is `kubernetes` alone.
+pub fn reviewer(
+    mode: TokenReview,
+    key_path: &Path,
+    kube_args: &kube::KubeArgs,
+) -> anyhow::Result<Arc<dyn TokenReviewer>> {
+    let local = || {
+        LocalTokens::load_or_generate(key_path)
+            .map_err(|e| anyhow::anyhow!("bootstrap token key {}: {e:#}", key_path.display()))
+    };
+    let kube = || {
+        let kube = kube::KubeTokenReview::from_args(kube_args)
+            .map_err(|e| anyhow::anyhow!("--token-review {mode:?}: {e:#}"))?;
+        tracing::info!(url = %kube.url(), "reviewing ServiceAccount tokens with the Kubernetes API server");
+        Ok::<_, anyhow::Error>(kube)
+    };
+    Ok(match mode {
+        TokenReview::Local => Arc::new(local()?),
+        TokenReview::Kubernetes => Arc::new(kube()?),
+        TokenReview::Both => Arc::new(Both {
+            local: local()?,
+            kube: kube()?,
+        }),
+    })
 }
 
 #[cfg(test)]

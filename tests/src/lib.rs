@@ -25,6 +25,7 @@ pub mod dns;
 pub mod http1;
 pub mod identity;
 pub mod k8s;
+pub mod kube_api;
 pub mod load;
 pub mod mesh;
 pub mod metrics;

@@ -9,6 +9,7 @@ use tern_proto::identity::v1::identity_server::Identity as _;
 use tonic::Code;
 
 use super::*;
+use crate::tokens::LocalTokens;
 
 const PAY: &str = "spiffe://cluster.local/ns/default/sa/pay";
 
