@@ -226,6 +226,7 @@ fn parse_fields(
             address,
             labels,
             peer,
+            all_services: h.all_services,
         },
         calls,
     ))

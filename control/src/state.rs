@@ -213,6 +213,9 @@ impl Mesh {
         for k in &calls {
             inner.interest.watch(id, k);
         }
+        if sub.workload.all_services {
+            inner.interest.watch_all(id);
+        }
         sub.wake(now);
         inner.subscribers.insert(
             id,
@@ -255,13 +258,21 @@ impl Mesh {
     pub fn build(&self, id: u64) -> Option<Built> {
         let inner = lock(&self.inner);
         let entry = inner.subscribers.get(&id)?;
-        Some(Built {
-            config_version: inner.config_version,
-            services: entry
+        let services = if entry.sub.workload.all_services {
+            // Snapshots list services sorted by namespace, then name.
+            let mut all: Vec<_> = inner.views.iter().collect();
+            all.sort_by(|a, b| a.0.cmp(b.0));
+            all.into_iter().map(|(_, v)| Arc::clone(v)).collect()
+        } else {
+            entry
                 .watching
                 .iter()
                 .filter_map(|k| inner.views.get(k).cloned())
-                .collect(),
+                .collect()
+        };
+        Some(Built {
+            config_version: inner.config_version,
+            services,
             inbound: inner
                 .inbound
                 .get(&entry.sub.workload.key)

@@ -183,6 +183,7 @@ pub async fn run(config: Config, file: FileConfig) -> anyhow::Result<()> {
                         }
                     })
                     .collect(),
+                all_services: config.watch_all_services,
             },
             targets: Arc::clone(&out.targets),
             defaults: config.default_policy.clone(),

@@ -223,6 +223,8 @@ impl Mesh {
             "TERN_ADMIN_LISTEN=0.0.0.0:4191".into(),
             "TERN_DRAIN_GRACE=5s".into(),
             "TERN_OPAQUE_PORTS=6379".into(),
+            // Like an injected pod: the app may dial any service, so the sidecar learns them all.
+            "TERN_WATCH_ALL_SERVICES=true".into(),
             "TERN_LOG=info".into(),
         ];
         env.extend(spec.extra_env.iter().map(ToString::to_string));
@@ -369,11 +371,9 @@ async fn scenario(mesh: &Mesh) -> Result<()> {
             service_account: "order",
             app: &order_app,
             ports: "50052",
-            // loadgen calls from outside the mesh; pay is the service order calls.
-            extra_env: &[
-                "TERN_INBOUND_TLS=permissive",
-                "TERN_VIRTUAL_IPS=pay=10.96.0.51",
-            ],
+            // loadgen calls from outside the mesh. Nothing tells order's sidecar it calls pay:
+            // it learns pay's virtual IP by watching every service.
+            extra_env: &["TERN_INBOUND_TLS=permissive"],
             hosts: &[&pay_host],
             sidecars: &[],
         })

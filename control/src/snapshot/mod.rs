@@ -253,11 +253,17 @@ pub struct Interest {
     watchers: HashMap<ServiceKey, HashSet<u64>>,
     /// Subscribers whose own workload is each service (its inbound policy).
     owners: HashMap<ServiceKey, HashSet<u64>>,
+    /// Subscribers watching every service.
+    all: HashSet<u64>,
 }
 
 impl Interest {
     pub fn watch(&mut self, id: u64, key: &ServiceKey) {
         self.watchers.entry(key.clone()).or_default().insert(id);
+    }
+
+    pub fn watch_all(&mut self, id: u64) {
+        self.all.insert(id);
     }
 
     pub fn own(&mut self, id: u64, key: &ServiceKey) {
@@ -282,6 +288,7 @@ impl Interest {
             drop_id(&mut self.watchers, key, id);
         }
         drop_id(&mut self.owners, own, id);
+        self.all.remove(&id);
     }
 
     /// Subscribers to wake after `views` and `inbound` services changed.
@@ -292,7 +299,13 @@ impl Interest {
     ) -> BTreeSet<u64> {
         let watching = views.iter().filter_map(|k| self.watchers.get(k));
         let owning = inbound.iter().filter_map(|k| self.owners.get(k));
-        watching.chain(owning).flatten().copied().collect()
+        let all = (!views.is_empty()).then_some(&self.all);
+        watching
+            .chain(owning)
+            .chain(all)
+            .flatten()
+            .copied()
+            .collect()
     }
 }
 

@@ -24,6 +24,8 @@ pub struct Workload {
     pub labels: BTreeMap<String, String>,
     /// The stream's remote address, for operators.
     pub peer: Option<SocketAddr>,
+    /// It watches every service (Hello.all_services), not only its calls.
+    pub all_services: bool,
 }
 
 /// What was delivered to one sidecar, shown on `/state`.

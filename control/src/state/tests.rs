@@ -42,6 +42,7 @@ fn workload(service: &str, address: Option<&str>) -> Workload {
         address: address.map(|a| a.parse().unwrap()),
         labels: [("version".to_owned(), "v1".to_owned())].into(),
         peer: None,
+        all_services: false,
     }
 }
 
@@ -268,4 +269,31 @@ async fn assembled_encoding_equals_the_message_encoding() {
             want
         );
     }
+}
+
+#[test]
+fn a_subscriber_watching_all_services_hears_of_every_one() {
+    let m = mesh(Duration::from_secs(1));
+    let all = Workload {
+        all_services: true,
+        ..workload("order", None)
+    };
+    let mut sub = m.subscribe(all, calls(&[])).unwrap();
+    let id = sub.subscriber.id;
+    let names = |m: &Arc<Mesh>| -> Vec<String> {
+        m.build(id)
+            .unwrap()
+            .services
+            .iter()
+            .map(|s| s.message.name.clone())
+            .collect()
+    };
+    assert_eq!(names(&m), ["inventory", "pay"]);
+    sub.woken.mark_unchanged();
+    // A service known only from a workload that registers later is pushed too.
+    let _ledger = m
+        .subscribe(workload("ledger", Some("127.0.0.1:7101")), calls(&[]))
+        .unwrap();
+    assert!(sub.woken.has_changed().unwrap());
+    assert_eq!(names(&m), ["inventory", "ledger", "pay"]);
 }

@@ -50,6 +50,11 @@ pub struct Args {
     #[arg(long, env = "TERN_INBOUND_APP")]
     pub inbound_app: Option<String>,
 
+    /// Ask the control plane for every service it knows, not only the ones configured here: for
+    /// an intercepted app, whose connections may go to any service's virtual IP [default: false].
+    #[arg(long, env = "TERN_WATCH_ALL_SERVICES", num_args = 0..=1, default_missing_value = "true")]
+    pub watch_all_services: Option<bool>,
+
     /// Transparent inbound: connections iptables redirected to the inbound
     /// listener go to 127.0.0.1:<the port they were sent to> [default: false].
     #[arg(long, env = "TERN_INBOUND_TRANSPARENT", num_args = 0..=1, default_missing_value = "true")]
@@ -207,6 +212,9 @@ impl Args {
         }
         set(&mut f.inbound.listen, &self.inbound_listen);
         set(&mut f.inbound.app, &self.inbound_app);
+        if self.watch_all_services.is_some() {
+            f.watch_all_services = self.watch_all_services;
+        }
         if self.inbound_transparent.is_some() {
             f.inbound.transparent = self.inbound_transparent;
         }

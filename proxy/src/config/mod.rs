@@ -53,6 +53,8 @@ pub struct FileConfig {
     /// Workload identity and mTLS.
     #[serde(default)]
     pub identity: IdentityFile,
+    /// Subscribe to every service the control plane knows (transparent interception).
+    pub watch_all_services: Option<bool>,
     /// Ports whose traffic is opaque TCP (no HTTP detection), e.g. `[3306, "7000-7010"]`.
     #[serde(default)]
     pub opaque_ports: Vec<PortItem>,
@@ -130,6 +132,7 @@ pub struct Config {
     pub worker_threads: usize,
     pub identity: Option<IdentityConfig>,
     pub inbound_tls: InboundTls,
+    pub watch_all_services: bool,
     /// Ports carried as opaque TCP (see [`crate::tcp`]).
     pub opaque_ports: PortSet,
     pub services: Vec<ServiceConfig>,
@@ -467,6 +470,7 @@ impl FileConfig {
             worker_threads,
             identity,
             inbound_tls,
+            watch_all_services: self.watch_all_services.unwrap_or(false),
             opaque_ports,
             services,
         })

@@ -36,6 +36,8 @@ pub struct Identity {
     pub labels: BTreeMap<String, String>,
     /// Services it calls, as `name` or `name.namespace`.
     pub calls: Vec<String>,
+    /// Whether it asks for every service the control plane knows.
+    pub all_services: bool,
 }
 
 /// The snapshot in force, for `/config`.
@@ -108,6 +110,7 @@ impl Client {
             address: self.me.address.clone(),
             labels: self.me.labels.clone().into_iter().collect(),
             calls: self.me.calls.clone(),
+            all_services: self.me.all_services,
         };
         send(&tx, pb::sidecar_message::Kind::Hello(hello)).await?;
         let mut stream = client
