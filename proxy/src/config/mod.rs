@@ -216,7 +216,7 @@ fn duration(field: &str, value: Option<&str>, default: Duration) -> Result<Durat
 }
 
 /// A DNS label as Kubernetes names services: lowercase alphanumerics and '-'.
-fn is_dns_label(s: &str) -> bool {
+pub(crate) fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.bytes()

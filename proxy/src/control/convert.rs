@@ -252,7 +252,7 @@ fn authz_rule(r: &pb::AuthorizationRule) -> Result<authz::Rule, String> {
                 tern_identity::SpiffeId::parse(id).map_err(|e| e.to_string())?,
             ),
             Some(pb::identity_match::Kind::Namespace(ns)) => {
-                if !dns_label(ns) {
+                if !crate::config::is_dns_label(ns) {
                     return Err(format!("namespace {ns:?} is not a DNS label"));
                 }
                 authz::PeerMatch::Namespace(ns.clone())
@@ -277,16 +277,6 @@ fn authz_rule(r: &pb::AuthorizationRule) -> Result<authz::Rule, String> {
         });
     }
     Ok(authz::Rule { from, methods })
-}
-
-/// How namespaces are named: a DNS-1123 label.
-fn dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
 }
 
 /// A protobuf identifier (`Pay`, one part of `tern.demo.v1.PayService`).

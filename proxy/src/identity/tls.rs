@@ -48,14 +48,7 @@ pub async fn connect(
     addr: SocketAddr,
     tcp: TcpStream,
 ) -> Result<(ClientIo, Option<SystemTime>), HandshakeError> {
-    let fail = |reason: &'static str, detail: String| {
-        identity
-            .metrics
-            .handshake_failures
-            .with_label_values(&["outbound", reason])
-            .inc();
-        HandshakeError { reason, detail }
-    };
+    let fail = |reason, detail| identity.metrics.failed("outbound", reason, detail);
     let Some(own) = identity.store.get() else {
         return Err(fail(
             "no_certificate",
@@ -67,14 +60,7 @@ pub async fn connect(
         .map_err(|e| fail("config", e.to_string()))?;
     let name = tern_identity::tls::server_name(addr.ip());
     let handshake = TlsConnector::from(config).connect(name, tcp);
-    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-        Err(_) => return Err(fail("timeout", "TLS handshake timed out".into())),
-        Ok(Err(e)) => {
-            let reason = tern_identity::tls::failure_reason(&e);
-            return Err(fail(reason, e.to_string()));
-        }
-        Ok(Ok(s)) => s,
-    };
+    let stream = within_timeout(&identity.metrics, "outbound", handshake).await?;
     identity
         .metrics
         .handshakes
@@ -93,6 +79,33 @@ pub async fn connect(
     };
     let retire_at = Some(tern_identity::spiffe::refused_from(not_after));
     Ok((ClientIo::Tls(Box::new(stream)), retire_at))
+}
+
+impl super::TlsMetrics {
+    /// Counts a refused or failed handshake and says why.
+    fn failed(&self, direction: &str, reason: &'static str, detail: String) -> HandshakeError {
+        self.handshake_failures
+            .with_label_values(&[direction, reason])
+            .inc();
+        HandshakeError { reason, detail }
+    }
+}
+
+/// Runs a handshake, bounded by [`HANDSHAKE_TIMEOUT`]; a failure is counted
+/// under the reason rustls gives.
+async fn within_timeout<S>(
+    metrics: &super::TlsMetrics,
+    direction: &str,
+    handshake: impl std::future::Future<Output = io::Result<S>>,
+) -> Result<S, HandshakeError> {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Err(_) => Err(metrics.failed(direction, "timeout", "TLS handshake timed out".into())),
+        Ok(Err(e)) => {
+            let reason = tern_identity::tls::failure_reason(&e);
+            Err(metrics.failed(direction, reason, e.to_string()))
+        }
+        Ok(Ok(s)) => Ok(s),
+    }
 }
 
 /// Accepts mesh connections on the inbound port.
@@ -119,14 +132,8 @@ impl Inbound {
 
     /// The connection ready for HTTP, or why it was refused (already counted).
     pub async fn accept(&self, tcp: TcpStream) -> Result<Accepted, HandshakeError> {
-        let fail = |reason: &'static str, detail: String| {
-            self.identity
-                .metrics
-                .handshake_failures
-                .with_label_values(&["inbound", reason])
-                .inc();
-            HandshakeError { reason, detail }
-        };
+        let metrics = &self.identity.metrics;
+        let fail = |reason, detail| metrics.failed("inbound", reason, detail);
         let mut first = [0u8; 1];
         let peeked = tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await;
         let n = match peeked {
@@ -142,7 +149,7 @@ impl Inbound {
         };
         // A TLS record starts with 0x16; HTTP/1 methods and the HTTP/2
         // preface start with ASCII letters.
-        if n == 0 || first[0] != 0x16 {
+        if first[..n] != [0x16] {
             return match self.mode {
                 InboundTls::Strict => Err(fail(
                     "plaintext",
@@ -151,15 +158,7 @@ impl Inbound {
                 _ => Ok(Accepted::Plain(tcp)),
             };
         }
-        let handshake = self.acceptor.accept(tcp);
-        let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-            Err(_) => return Err(fail("timeout", "TLS handshake timed out".into())),
-            Ok(Err(e)) => {
-                let reason = tern_identity::tls::failure_reason(&e);
-                return Err(fail(reason, e.to_string()));
-            }
-            Ok(Ok(s)) => s,
-        };
+        let stream = within_timeout(metrics, "inbound", self.acceptor.accept(tcp)).await?;
         self.identity
             .metrics
             .handshakes
