@@ -24,6 +24,21 @@ where
     Body(body.map_err(Into::into).boxed_unsync())
 }
 
+/// `hint` plus `n` bytes already in hand: the upper bound first, since
+/// `SizeHint::set_lower` panics above the current upper bound (an exact
+/// hint from a peer's `content-length` has lower == upper).
+pub fn hint_plus(hint: SizeHint, n: u64) -> SizeHint {
+    let mut h = SizeHint::new();
+    if let Some(u) = hint.upper() {
+        match u.checked_add(n) {
+            Some(u) => h.set_upper(u),
+            None => return h,
+        }
+    }
+    h.set_lower(hint.lower().saturating_add(n));
+    h
+}
+
 pub fn empty() -> Body {
     boxed(Empty::<Bytes>::new())
 }
@@ -45,5 +60,26 @@ impl http_body::Body for Body {
 
     fn size_hint(&self) -> SizeHint {
         self.0.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hint_plus_keeps_exact_hints_exact() {
+        let h = hint_plus(SizeHint::with_exact(10), 5);
+        assert_eq!(h.exact(), Some(15));
+    }
+
+    #[test]
+    fn hint_plus_never_panics_at_the_edges() {
+        let h = hint_plus(SizeHint::with_exact(u64::MAX), 1);
+        assert_eq!(h.upper(), None);
+        let mut open = SizeHint::new();
+        open.set_lower(u64::MAX);
+        assert_eq!(hint_plus(open, 7).lower(), u64::MAX);
+        assert_eq!(hint_plus(SizeHint::new(), 3).lower(), 3);
     }
 }

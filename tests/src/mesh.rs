@@ -68,13 +68,19 @@ impl App {
 
     /// The tonic `echo-server` of this crate on a free port.
     pub async fn echo_server(dir: &Path, name: &str) -> Result<Self> {
+        Self::echo_server_with(dir, name, &[]).await
+    }
+
+    /// The tonic `echo-server` with extra flags (`--content-length`, say).
+    pub async fn echo_server_with(dir: &Path, name: &str, extra: &[&str]) -> Result<Self> {
         let program = binary("echo-server")?;
-        let args = [
+        let mut args = vec![
             "--listen".to_string(),
             "127.0.0.1:0".to_string(),
             "--name".to_string(),
             name.to_string(),
         ];
+        args.extend(extra.iter().map(|a| a.to_string()));
         Self::start(dir, name, &program, &args).await
     }
 }

@@ -126,13 +126,29 @@ impl http_body::Body for Prepend {
     }
 
     fn size_hint(&self) -> SizeHint {
-        let mut h = self.rest.size_hint();
-        if let Some(d) = self.first.as_ref().and_then(|f| f.data_ref()) {
-            h.set_lower(h.lower() + d.len() as u64);
-            if let Some(u) = h.upper() {
-                h.set_upper(u + d.len() as u64);
-            }
-        }
-        h
+        let held = self
+            .first
+            .as_ref()
+            .and_then(|f| f.data_ref())
+            .map_or(0, |d| d.len() as u64);
+        crate::body::hint_plus(self.rest.size_hint(), held)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use http_body_util::Full;
+
+    /// A peer's `content-length` makes the rest's hint exact; adding the
+    /// held frame must keep it exact, not panic.
+    #[test]
+    fn prepend_over_an_exact_hint() {
+        let p = Prepend {
+            first: Some(Frame::data(Bytes::from_static(b"12345"))),
+            rest: crate::body::boxed(Full::new(Bytes::from_static(b"678"))),
+        };
+        assert_eq!(p.size_hint().exact(), Some(8));
     }
 }

@@ -25,8 +25,6 @@ struct State {
     /// More than the limit was read: nothing can be replayed.
     overflowed: bool,
     limit: usize,
-    /// The caller's size hint, for the first attempt's framing.
-    hint: SizeHint,
 }
 
 #[derive(Clone)]
@@ -50,7 +48,6 @@ impl Replay {
                 trailers: None,
                 overflowed,
                 limit,
-                hint,
             })),
         }
     }
@@ -153,24 +150,11 @@ impl http_body::Body for ReplayBody {
 
     fn size_hint(&self) -> SizeHint {
         let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if st.source.is_none() {
-            let rest: usize = st.kept.iter().skip(self.pos).map(Bytes::len).sum();
-            return SizeHint::with_exact(rest as u64);
-        }
-        if self.pos == 0 && st.kept.is_empty() {
-            return st.hint;
-        }
         let rest: usize = st.kept.iter().skip(self.pos).map(Bytes::len).sum();
-        let mut h = st
-            .source
-            .as_ref()
-            .map(|s| s.size_hint())
-            .unwrap_or_default();
-        h.set_lower(h.lower() + rest as u64);
-        if let Some(u) = h.upper() {
-            h.set_upper(u + rest as u64);
+        match &st.source {
+            Some(s) => crate::body::hint_plus(s.size_hint(), rest as u64),
+            None => SizeHint::with_exact(rest as u64),
         }
-        h
     }
 }
 
@@ -191,6 +175,44 @@ mod tests {
             frames.push(Ok(Frame::trailers(t)));
         }
         crate::body::boxed(StreamBody::new(futures::stream::iter(frames)))
+    }
+
+    /// A streaming body whose size the caller announced (`content-length`).
+    struct Announced(Vec<&'static str>);
+
+    impl http_body::Body for Announced {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            if self.0.is_empty() {
+                return Poll::Ready(None);
+            }
+            let c = self.0.remove(0);
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(c.as_bytes())))))
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            SizeHint::with_exact(self.0.iter().map(|c| c.len() as u64).sum())
+        }
+    }
+
+    /// A retry that starts while the caller's body, of announced length, is
+    /// still arriving: the replayed part plus the exact rest, no panic.
+    #[tokio::test]
+    async fn retry_of_an_announced_body_still_streaming() {
+        let r = Replay::new(crate::body::boxed(Announced(vec!["ab", "cd", "ef"])), 1024);
+        assert_eq!(r.attempt().size_hint().exact(), Some(6));
+        let mut first = r.attempt();
+        first.frame().await.unwrap().unwrap();
+        drop(first);
+        let second = r.attempt();
+        assert_eq!(second.size_hint().exact(), Some(6));
+        let (b2, _) = read(second).await;
+        assert_eq!(b2, b"abcdef");
     }
 
     async fn read(b: Body) -> (Vec<u8>, Option<HeaderMap>) {

@@ -45,6 +45,11 @@ struct Args {
     /// Instance name, returned in every reply's `server` field.
     #[arg(long, default_value = "echo")]
     name: String,
+    /// Send `content-length` on responses of unary-response methods, as plain HTTP/2 servers
+    /// (nghttpd, servers that buffer a reply) do: the whole body is read first, then sent with
+    /// its size announced. Streaming responses are left as they are.
+    #[arg(long)]
+    content_length: bool,
 }
 
 #[derive(Default)]
@@ -304,6 +309,61 @@ fn add_trailers(response: http::Response<tonic::body::Body>) -> http::Response<t
     })
 }
 
+/// Announces the size of unary responses (see `Args::content_length`).
+#[derive(Clone)]
+struct ContentLength<S>(S);
+
+type HttpResponse = http::Response<tonic::body::Body>;
+
+impl<S, B> tower::Service<http::Request<B>> for ContentLength<S>
+where
+    S: tower::Service<http::Request<B>, Response = HttpResponse> + Send,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = HttpResponse;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn std::future::Future<Output = Result<HttpResponse, S::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let path = req.uri().path();
+        let unary = path.ends_with("/Unary") || path.ends_with("/ClientStream");
+        let fut = self.0.call(req);
+        Box::pin(async move {
+            let rsp = fut.await?;
+            if !unary {
+                return Ok(rsp);
+            }
+            let (mut parts, body) = rsp.into_parts();
+            let Ok(collected) = body.collect().await else {
+                return Ok(http::Response::from_parts(
+                    parts,
+                    tonic::body::Body::empty(),
+                ));
+            };
+            let trailers = collected.trailers().cloned();
+            let data = collected.to_bytes();
+            parts
+                .headers
+                .insert(http::header::CONTENT_LENGTH, HeaderValue::from(data.len()));
+            let mut frames = vec![Ok::<_, tonic::Status>(http_body::Frame::data(data))];
+            frames.extend(trailers.map(|t| Ok(http_body::Frame::trailers(t))));
+            let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
+            Ok(http::Response::from_parts(
+                parts,
+                tonic::body::Body::new(body),
+            ))
+        })
+    }
+}
+
 async fn shutdown_signal() {
     let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
     else {
@@ -333,6 +393,10 @@ async fn main() -> anyhow::Result<()> {
         .max_encoding_message_size(MAX_MESSAGE);
     println!("echo-server listening on {local}");
     tonic::transport::Server::builder()
+        .layer(tower::util::option_layer(
+            args.content_length
+                .then_some(tower::layer::layer_fn(ContentLength)),
+        ))
         .layer(tower::util::MapResponseLayer::new(add_trailers))
         .add_service(echo)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal())
