@@ -62,6 +62,10 @@ pub enum ProxyError {
         service: Arc<str>,
         elapsed: std::time::Duration,
     },
+    /// The caller's `grpc-timeout` is malformed; answered here, never
+    /// forwarded (see [`crate::retry::deadline::from_headers`]).
+    #[error("invalid grpc-timeout {value:?}")]
+    InvalidGrpcTimeout { value: String },
     /// The inbound authorization policy does not let this caller in
     /// (`authz.rs`); never retried.
     #[error("service {service}: permission denied: {detail}")]
@@ -73,6 +77,7 @@ pub enum ProxyError {
 pub enum GrpcCode {
     DeadlineExceeded = 4,
     PermissionDenied = 7,
+    Internal = 13,
     Unavailable = 14,
 }
 
@@ -91,6 +96,7 @@ impl ProxyError {
             Self::PerTryTimeout { .. } => "per_try_timeout",
             Self::DeadlineExceeded { .. } => "deadline_exceeded",
             Self::PermissionDenied { .. } => "permission_denied",
+            Self::InvalidGrpcTimeout { .. } => "invalid_grpc_timeout",
         }
     }
 
@@ -133,6 +139,7 @@ impl ProxyError {
             | Self::Upstream { .. }
             | Self::Reset { .. } => StatusCode::BAD_GATEWAY,
             Self::PermissionDenied { .. } => StatusCode::FORBIDDEN,
+            Self::InvalidGrpcTimeout { .. } => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -140,6 +147,8 @@ impl ProxyError {
         match self {
             Self::DeadlineExceeded { .. } => GrpcCode::DeadlineExceeded,
             Self::PermissionDenied { .. } => GrpcCode::PermissionDenied,
+            // What gRPC servers themselves answer to a malformed timeout.
+            Self::InvalidGrpcTimeout { .. } => GrpcCode::Internal,
             _ => GrpcCode::Unavailable,
         }
     }

@@ -6,11 +6,31 @@
 
 use std::time::Duration;
 
-use http::HeaderValue;
+use http::{HeaderMap, HeaderValue};
 
 pub const GRPC_TIMEOUT: &str = "grpc-timeout";
 
-/// Parses `grpc-timeout`: at most 8 digits and a unit (H, M, S, m, u, n).
+/// The request's deadline: `Ok(None)` without `grpc-timeout`, `Err` with the
+/// offending value when it is not exactly one valid timeout. An invalid one
+/// is never forwarded: some servers fail every later call on the connection
+/// that carried it, which the sidecar shares among its callers.
+pub fn from_headers(headers: &HeaderMap) -> Result<Option<Duration>, String> {
+    let mut values = headers.get_all(GRPC_TIMEOUT).iter();
+    let Some(v) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err("more than one value".to_string());
+    }
+    parse(v).map(Some).ok_or_else(|| {
+        String::from_utf8_lossy(v.as_bytes())
+            .chars()
+            .take(32)
+            .collect()
+    })
+}
+
+/// Parses `grpc-timeout`: 1 to 8 ASCII digits and a unit (H, M, S, m, u, n).
 pub fn parse(v: &HeaderValue) -> Option<Duration> {
     let s = v.to_str().ok()?;
     if s.len() < 2 || s.len() > 9 {
@@ -66,6 +86,26 @@ mod tests {
         assert_eq!(p("m"), None);
         assert_eq!(p("10x"), None);
         assert_eq!(p("-1m"), None);
+        assert_eq!(p("-1S"), None);
+        assert_eq!(p("abc"), None);
+        assert_eq!(p("99999999999H"), None);
+        assert_eq!(p("1000000000n"), None);
+        assert_eq!(p("+1S"), None);
+        assert_eq!(p(" 1S"), None);
+        assert_eq!(p(""), None);
+        assert_eq!(p("99999999H"), Some(Duration::from_secs(99_999_999 * 3600)));
+    }
+
+    #[test]
+    fn from_headers_rejects_invalid_and_repeated_values() {
+        let mut h = HeaderMap::new();
+        assert_eq!(from_headers(&h), Ok(None));
+        h.insert(GRPC_TIMEOUT, HeaderValue::from_static("5S"));
+        assert_eq!(from_headers(&h), Ok(Some(Duration::from_secs(5))));
+        h.append(GRPC_TIMEOUT, HeaderValue::from_static("5S"));
+        assert!(from_headers(&h).is_err());
+        h.insert(GRPC_TIMEOUT, HeaderValue::from_static("-1S"));
+        assert_eq!(from_headers(&h), Err("-1S".to_string()));
     }
 
     #[test]

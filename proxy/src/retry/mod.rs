@@ -139,10 +139,8 @@ where
     let service = target.service.as_ref();
     budget.deposit();
     let grpc = is_grpc(req.headers());
-    let incoming = req
-        .headers()
-        .get(deadline::GRPC_TIMEOUT)
-        .and_then(deadline::parse);
+    let incoming = deadline::from_headers(req.headers())
+        .map_err(|value| ProxyError::InvalidGrpcTimeout { value })?;
     let limit = match (incoming, policy.timeout.overall) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
@@ -199,7 +197,9 @@ where
         *req.uri_mut() = parts.uri.clone();
         *req.version_mut() = parts.version;
         *req.headers_mut() = parts.headers.clone();
-        if let (Some(rem), true) = (remaining, grpc) {
+        // A caller's deadline always travels re-encoded (canonical, and
+        // shortened by the time spent here); a configured one only for gRPC.
+        if let (Some(rem), true) = (remaining, grpc || incoming.is_some()) {
             req.headers_mut()
                 .insert(deadline::GRPC_TIMEOUT, deadline::encode(rem));
         }
