@@ -1,7 +1,9 @@
 //! The admin listener: `/metrics`, `/ready`, `/live`, `/config`, `/shutdown`.
 //!
 //! Nothing here is writable except `/shutdown` (POST), which drains the
-//! proxy and exits so a Job's pod can finish.
+//! proxy and exits so a Job's pod can finish. The admin port listens on the
+//! pod's network for probes and scraping, so `/shutdown` answers only peers
+//! on loopback (the pod's own containers); anyone else gets 403.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -17,6 +19,7 @@ use hyper::body::Incoming;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
+use crate::serve::ClientAddr;
 
 /// What `/config` shows: produced on demand from the live state.
 pub type ConfigView = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
@@ -42,13 +45,19 @@ impl tower::Service<Request<Incoming>> for Admin {
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        let rsp = self.respond(req.method(), req.uri().path());
+        let peer = req.extensions().get::<ClientAddr>().copied();
+        let rsp = self.respond(req.method(), req.uri().path(), peer);
         Box::pin(async move { Ok(rsp) })
     }
 }
 
 impl Admin {
-    fn respond(&self, method: &Method, path: &str) -> Response<Full<Bytes>> {
+    fn respond(
+        &self,
+        method: &Method,
+        path: &str,
+        peer: Option<ClientAddr>,
+    ) -> Response<Full<Bytes>> {
         match (method, path) {
             (&Method::GET, "/metrics") => match self.metrics.encode() {
                 Ok(text) => reply(StatusCode::OK, "text/plain; version=0.0.4", text),
@@ -80,6 +89,18 @@ impl Admin {
             (&Method::GET, "/config") => {
                 let body = serde_json::to_string_pretty(&(self.config)()).unwrap_or_default();
                 reply(StatusCode::OK, "application/json", body + "\n")
+            }
+            (&Method::POST, "/shutdown") if !peer.is_some_and(|p| p.is_loopback()) => {
+                self.metrics
+                    .protocol_rejections
+                    .with_label_values(&["admin", "not_loopback"])
+                    .inc();
+                tracing::warn!(peer = ?peer.map(|p| p.0), "refused /shutdown from a peer not on loopback");
+                reply(
+                    StatusCode::FORBIDDEN,
+                    "text/plain",
+                    "/shutdown is only accepted from loopback\n".into(),
+                )
             }
             (&Method::POST, "/shutdown") => {
                 tracing::info!("shutdown requested on the admin port");

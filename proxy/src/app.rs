@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::access_log::AccessLog;
@@ -19,135 +19,262 @@ use crate::config::{Config, FileConfig};
 use crate::identity::{issue::Issuer, tls::Inbound, Identity};
 use crate::metrics::{Direction, Metrics};
 use crate::router::{Selector, Target};
-use crate::serve::{accept_loop, ConnMetrics, Listener, Mode};
+use crate::serve::{accept_loop, ConnMetrics, Drain, Listener, Mode};
 use crate::targets::{Entry, Targets};
 use crate::{authz, control, inbound, intercept, outbound, stack, tcp};
 
 type Loop<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
+/// What every listener's stack shares, built once at startup.
+struct Core {
+    metrics: Arc<Metrics>,
+    log: Option<AccessLog>,
+    identity: Option<Arc<Identity>>,
+    out: outbound::Outbound,
+    /// Written by the control client, read by the inbound stack.
+    inbound_authz: authz::SharedPolicy,
+    /// The local app (`--inbound-app`).
+    app: Option<Arc<Target>>,
+    tcp: Arc<tcp::Tcp>,
+}
+
+/// When to stop accepting, how to drain, and whether `/ready` says yes.
+struct Lifecycle {
+    ready: Arc<AtomicBool>,
+    /// `/shutdown` and signals.
+    shutdown: CancellationToken,
+    stop_accepting: CancellationToken,
+    drain: Drain,
+}
+
 pub async fn run(config: Config, file: FileConfig) -> anyhow::Result<()> {
-    let metrics = Arc::new(Metrics::new().context("metrics registry")?);
-    let log = AccessLog::start(&config.access_log, metrics.access_log_dropped.clone())
-        .await
-        .context("opening the access log")?;
-    let identity = match &config.identity {
-        Some(c) => Some(Identity::load(c, &metrics)?),
-        None => None,
+    let core = Core::build(&config).await?;
+    let life = Lifecycle {
+        ready: Arc::new(AtomicBool::new(false)),
+        shutdown: CancellationToken::new(),
+        stop_accepting: CancellationToken::new(),
+        drain: Drain::default(),
     };
-    let out = outbound::build(&config, &metrics, identity.clone()).context("DNS resolver")?;
-    // Written by the control client, read by the inbound stack.
-    let inbound_authz = authz::Policy::shared();
-    let app =
-        config.inbound.as_ref().and_then(|i| i.app).map(|a| {
-            inbound::app_target(&config.service_name, a, config.connect_timeout, &metrics)
-        });
-    let tcp =
-        tcp::Tcp::new(&metrics, log.clone(), config.connect_timeout).context("TCP metrics")?;
-
-    let ready = Arc::new(AtomicBool::new(false));
-    let shutdown = CancellationToken::new();
-    let stop_accepting = CancellationToken::new();
-    let graceful = GracefulShutdown::new();
-    let conn_metrics = |d: Direction| ConnMetrics {
-        open: metrics.open_connections.with_label_values(&[d.as_str()]),
-        accepted: metrics.connections.with_label_values(&[d.as_str()]),
-    };
-
-    let mut loops: Vec<Loop<'_>> = Vec::new();
     let mut bound = Vec::new();
+    let loops = data_listeners(&config, &core, &life, &mut bound).await?;
+    let issued = start_issuer(&config, &core);
+    let (control_status, first_config) = start_control(&config, &core);
+    let admin_listener = bind("admin", config.admin_listen).await?;
+    bound.push(("admin", local(&admin_listener)));
+    let admin = Admin {
+        metrics: Arc::clone(&core.metrics),
+        ready: Arc::clone(&life.ready),
+        config: config_view(
+            &config,
+            &file,
+            &core.out.targets,
+            core.app.clone(),
+            control_status.clone(),
+        ),
+        shutdown: life.shutdown.clone(),
+        identity: core.identity.clone(),
+    };
+    // The admin port keeps answering during the drain (probes see not-ready),
+    // so it stops only with the process.
+    let admin_stop = CancellationToken::new();
+    let admin_drain = Drain::default();
+    let admin_loop = accept_loop(
+        admin_listener,
+        Listener {
+            name: "admin",
+            svc: admin,
+            metrics: ConnMetrics {
+                open: prometheus::IntGauge::new("admin_open", "admin connections")?,
+                accepted: prometheus::IntCounter::new("admin_accepted", "admin connections")?,
+                rejections: core.metrics.protocol_rejections.clone(),
+            },
+            tls: None,
+            mode: Mode::Http,
+            limits: config.limits,
+        },
+        &admin_drain,
+        admin_stop.clone(),
+    );
+    for (name, addr) in &bound {
+        tracing::info!(listener = name, %addr, "listening");
+    }
+    // With a control plane and no endpoints of its own, the sidecar has nothing
+    // to route by until the first snapshot arrives: not ready before that.
+    let has_local_config = config
+        .services
+        .iter()
+        .any(|s| !matches!(s.discovery, crate::config::DiscoveryConfig::None));
+    let first_config = first_config.filter(|_| !has_local_config);
+    announce_ready(&bound, issued, first_config, Arc::clone(&life.ready));
+    serve_and_drain(&config, &core, &life, loops, admin_loop).await;
+    admin_stop.cancel();
+    Ok(())
+}
+
+impl Core {
+    async fn build(config: &Config) -> anyhow::Result<Self> {
+        let metrics = Arc::new(Metrics::new().context("metrics registry")?);
+        let log = AccessLog::start(&config.access_log, metrics.access_log_dropped.clone())
+            .await
+            .context("opening the access log")?;
+        let identity = match &config.identity {
+            Some(c) => Some(Identity::load(c, &metrics)?),
+            None => None,
+        };
+        let out = outbound::build(config, &metrics, identity.clone()).context("DNS resolver")?;
+        let app = config.inbound.as_ref().and_then(|i| i.app).map(|a| {
+            inbound::app_target(&config.service_name, a, config.client_limits(), &metrics)
+        });
+        let tcp =
+            tcp::Tcp::new(&metrics, log.clone(), config.connect_timeout).context("TCP metrics")?;
+        Ok(Self {
+            metrics,
+            log,
+            identity,
+            out,
+            inbound_authz: authz::Policy::shared(),
+            app,
+            tcp,
+        })
+    }
+
+    fn stack(
+        &self,
+        config: &Config,
+        direction: Direction,
+        selector: Selector,
+        authz: bool,
+    ) -> stack::HttpStack {
+        stack::http(
+            direction,
+            selector,
+            &self.metrics,
+            self.log.clone(),
+            authz.then(|| Arc::clone(&self.inbound_authz)),
+            &config.limits,
+        )
+    }
+}
+
+/// Connection metrics of a data listener, by the direction it serves.
+fn conn_metrics(metrics: &Metrics, direction: Direction) -> ConnMetrics {
+    let d = direction.as_str();
+    ConnMetrics {
+        open: metrics.open_connections.with_label_values(&[d]),
+        accepted: metrics.connections.with_label_values(&[d]),
+        rejections: metrics.protocol_rejections.clone(),
+    }
+}
+
+/// Binds the outbound, explicit upstream and inbound listeners; their accept
+/// loops run once polled.
+async fn data_listeners<'a>(
+    config: &'a Config,
+    core: &'a Core,
+    life: &'a Lifecycle,
+    bound: &mut Vec<(&'static str, String)>,
+) -> anyhow::Result<Vec<Loop<'a>>> {
+    let mut loops: Vec<Loop<'a>> = Vec::new();
+    let listener = |name, svc, tls, mode| Listener {
+        name,
+        svc,
+        metrics: conn_metrics(
+            &core.metrics,
+            if name == "inbound" {
+                Direction::Inbound
+            } else {
+                Direction::Outbound
+            },
+        ),
+        tls,
+        mode,
+        limits: config.limits,
+    };
     let outbound_listener = bind("outbound", config.outbound_listen).await?;
     bound.push(("outbound", local(&outbound_listener)));
+    let svc = core.stack(
+        config,
+        Direction::Outbound,
+        Selector::Intercepted(core.out.targets.table()),
+        false,
+    );
+    let mode = Mode::Outbound(Arc::new(intercept::Outbound {
+        targets: Arc::clone(&core.out.targets),
+        opaque_ports: config.opaque_ports.clone(),
+        tcp: Arc::clone(&core.tcp),
+    }));
     loops.push(Box::pin(accept_loop(
         outbound_listener,
-        Listener {
-            name: "outbound",
-            svc: stack::http(
-                Direction::Outbound,
-                Selector::Intercepted(out.targets.table()),
-                &metrics,
-                log.clone(),
-                None,
-            ),
-            metrics: conn_metrics(Direction::Outbound),
-            tls: None,
-            mode: Mode::Outbound(Arc::new(intercept::Outbound {
-                targets: Arc::clone(&out.targets),
-                opaque_ports: config.opaque_ports.clone(),
-                tcp: Arc::clone(&tcp),
-            })),
-        },
-        &graceful,
-        stop_accepting.clone(),
+        listener("outbound", svc, None, mode),
+        &life.drain,
+        life.stop_accepting.clone(),
     )));
-    for (addr, target) in &out.upstreams {
-        let listener = bind("upstream", *addr).await?;
-        bound.push(("upstream", local(&listener)));
+    for (addr, target) in &core.out.upstreams {
+        let l = bind("upstream", *addr).await?;
+        bound.push(("upstream", local(&l)));
+        let svc = core.stack(
+            config,
+            Direction::Outbound,
+            Selector::Fixed(Arc::clone(target)),
+            false,
+        );
         loops.push(Box::pin(accept_loop(
-            listener,
-            Listener {
-                name: "upstream",
-                svc: stack::http(
-                    Direction::Outbound,
-                    Selector::Fixed(Arc::clone(target)),
-                    &metrics,
-                    log.clone(),
-                    None,
-                ),
-                metrics: conn_metrics(Direction::Outbound),
-                tls: None,
-                mode: Mode::Http,
-            },
-            &graceful,
-            stop_accepting.clone(),
+            l,
+            listener("upstream", svc, None, Mode::Http),
+            &life.drain,
+            life.stop_accepting.clone(),
         )));
     }
     if let Some(inb) = &config.inbound {
-        let listener = bind("inbound", inb.listen).await?;
-        bound.push(("inbound", local(&listener)));
+        let l = bind("inbound", inb.listen).await?;
+        bound.push(("inbound", local(&l)));
         let ports = inbound::AppPorts::new(
             &config.service_name,
-            config.connect_timeout,
-            Arc::clone(&metrics),
-            own_ports(&config),
-            inb.app.zip(app.clone()),
+            config.client_limits(),
+            Arc::clone(&core.metrics),
+            own_ports(config),
+            inb.app.zip(core.app.clone()),
         );
+        let selector = Selector::Local {
+            app: core.app.clone(),
+            ports: inb.transparent.then(|| Arc::clone(&ports)),
+        };
+        let svc = core.stack(config, Direction::Inbound, selector, true);
+        let tls = core
+            .identity
+            .as_ref()
+            .filter(|_| config.inbound_tls != InboundTls::Off)
+            .map(|id| {
+                Arc::new(Inbound::new(
+                    Arc::clone(id),
+                    config.inbound_tls,
+                    config.limits.handshake_timeout,
+                ))
+            });
+        let mode = Mode::Inbound(Arc::new(intercept::Inbound {
+            transparent: inb.transparent,
+            mode: config.inbound_tls,
+            opaque_ports: config.opaque_ports.clone(),
+            ports,
+            service: config.service_name.clone(),
+            authz: Arc::clone(&core.inbound_authz),
+            tcp: Arc::clone(&core.tcp),
+        }));
         loops.push(Box::pin(accept_loop(
-            listener,
-            Listener {
-                name: "inbound",
-                svc: stack::http(
-                    Direction::Inbound,
-                    Selector::Local {
-                        app: app.clone(),
-                        ports: inb.transparent.then(|| Arc::clone(&ports)),
-                    },
-                    &metrics,
-                    log.clone(),
-                    Some(Arc::clone(&inbound_authz)),
-                ),
-                metrics: conn_metrics(Direction::Inbound),
-                tls: identity
-                    .as_ref()
-                    .filter(|_| config.inbound_tls != InboundTls::Off)
-                    .map(|id| Arc::new(Inbound::new(Arc::clone(id), config.inbound_tls))),
-                mode: Mode::Inbound(Arc::new(intercept::Inbound {
-                    transparent: inb.transparent,
-                    mode: config.inbound_tls,
-                    opaque_ports: config.opaque_ports.clone(),
-                    ports,
-                    service: config.service_name.clone(),
-                    authz: Arc::clone(&inbound_authz),
-                    tcp: Arc::clone(&tcp),
-                })),
-            },
-            &graceful,
-            stop_accepting.clone(),
+            l,
+            listener("inbound", svc, tls, mode),
+            &life.drain,
+            life.stop_accepting.clone(),
         )));
     }
-    // With an identity, nothing is ready before the first certificate: peers
-    // would refuse every connection.
-    let (issued_tx, mut issued_rx) = tokio::sync::watch::channel(identity.is_none());
-    if let (Some(id), Some(c)) = (&identity, &config.identity) {
+    Ok(loops)
+}
+
+/// With an identity, nothing is ready before the first certificate: peers
+/// would refuse every connection. The receiver turns true once one is held.
+fn start_issuer(config: &Config, core: &Core) -> watch::Receiver<bool> {
+    let (issued_tx, issued_rx) = watch::channel(core.identity.is_none());
+    if let (Some(id), Some(c)) = (&core.identity, &config.identity) {
         tokio::spawn(
             Issuer {
                 identity: Arc::clone(id),
@@ -158,89 +285,65 @@ pub async fn run(config: Config, file: FileConfig) -> anyhow::Result<()> {
             .run(),
         );
     }
-    let (first_tx, mut first_rx) = tokio::sync::watch::channel(false);
-    let control_status = config.control_plane.as_ref().map(|url| {
-        let status = Arc::new(control::Status::default());
-        let client = control::Client {
-            url: url.clone(),
-            me: control::Identity {
-                service: config.service_name.clone(),
-                namespace: config.namespace.clone(),
-                identity: identity
-                    .as_ref()
-                    .map(|i| i.id.to_string())
-                    .unwrap_or_default(),
-                address: config.advertise.map(|a| a.to_string()).unwrap_or_default(),
-                labels: config.labels.clone(),
-                calls: config
-                    .services
-                    .iter()
-                    .map(|s| {
-                        if s.namespace == config.namespace {
-                            s.name.clone()
-                        } else {
-                            format!("{}.{}", s.name, s.namespace)
-                        }
-                    })
-                    .collect(),
-                all_services: config.watch_all_services,
-            },
-            targets: Arc::clone(&out.targets),
-            defaults: config.default_policy.clone(),
-            metrics: Arc::clone(&metrics),
-            status: Arc::clone(&status),
-            first: first_tx,
-            identity: identity.clone(),
-            inbound_authz: Arc::clone(&inbound_authz),
-        };
-        tokio::spawn(client.run());
-        status
-    });
-    // With a control plane and no endpoints of its own, the sidecar has nothing
-    // to route by until the first snapshot arrives: not ready before that.
-    let has_local_config = config
-        .services
-        .iter()
-        .any(|s| !matches!(s.discovery, crate::config::DiscoveryConfig::None));
-    let wait_for_control = control_status.is_some() && !has_local_config;
-    let admin_listener = bind("admin", config.admin_listen).await?;
-    bound.push(("admin", local(&admin_listener)));
-    let admin = Admin {
-        metrics: Arc::clone(&metrics),
-        ready: Arc::clone(&ready),
-        config: config_view(
-            &config,
-            &file,
-            &out.targets,
-            app.clone(),
-            control_status.clone(),
-        ),
-        shutdown: shutdown.clone(),
-        identity: identity.clone(),
-    };
-    // The admin port keeps answering during the drain (probes see not-ready), so
-    // it stops only with the process.
-    let admin_stop = CancellationToken::new();
-    let admin_graceful = GracefulShutdown::new();
-    let admin_loop = accept_loop(
-        admin_listener,
-        Listener {
-            name: "admin",
-            svc: admin,
-            metrics: ConnMetrics {
-                open: prometheus::IntGauge::new("admin_open", "admin connections")?,
-                accepted: prometheus::IntCounter::new("admin_accepted", "admin connections")?,
-            },
-            tls: None,
-            mode: Mode::Http,
-        },
-        &admin_graceful,
-        admin_stop.clone(),
-    );
+    issued_rx
+}
 
-    for (name, addr) in &bound {
-        tracing::info!(listener = name, %addr, "listening");
-    }
+/// Subscribes to the control plane, if there is one: its status (for
+/// `/config`) and a receiver that turns true once the first config applied.
+fn start_control(
+    config: &Config,
+    core: &Core,
+) -> (Option<Arc<control::Status>>, Option<watch::Receiver<bool>>) {
+    let Some(url) = &config.control_plane else {
+        return (None, None);
+    };
+    let (first_tx, first_rx) = watch::channel(false);
+    let status = Arc::new(control::Status::default());
+    let client = control::Client {
+        url: url.clone(),
+        me: control::Identity {
+            service: config.service_name.clone(),
+            namespace: config.namespace.clone(),
+            identity: core
+                .identity
+                .as_ref()
+                .map(|i| i.id.to_string())
+                .unwrap_or_default(),
+            address: config.advertise.map(|a| a.to_string()).unwrap_or_default(),
+            labels: config.labels.clone(),
+            calls: config
+                .services
+                .iter()
+                .map(|s| {
+                    if s.namespace == config.namespace {
+                        s.name.clone()
+                    } else {
+                        format!("{}.{}", s.name, s.namespace)
+                    }
+                })
+                .collect(),
+            all_services: config.watch_all_services,
+        },
+        targets: Arc::clone(&core.out.targets),
+        defaults: config.default_policy.clone(),
+        metrics: Arc::clone(&core.metrics),
+        status: Arc::clone(&status),
+        first: first_tx,
+        identity: core.identity.clone(),
+        inbound_authz: Arc::clone(&core.inbound_authz),
+    };
+    tokio::spawn(client.run());
+    (Some(status), Some(first_rx))
+}
+
+/// Prints the ready line and turns `/ready` on once the certificate (and the
+/// first config, when waited for) are in.
+fn announce_ready(
+    bound: &[(&'static str, String)],
+    mut issued: watch::Receiver<bool>,
+    first_config: Option<watch::Receiver<bool>>,
+    ready: Arc<AtomicBool>,
+) {
     // Tests and the demo wait for this line on stdout; it names every bound
     // address, including ports chosen by the OS.
     let ready_line = format!(
@@ -251,20 +354,30 @@ pub async fn run(config: Config, file: FileConfig) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(" ")
     );
-    let became_ready = Arc::clone(&ready);
     tokio::spawn(async move {
-        if issued_rx.wait_for(|issued| *issued).await.is_err() {
+        if issued.wait_for(|issued| *issued).await.is_err() {
             return;
         }
-        if wait_for_control && first_rx.wait_for(|applied| *applied).await.is_err() {
-            return;
+        if let Some(mut first) = first_config {
+            if first.wait_for(|applied| *applied).await.is_err() {
+                return;
+            }
         }
         println!("{ready_line}");
-        became_ready.store(true, Ordering::Release);
+        ready.store(true, Ordering::Release);
     });
+}
 
+/// Serves until SIGTERM or `/shutdown`, then drains within the grace period.
+async fn serve_and_drain(
+    config: &Config,
+    core: &Core,
+    life: &Lifecycle,
+    loops: Vec<Loop<'_>>,
+    admin_loop: impl Future<Output = ()>,
+) {
     let serving = futures::future::join_all(loops);
-    let signals = wait_for_signal(shutdown.clone());
+    let signals = wait_for_signal(life.shutdown.clone());
     tokio::pin!(admin_loop);
     tokio::select! {
         _ = &mut admin_loop => {}
@@ -272,13 +385,13 @@ pub async fn run(config: Config, file: FileConfig) -> anyhow::Result<()> {
             tokio::join!(serving, async {
                 signals.await;
                 tracing::info!(grace = ?config.drain_grace, "draining");
-                ready.store(false, Ordering::Release);
-                stop_accepting.cancel();
+                life.ready.store(false, Ordering::Release);
+                life.stop_accepting.cancel();
             });
         } => {}
     }
     let drained = tokio::time::timeout(config.drain_grace, async {
-        tokio::join!(graceful.shutdown(), tcp.drained());
+        tokio::join!(life.drain.shutdown(), core.tcp.drained());
     })
     .await;
     match drained {
@@ -287,11 +400,9 @@ pub async fn run(config: Config, file: FileConfig) -> anyhow::Result<()> {
             tracing::warn!(grace = ?config.drain_grace, "grace period over; closing connections with requests in flight")
         }
     }
-    if let Some(log) = &log {
+    if let Some(log) = &core.log {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), log.flush()).await;
     }
-    admin_stop.cancel();
-    Ok(())
 }
 
 /// The ports of the sidecar's own listeners: never a destination on loopback.

@@ -21,15 +21,17 @@ use http::{header, uri, HeaderMap, HeaderValue, Request, Response, Uri, Version}
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use prometheus::IntGauge;
+use prometheus::{IntCounter, IntGauge};
 use tokio::net::TcpStream;
 
 use crate::balance::Load;
 use crate::body::Body;
+use crate::config::limits::ClientLimits;
 use crate::discovery::{Endpoint, Labels};
 use crate::errors::ProxyError;
 use crate::identity::tls::ClientIo;
 use crate::identity::{Alpn, Identity};
+use crate::limits::{hard_header_list_size, header_list_size, CheckedTrailers};
 
 /// Idle HTTP/1.1 connections kept per endpoint; more are closed when freed.
 const MAX_IDLE_H1: usize = 32;
@@ -39,7 +41,7 @@ pub struct EndpointClient {
     addr: SocketAddr,
     endpoint: Endpoint,
     pub load: Load,
-    connect_timeout: Duration,
+    limits: ClientLimits,
     h2: ArcSwapOption<Conn<http2::SendRequest<Body>>>,
     /// Serialises HTTP/2 connects so a burst of first requests opens one connection.
     h2_connecting: tokio::sync::Mutex<()>,
@@ -47,6 +49,7 @@ pub struct EndpointClient {
     /// Set when the endpoint has an identity and this sidecar has one too.
     tls: Option<Arc<Identity>>,
     open_connections: IntGauge,
+    oversized: IntCounter,
     pub accrual: crate::accrual::Accrual,
     /// Set while connecting keeps failing: the balancer then prefers other
     /// endpoints, without waiting for failure accrual to eject this one.
@@ -70,8 +73,9 @@ impl EndpointClient {
     pub fn new(
         service: Arc<str>,
         endpoint: Endpoint,
-        connect_timeout: Duration,
+        limits: ClientLimits,
         open_connections: IntGauge,
+        oversized: IntCounter,
         identity: Option<&Arc<Identity>>,
     ) -> Self {
         let tls = endpoint.identity.as_ref().and(identity).cloned();
@@ -81,11 +85,12 @@ impl EndpointClient {
             addr: endpoint.addr,
             endpoint,
             load: Load::default(),
-            connect_timeout,
+            limits,
             h2: ArcSwapOption::empty(),
             h2_connecting: tokio::sync::Mutex::new(()),
             h1_idle: Mutex::new(Vec::new()),
             open_connections,
+            oversized,
             accrual: crate::accrual::Accrual::default(),
             connect_backoff_until: AtomicU64::new(0),
             connect_failures: AtomicU32::new(0),
@@ -159,7 +164,34 @@ impl EndpointClient {
             strip_hop_by_hop(&mut parts.headers);
             Response::from_parts(parts, body)
         };
-        Ok(rsp.map(crate::body::boxed))
+        self.check_head(&rsp)?;
+        let grpc = crate::errors::is_grpc(rsp.headers());
+        let (limit, oversized) = (self.limits.max_header_list_size, self.oversized.clone());
+        Ok(rsp.map(|b| {
+            crate::body::boxed(CheckedTrailers::new(
+                crate::body::boxed(b),
+                limit,
+                grpc,
+                oversized,
+            ))
+        }))
+    }
+
+    /// A response head over the header limit is the app's answer, not a
+    /// failure to reach it: it is reported as such and never retried.
+    fn check_head(&self, rsp: &Response<Incoming>) -> Result<(), ProxyError> {
+        let size = header_list_size(rsp.headers());
+        let limit = self.limits.max_header_list_size;
+        if size <= limit as usize {
+            return Ok(());
+        }
+        self.oversized.inc();
+        Err(ProxyError::ResponseHeadersTooLarge {
+            service: self.service.clone(),
+            addr: self.addr,
+            size: Some(size),
+            limit,
+        })
     }
 
     async fn send_h2(&self, req: Request<Body>) -> Result<Response<Incoming>, ProxyError> {
@@ -198,6 +230,7 @@ impl EndpointClient {
         let (tx, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_frame_size(64 * 1024)
+            .max_header_list_size(hard_header_list_size(self.limits.max_header_list_size))
             .keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(10))
             .handshake(io)
@@ -263,6 +296,9 @@ impl EndpointClient {
     async fn connect_h1(&self) -> Result<Conn<http1::SendRequest<Body>>, ProxyError> {
         let (io, retire_at) = self.connect(false).await?;
         let (tx, conn) = http1::Builder::new()
+            .max_buf_size(h1_buf_size(hard_header_list_size(
+                self.limits.max_header_list_size,
+            )))
             .handshake(io)
             .await
             .map_err(|e| self.upstream(e))?;
@@ -312,7 +348,8 @@ impl EndpointClient {
         addr: SocketAddr,
         alpn: Alpn,
     ) -> Result<(ClientIo, Option<SystemTime>), ProxyError> {
-        let connecting = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr));
+        let connecting =
+            tokio::time::timeout(self.limits.connect_timeout, TcpStream::connect(addr));
         let stream = match connecting.await {
             Err(_) => {
                 self.connect_failed();
@@ -365,6 +402,17 @@ impl EndpointClient {
     }
 
     fn upstream(&self, source: hyper::Error) -> ProxyError {
+        if crate::errors::local_protocol_error(&source) || source.is_parse_too_large() {
+            // h2 refused the response head itself: over twice the limit, or
+            // malformed. The app did answer, so this is never retried.
+            self.oversized.inc();
+            return ProxyError::ResponseHeadersTooLarge {
+                service: self.service.clone(),
+                addr: self.addr,
+                size: None,
+                limit: self.limits.max_header_list_size,
+            };
+        }
         ProxyError::Upstream {
             service: self.service.clone(),
             addr: self.addr,
@@ -401,6 +449,11 @@ impl EndpointClient {
         }
         req.headers_mut().remove(header::HOST);
     }
+}
+
+/// hyper's HTTP/1 read buffer bounds a message head; it must hold at least 8 KiB.
+pub fn h1_buf_size(max_header_list_size: u32) -> usize {
+    (max_header_list_size as usize).max(8192)
 }
 
 /// HTTP/1.1 origin servers expect `GET /path`, with the name in `Host`.

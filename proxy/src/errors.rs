@@ -62,10 +62,29 @@ pub enum ProxyError {
         service: Arc<str>,
         elapsed: std::time::Duration,
     },
+    /// The app's response head is over the header limit (or so malformed
+    /// that h2 refused it); the app did run the call, so never retried.
+    #[error("service {service}: response headers from {addr} {} exceed the limit of {limit} bytes (or are malformed)", size.map(|s| format!("({s} bytes)")).unwrap_or_default())]
+    ResponseHeadersTooLarge {
+        service: Arc<str>,
+        addr: SocketAddr,
+        size: Option<usize>,
+        limit: u32,
+    },
+    /// The caller's request head is over the header limit.
+    #[error("request headers of {size} bytes exceed the limit of {limit} bytes")]
+    RequestHeadersTooLarge { size: usize, limit: u32 },
     /// The caller's `grpc-timeout` is malformed; answered here, never
     /// forwarded (see [`crate::retry::deadline::from_headers`]).
     #[error("invalid grpc-timeout {value:?}")]
     InvalidGrpcTimeout { value: String },
+    /// A request with no deadline of its own got no response head within
+    /// `limits.response_timeout`.
+    #[error("service {service}: no response within {elapsed:?} (the proxy's response timeout)")]
+    ResponseTimeout {
+        service: Arc<str>,
+        elapsed: std::time::Duration,
+    },
     /// The inbound authorization policy does not let this caller in
     /// (`authz.rs`); never retried.
     #[error("service {service}: permission denied: {detail}")]
@@ -77,6 +96,7 @@ pub enum ProxyError {
 pub enum GrpcCode {
     DeadlineExceeded = 4,
     PermissionDenied = 7,
+    ResourceExhausted = 8,
     Internal = 13,
     Unavailable = 14,
 }
@@ -95,8 +115,11 @@ impl ProxyError {
             Self::Reset { .. } => "reset",
             Self::PerTryTimeout { .. } => "per_try_timeout",
             Self::DeadlineExceeded { .. } => "deadline_exceeded",
+            Self::ResponseTimeout { .. } => "response_timeout",
             Self::PermissionDenied { .. } => "permission_denied",
             Self::InvalidGrpcTimeout { .. } => "invalid_grpc_timeout",
+            Self::ResponseHeadersTooLarge { .. } => "response_header_list_size",
+            Self::RequestHeadersTooLarge { .. } => "header_list_size",
         }
     }
 
@@ -122,7 +145,8 @@ impl ProxyError {
             | Self::ConnectTimeout { addr, .. }
             | Self::Handshake { addr, .. }
             | Self::Upstream { addr, .. }
-            | Self::Reset { addr, .. } => Some(*addr),
+            | Self::Reset { addr, .. }
+            | Self::ResponseHeadersTooLarge { addr, .. } => Some(*addr),
             Self::PerTryTimeout { addr, .. } => *addr,
             _ => None,
         }
@@ -133,11 +157,14 @@ impl ProxyError {
             Self::NoRoute { .. } | Self::NoEndpoints { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::ConnectTimeout { .. }
             | Self::PerTryTimeout { .. }
-            | Self::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
+            | Self::DeadlineExceeded { .. }
+            | Self::ResponseTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::Connect { .. }
             | Self::Handshake { .. }
             | Self::Upstream { .. }
-            | Self::Reset { .. } => StatusCode::BAD_GATEWAY,
+            | Self::Reset { .. }
+            | Self::ResponseHeadersTooLarge { .. } => StatusCode::BAD_GATEWAY,
+            Self::RequestHeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::PermissionDenied { .. } => StatusCode::FORBIDDEN,
             Self::InvalidGrpcTimeout { .. } => StatusCode::BAD_REQUEST,
         }
@@ -145,10 +172,15 @@ impl ProxyError {
 
     fn grpc_code(&self) -> GrpcCode {
         match self {
-            Self::DeadlineExceeded { .. } => GrpcCode::DeadlineExceeded,
+            Self::DeadlineExceeded { .. } | Self::ResponseTimeout { .. } => {
+                GrpcCode::DeadlineExceeded
+            }
             Self::PermissionDenied { .. } => GrpcCode::PermissionDenied,
             // What gRPC servers themselves answer to a malformed timeout.
-            Self::InvalidGrpcTimeout { .. } => GrpcCode::Internal,
+            Self::InvalidGrpcTimeout { .. } | Self::ResponseHeadersTooLarge { .. } => {
+                GrpcCode::Internal
+            }
+            Self::RequestHeadersTooLarge { .. } => GrpcCode::ResourceExhausted,
             _ => GrpcCode::Unavailable,
         }
     }
@@ -194,11 +226,31 @@ pub struct ProxyErrorReason(pub &'static str);
 pub struct ErrorResponseLayer {
     direction: Direction,
     metrics: Arc<Metrics>,
+    max_header_list_size: u32,
 }
 
 impl ErrorResponseLayer {
-    pub fn new(direction: Direction, metrics: Arc<Metrics>) -> Self {
-        Self { direction, metrics }
+    pub fn new(direction: Direction, metrics: Arc<Metrics>, max_header_list_size: u32) -> Self {
+        Self {
+            direction,
+            metrics,
+            max_header_list_size,
+        }
+    }
+
+    /// A request head over the limit: hyper and h2 let up to twice the limit
+    /// through (see [`crate::limits`]) so that it can be answered and counted here.
+    fn check_head(&self, req: &Request<Body>) -> Result<(), ProxyError> {
+        let size = crate::limits::header_list_size(req.headers());
+        let limit = self.max_header_list_size;
+        if size <= limit as usize {
+            return Ok(());
+        }
+        self.metrics
+            .protocol_rejections
+            .with_label_values(&[self.direction.as_str(), "header_list_size"])
+            .inc();
+        Err(ProxyError::RequestHeadersTooLarge { size, limit })
     }
 }
 
@@ -241,9 +293,14 @@ where
             .get::<Arc<Target>>()
             .map(|t| Arc::clone(&t.service));
         let layer = self.layer.clone();
-        let fut = self.inner.call(req);
+        let checked = self.layer.check_head(&req);
+        let fut = checked.map(|()| self.inner.call(req));
         Box::pin(async move {
-            match fut.await {
+            let result = match fut {
+                Ok(fut) => fut.await,
+                Err(e) => Err(e),
+            };
+            match result {
                 Ok(rsp) => Ok(rsp),
                 Err(e) => {
                     let service = service.as_deref().unwrap_or("unknown");
@@ -271,19 +328,29 @@ where
     }
 }
 
-/// An HTTP/2 stream the server refused, or one above a GOAWAY's last stream id.
-fn unprocessed(e: &hyper::Error) -> bool {
+/// h2 refused what the peer sent on this stream (a response head over the
+/// header limit, or a malformed one): a reset h2 made itself, not the peer.
+pub fn local_protocol_error(e: &hyper::Error) -> bool {
+    h2_error(e).is_some_and(|h2| h2.is_library() && h2.reason() == Some(h2::Reason::PROTOCOL_ERROR))
+}
+
+fn h2_error(e: &hyper::Error) -> Option<&h2::Error> {
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
     while let Some(s) = source {
         if let Some(h2) = s.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
-                || (h2.is_go_away()
-                    && h2.is_remote()
-                    && h2.reason() == Some(h2::Reason::NO_ERROR));
+            return Some(h2);
         }
         source = s.source();
     }
-    false
+    None
+}
+
+/// An HTTP/2 stream the server refused, or one above a GOAWAY's last stream id.
+fn unprocessed(e: &hyper::Error) -> bool {
+    h2_error(e).is_some_and(|h2| {
+        (h2.reason() == Some(h2::Reason::REFUSED_STREAM) && h2.is_remote())
+            || (h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR))
+    })
 }
 
 fn grpc_status_value(code: u16) -> HeaderValue {

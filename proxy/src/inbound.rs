@@ -14,9 +14,9 @@
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use crate::balance::{Balancer, ClientParams};
+use crate::config::limits::ClientLimits;
 use crate::config::policy::ServicePolicy;
 use crate::discovery;
 use crate::metrics::Metrics;
@@ -27,18 +27,13 @@ use crate::routes::Routes;
 pub fn app_target(
     service_name: &str,
     addr: SocketAddr,
-    connect_timeout: Duration,
+    client: ClientLimits,
     metrics: &Metrics,
 ) -> Arc<Target> {
     let service: Arc<str> = Arc::from(service_name);
     let policy = ServicePolicy::local_app();
-    let params = ClientParams::for_service(
-        metrics,
-        service_name,
-        connect_timeout,
-        policy.accrual.clone(),
-        false,
-    );
+    let params =
+        ClientParams::for_service(metrics, service_name, client, policy.accrual.clone(), false);
     let balancer = Balancer::spawn(
         Arc::clone(&service),
         tokio::sync::watch::channel(discovery::fixed(&[addr])).1,
@@ -54,7 +49,7 @@ pub fn app_target(
 /// The local app's ports, each a target made on first use.
 pub struct AppPorts {
     service_name: String,
-    connect_timeout: Duration,
+    client: ClientLimits,
     metrics: Arc<Metrics>,
     /// The sidecar's own listener ports: never forwarded to (no loops).
     reserved: Vec<u16>,
@@ -65,7 +60,7 @@ impl AppPorts {
     /// `app`: the `--inbound-app` target, reused for its port on loopback.
     pub fn new(
         service_name: &str,
-        connect_timeout: Duration,
+        client: ClientLimits,
         metrics: Arc<Metrics>,
         reserved: Vec<u16>,
         app: Option<(SocketAddr, Arc<Target>)>,
@@ -76,7 +71,7 @@ impl AppPorts {
         }
         Arc::new(Self {
             service_name: service_name.to_string(),
-            connect_timeout,
+            client,
             metrics,
             reserved,
             targets: Mutex::new(targets),
@@ -98,7 +93,7 @@ impl AppPorts {
             app_target(
                 &self.service_name,
                 SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-                self.connect_timeout,
+                self.client,
                 &self.metrics,
             )
         });

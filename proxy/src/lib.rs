@@ -19,6 +19,7 @@ pub mod errors;
 pub mod identity;
 pub mod inbound;
 pub mod intercept;
+pub mod limits;
 pub mod metrics;
 pub mod observe;
 pub mod outbound;

@@ -60,6 +60,9 @@ pub struct Metrics {
     pub config_last_push: Gauge,
     /// Inbound requests the authorization policy denied (`authz.rs`).
     pub authz_denied: IntCounterVec,
+    /// Connections and requests refused by a protocol limit
+    /// ([`crate::config::limits`]), by listener and reason.
+    pub protocol_rejections: IntCounterVec,
     routes: [RwLock<RoutesByService>; 2],
 }
 
@@ -230,6 +233,14 @@ impl Metrics {
             &["service", "peer_identity"],
         )?;
         registry.register(Box::new(authz_denied.clone()))?;
+        let protocol_rejections = IntCounterVec::new(
+            Opts::new(
+                "tern_protocol_rejections_total",
+                "Connections and requests refused or cut off by a protocol limit, by listener and reason (max_connections, handshake_timeout, idle_timeout, client_resets, header_list_size, response_header_list_size, accept_error).",
+            ),
+            &["listener", "reason"],
+        )?;
+        registry.register(Box::new(protocol_rejections.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(responses.clone()))?;
         registry.register(Box::new(duration.clone()))?;
@@ -263,6 +274,7 @@ impl Metrics {
             config_version,
             config_last_push,
             authz_denied,
+            protocol_rejections,
             routes: [RwLock::default(), RwLock::default()],
         })
     }

@@ -45,7 +45,7 @@ pub fn build(
 
     let targets = Targets::new(
         Arc::clone(metrics),
-        config.connect_timeout,
+        config.client_limits(),
         &config.namespace,
         identity,
     );

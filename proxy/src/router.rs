@@ -290,7 +290,6 @@ impl tower::Service<Request<Body>> for Forward {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use std::time::Duration;
     use tower::{Layer as _, Service as _, ServiceExt as _};
 
     type Seen = (
@@ -323,7 +322,7 @@ mod tests {
     async fn intercepted_requests_follow_their_destination() {
         let metrics = Arc::new(crate::metrics::Metrics::new().unwrap());
         let target = |name: &str, a: &str| {
-            crate::inbound::app_target(name, addr(a), Duration::from_secs(1), &metrics)
+            crate::inbound::app_target(name, addr(a), Default::default(), &metrics)
         };
         let (pay, web) = (
             target("pay", "10.1.0.7:4143"),
@@ -359,7 +358,7 @@ mod tests {
 
         let ports = crate::inbound::AppPorts::new(
             "pay",
-            Duration::from_secs(1),
+            Default::default(),
             Arc::clone(&metrics),
             vec![4143, 4191],
             None,

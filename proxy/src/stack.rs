@@ -10,6 +10,7 @@ use tower::ServiceBuilder;
 
 use crate::access_log::AccessLog;
 use crate::authz::{Authorize, AuthorizeLayer, SharedPolicy};
+use crate::config::limits::Limits;
 use crate::errors::{ErrorResponse, ErrorResponseLayer};
 use crate::metrics::{Direction, Metrics};
 use crate::observe::{Observe, ObserveLayer};
@@ -31,8 +32,17 @@ pub fn http(
     metrics: &Arc<Metrics>,
     log: Option<AccessLog>,
     inbound_authz: Option<SharedPolicy>,
+    limits: &Limits,
 ) -> HttpStack {
-    http_over(direction, selector, metrics, log, inbound_authz, Forward)
+    http_over(
+        direction,
+        selector,
+        metrics,
+        log,
+        inbound_authz,
+        limits,
+        Forward,
+    )
 }
 
 pub(crate) fn http_over<S>(
@@ -41,6 +51,7 @@ pub(crate) fn http_over<S>(
     metrics: &Arc<Metrics>,
     log: Option<AccessLog>,
     inbound_authz: Option<SharedPolicy>,
+    limits: &Limits,
     bottom: S,
 ) -> Stack<S> {
     ServiceBuilder::new()
@@ -50,8 +61,13 @@ pub(crate) fn http_over<S>(
         .layer(RouteLayer::new(selector))
         // 3. count the request, follow the response to its end, log it
         .layer(ObserveLayer::new(direction, Arc::clone(metrics), log))
-        // 4. the proxy's own failures become a gRPC status or HTTP 4xx/5xx
-        .layer(ErrorResponseLayer::new(direction, Arc::clone(metrics)))
+        // 4. the proxy's own failures become a gRPC status or HTTP 4xx/5xx;
+        //    a request head over the header limit stops here
+        .layer(ErrorResponseLayer::new(
+            direction,
+            Arc::clone(metrics),
+            limits.max_header_list_size,
+        ))
         // 5. inbound only: callers the authorization policy does not allow
         //    stop here (PERMISSION_DENIED / 403), still logged and counted
         .layer(AuthorizeLayer::new(
@@ -61,7 +77,10 @@ pub(crate) fn http_over<S>(
         ))
         // 6. retries within a budget, per-try timeouts, deadlines; each attempt
         //    picks an endpoint (round robin, skipping ejected ones)
-        .layer(RetryLayer::new(Arc::clone(metrics)))
+        .layer(RetryLayer::new(
+            Arc::clone(metrics),
+            limits.response_timeout,
+        ))
         // 7. send on the endpoint's pooled connection
         .service(bottom)
 }

@@ -13,12 +13,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
 use crate::balance::{Balancer, ClientParams};
+use crate::config::limits::ClientLimits;
 use crate::config::policy::ServicePolicy;
 use crate::discovery::EndpointSet;
 use crate::metrics::Metrics;
@@ -173,7 +173,7 @@ pub struct Targets {
     by_ip: ArcSwap<HashMap<IpAddr, Dest>>,
     me: Weak<Targets>,
     metrics: Arc<Metrics>,
-    connect_timeout: Duration,
+    client: ClientLimits,
     /// The sidecar's own namespace: its services win short names like `pay`.
     namespace: String,
     identity: Option<Arc<crate::identity::Identity>>,
@@ -182,7 +182,7 @@ pub struct Targets {
 impl Targets {
     pub fn new(
         metrics: Arc<Metrics>,
-        connect_timeout: Duration,
+        client: ClientLimits,
         namespace: &str,
         identity: Option<Arc<crate::identity::Identity>>,
     ) -> Arc<Self> {
@@ -192,7 +192,7 @@ impl Targets {
             by_ip: ArcSwap::from_pointee(HashMap::new()),
             me: Weak::clone(me),
             metrics,
-            connect_timeout,
+            client,
             namespace: namespace.to_string(),
             identity,
         })
@@ -214,7 +214,7 @@ impl Targets {
         let mut params = ClientParams::for_service(
             &self.metrics,
             name,
-            self.connect_timeout,
+            self.client,
             policy.accrual.clone(),
             true,
         );
@@ -344,7 +344,7 @@ mod tests {
 
     fn targets() -> (Arc<Targets>, ServicePolicy) {
         let metrics = Arc::new(Metrics::new().unwrap());
-        let t = Targets::new(metrics, Duration::from_secs(1), "default", None);
+        let t = Targets::new(metrics, Default::default(), "default", None);
         (t, PolicyFile::default().validate("t").unwrap())
     }
 

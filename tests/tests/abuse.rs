@@ -11,6 +11,7 @@ use tern_tests::{python, raw_grpc, within, App, EchoMesh, Must, Route, TestDir, 
 const UNARY: &str = "/tern.test.v1.Echo/Unary";
 /// gRPC INTERNAL: what gRPC servers answer to a malformed `grpc-timeout`.
 const INTERNAL: u32 = 13;
+const PERMISSION_DENIED: u32 = 7;
 
 /// `n` unary calls on one fresh channel; all must succeed.
 async fn well_behaved_calls(mesh: &EchoMesh, n: usize) -> anyhow::Result<()> {
@@ -84,4 +85,254 @@ async fn invalid_grpc_timeout_is_answered_by_the_proxy() {
         )
         .await);
     assert_eq!(rejected, 6.0);
+}
+
+/// A unary call with one extra metadata entry of `size` bytes, straight through `addr`.
+async fn call_with_metadata(
+    addr: std::net::SocketAddr,
+    size: usize,
+) -> anyhow::Result<raw_grpc::RawReply> {
+    let big = "m".repeat(size);
+    let req = EchoRequest::default();
+    within(
+        CALL_TIMEOUT,
+        raw_grpc::unary(addr, UNARY, &req, &[("x-big", big.as_str())]),
+    )
+    .await?
+}
+
+/// 20 KiB of request metadata (which grpc-go and grpcio accept) passes two sidecars; over the
+/// limit, the first sidecar answers RESOURCE_EXHAUSTED itself, says why, and counts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_metadata_limit_is_generous_and_counted() {
+    let mesh = EchoMesh::start("abuse-req-headers", Route::Sidecars, 1)
+        .await
+        .must();
+    let ok = mesh.ok(call_with_metadata(mesh.target, 20 * 1024).await);
+    assert_eq!(ok.grpc_status(), Some(0), "{ok:?}");
+    let calls = mesh.ok(mesh.stats(0).await).calls;
+    let over = mesh.ok(call_with_metadata(mesh.target, 70 * 1024).await);
+    assert_eq!(over.grpc_status(), Some(8), "RESOURCE_EXHAUSTED: {over:?}");
+    assert!(over.header("x-tern-proxy-error").is_some(), "{over:?}");
+    assert_eq!(
+        mesh.ok(mesh.stats(0).await).calls,
+        calls,
+        "never reached the app"
+    );
+    let client = mesh.client.as_ref().expect("client sidecar");
+    let counted = mesh.ok(client
+        .metric(
+            "tern_protocol_rejections_total",
+            &[("reason", "header_list_size")],
+        )
+        .await);
+    assert_eq!(counted, 1.0);
+    mesh.ok(well_behaved_calls(&mesh, 3).await);
+}
+
+/// The app's error status in 20 KiB of response metadata reaches the caller as sent, once; over
+/// the limit, the caller learns so (INTERNAL, never a retried UNAVAILABLE), and the app ran the
+/// call exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_response_metadata_keeps_the_apps_status() {
+    let mesh = EchoMesh::start("abuse-rsp-headers", Route::Sidecars, 1)
+        .await
+        .must();
+    // A bare h2 client: tonic's own client takes no more than 16 KiB of headers.
+    for (size, want) in [(20 * 1024, PERMISSION_DENIED), (70 * 1024, INTERNAL)] {
+        let before = mesh.ok(mesh.stats(0).await).calls;
+        let req = EchoRequest {
+            message: "d".repeat(size),
+            fail_code: PERMISSION_DENIED as i32,
+            ..Default::default()
+        };
+        let reply = within(CALL_TIMEOUT, raw_grpc::unary(mesh.target, UNARY, &req, &[]))
+            .await
+            .and_then(|r| r);
+        let reply = mesh.ok(reply);
+        assert_eq!(
+            reply.grpc_status(),
+            Some(want),
+            "{size} bytes: {:?}",
+            reply.headers.keys().collect::<Vec<_>>()
+        );
+        let message = reply.header("grpc-message").unwrap_or_default();
+        if want == PERMISSION_DENIED {
+            assert_eq!(message.len(), size);
+        } else {
+            assert!(message.contains("exceed"), "{message}");
+        }
+        let after = mesh.ok(mesh.stats(0).await).calls;
+        assert_eq!(after - before, 1, "{size} bytes: the app ran the call once");
+    }
+}
+
+/// A client that opens streams and cancels each one is sent GOAWAY on its own connection once
+/// past its reset budget; another client's long bidi streams through the same sidecars all
+/// complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelling_client_is_cut_off_alone() {
+    let mesh = EchoMesh::start("abuse-resets", Route::Sidecars, 1)
+        .await
+        .must();
+    let client_sidecar = mesh.client.as_ref().expect("client sidecar");
+    // A well-behaved client keeps bidi streams going meanwhile.
+    let target = mesh.target;
+    let good = tokio::spawn(async move {
+        let mut client = tern_tests::mesh::echo_client(tern_tests::mesh::connect(target).await?);
+        for round in 0..20 {
+            let msgs: Vec<EchoRequest> = (0..5)
+                .map(|i| EchoRequest {
+                    message: format!("{round}-{i}"),
+                    delay_ms: 10,
+                    ..Default::default()
+                })
+                .collect();
+            let mut stream = within(
+                CALL_TIMEOUT,
+                client.bidi_stream(futures::stream::iter(msgs)),
+            )
+            .await??
+            .into_inner();
+            let mut n = 0;
+            while let Some(r) = within(CALL_TIMEOUT, stream.message()).await?? {
+                n += 1;
+                assert_eq!(r.seq, n);
+            }
+            anyhow::ensure!(n == 5, "round {round}: {n} replies");
+        }
+        anyhow::Ok(())
+    });
+    // The attacker: streams opened, a DATA frame sent, then reset, as fast as it can.
+    let tcp = tokio::net::TcpStream::connect(mesh.target).await.must_io();
+    let (h2, conn) = h2::client::handshake(tcp).await.must_h2();
+    let driver = tokio::spawn(conn);
+    let mut cut_off = false;
+    let mut h2 = h2;
+    for _ in 0..5000 {
+        let ready = match within(CALL_TIMEOUT, h2.ready()).await.must() {
+            Ok(r) => r,
+            Err(_) => {
+                cut_off = true;
+                break;
+            }
+        };
+        h2 = ready;
+        let req = http::Request::post(format!("http://{}{UNARY}", mesh.target))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let Ok((_rsp, mut send)) = h2.send_request(req, false) else {
+            cut_off = true;
+            break;
+        };
+        let _ = send.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), false);
+        tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+        send.send_reset(h2::Reason::CANCEL);
+    }
+    driver.abort();
+    assert!(cut_off, "the attacker was never sent GOAWAY");
+    mesh.ok(good.await.must_join());
+    let counted = mesh.ok(client_sidecar
+        .metric(
+            "tern_protocol_rejections_total",
+            &[("reason", "client_resets")],
+        )
+        .await);
+    assert!(counted >= 1.0, "counted {counted}");
+    mesh.ok(well_behaved_calls(&mesh, 5).await);
+}
+
+trait MustIo<T> {
+    fn must_io(self) -> T;
+    fn must_h2(self) -> T
+    where
+        Self: Sized,
+    {
+        self.must_io()
+    }
+}
+
+impl<T, E: Into<anyhow::Error>> MustIo<T> for Result<T, E> {
+    fn must_io(self) -> T {
+        self.map_err(Into::into).must()
+    }
+}
+
+trait MustJoin<T> {
+    fn must_join(self) -> T;
+}
+
+impl<T> MustJoin<T> for Result<T, tokio::task::JoinError> {
+    fn must_join(self) -> T {
+        self.map_err(anyhow::Error::from).must()
+    }
+}
+
+/// `/shutdown` on a sidecar's admin port, which listens on the pod's address for probes, is
+/// refused (403) to a peer elsewhere on the network, and honoured from the pod's own loopback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_only_from_loopback() {
+    use tern_tests::netns;
+    if let Some(what) = netns::missing_prerequisite() {
+        return tern_tests::missing(&what).must();
+    }
+    let dir = TestDir::new("abuse-shutdown").must();
+    let mut net = netns::Network::create().must();
+    let pod = net.pod("victim").must();
+    let args: Vec<String> = [
+        "--service-name",
+        "victim",
+        "--admin-listen",
+        "0.0.0.0:4191",
+        "--outbound-listen",
+        "127.0.0.1:4140",
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut proxy = pod
+        .spawn(dir.path(), "victim-sidecar", "tern-proxy", &args, false)
+        .must();
+    let admin = pod.addr(4191);
+    tern_tests::eventually(std::time::Duration::from_secs(10), || async {
+        let r = tern_tests::http1::get(admin, "/ready").await?;
+        Ok((r.status != 200).then(|| format!("/ready {}", r.status)))
+    })
+    .await
+    .must();
+    // From the root namespace: the gateway's address, not the pod's loopback.
+    let mut conn = tern_tests::http1::Conn::connect(admin).await.must();
+    let refused = conn.request("POST", "/shutdown", &[], None).await.must();
+    assert_eq!(refused.status, 403, "{}", proxy.diagnostics());
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        proxy.try_status().must().is_none(),
+        "the sidecar must still run"
+    );
+    let ready = tern_tests::http1::get(admin, "/ready").await.must();
+    assert_eq!(ready.status, 200);
+    let metrics = tern_tests::http1::get(admin, "/metrics")
+        .await
+        .must()
+        .text();
+    assert!(
+        metrics.contains(
+            r#"tern_protocol_rejections_total{listener="admin",reason="not_loopback"} 1"#
+        ),
+        "{metrics}"
+    );
+    // From inside the pod, on loopback: accepted.
+    let script = "import urllib.request as u; print(u.urlopen(u.Request('http://127.0.0.1:4191/shutdown', method='POST')).status)";
+    let out = pod.exec("python3", &["-c", script]).must();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "200",
+        "{out:?}"
+    );
+    let status = proxy
+        .wait_exit(std::time::Duration::from_secs(10))
+        .await
+        .must();
+    assert!(status.success(), "{status}");
 }

@@ -172,7 +172,7 @@ fn app_target(metrics: &Metrics) -> Arc<Target> {
     let params = ClientParams::for_service(
         metrics,
         "pay",
-        std::time::Duration::from_secs(1),
+        Default::default(),
         policy.accrual.clone(),
         false,
     );
@@ -268,6 +268,7 @@ async fn a_denied_call_is_answered_logged_and_counted_without_reaching_the_app()
         &metrics,
         log.clone(),
         Some(Arc::clone(&policy)),
+        &Default::default(),
         app.clone(),
     );
 

@@ -13,7 +13,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use prometheus::{IntCounter, IntGauge};
@@ -21,6 +20,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::accrual::now_ms;
+use crate::config::limits::ClientLimits;
 use crate::config::policy::AccrualPolicy;
 use crate::discovery::{EndpointSet, Labels};
 use crate::endpoint::EndpointClient;
@@ -63,8 +63,10 @@ impl Algorithm {
 /// What the balancer needs to make clients for new endpoints.
 #[derive(Clone)]
 pub struct ClientParams {
-    pub connect_timeout: Duration,
+    pub client: ClientLimits,
     pub open_connections: IntGauge,
+    /// Responses whose header or trailer block was over the limit.
+    pub oversized: IntCounter,
     /// `tern_endpoints{service}`; none for the inbound app.
     pub endpoints_gauge: Option<IntGauge>,
     pub accrual: AccrualPolicy,
@@ -80,15 +82,18 @@ impl ClientParams {
     pub fn for_service(
         metrics: &crate::metrics::Metrics,
         service: &str,
-        connect_timeout: Duration,
+        client: ClientLimits,
         accrual: AccrualPolicy,
         count_endpoints: bool,
     ) -> Self {
         Self {
-            connect_timeout,
+            client,
             open_connections: metrics
                 .upstream_open_connections
                 .with_label_values(&[service]),
+            oversized: metrics
+                .protocol_rejections
+                .with_label_values(&["client", "response_header_list_size"]),
             endpoints_gauge: count_endpoints
                 .then(|| metrics.endpoints.with_label_values(&[service])),
             accrual,
@@ -218,8 +223,9 @@ impl Balancer {
                     None => Arc::new(EndpointClient::new(
                         self.service.clone(),
                         ep.clone(),
-                        self.params.connect_timeout,
+                        self.params.client,
                         self.params.open_connections.clone(),
+                        self.params.oversized.clone(),
                         self.params.identity.as_ref(),
                     )),
                 },

@@ -7,8 +7,12 @@ use crate::discovery::Endpoint;
 
 fn params() -> ClientParams {
     ClientParams {
-        connect_timeout: Duration::from_secs(1),
+        client: crate::config::limits::ClientLimits {
+            connect_timeout: Duration::from_secs(1),
+            max_header_list_size: 65536,
+        },
         open_connections: IntGauge::new("c", "c").unwrap(),
+        oversized: IntCounter::new("o", "o").unwrap(),
         endpoints_gauge: None,
         accrual: AccrualPolicy {
             consecutive_failures: 0,

@@ -165,6 +165,37 @@ pub struct Args {
     )]
     pub endpoint_identities: Vec<String>,
 
+    /// Largest header block of a request or response, HTTP/1 and HTTP/2, in bytes (names,
+    /// values and 32 per field) [default: 65536].
+    #[arg(long, env = "TERN_MAX_HEADER_LIST_SIZE")]
+    pub max_header_list_size: Option<u32>,
+
+    /// HTTP/2 streams open at once on one downstream connection [default: 200].
+    #[arg(long, env = "TERN_MAX_CONCURRENT_STREAMS")]
+    pub max_concurrent_streams: Option<u32>,
+
+    /// Streams one downstream connection may cancel within 10 s before it is sent GOAWAY and
+    /// closed; the upstream connections it shares with others are never touched [default: 200].
+    #[arg(long, env = "TERN_MAX_CLIENT_RESETS")]
+    pub max_client_resets: Option<u32>,
+
+    /// Close a downstream connection with no request in flight for this long [default: 5m].
+    #[arg(long, env = "TERN_IDLE_TIMEOUT")]
+    pub idle_timeout: Option<String>,
+
+    /// Time a new connection has for its TLS handshake and protocol detection [default: 10s].
+    #[arg(long, env = "TERN_HANDSHAKE_TIMEOUT")]
+    pub handshake_timeout: Option<String>,
+
+    /// Open connections per listener; more are refused at accept [default: 20000].
+    #[arg(long, env = "TERN_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+
+    /// How long a request without a deadline of its own (no grpc-timeout, no route or
+    /// --request-timeout) waits for its response head; 0 waits forever [default: 5m].
+    #[arg(long, env = "TERN_RESPONSE_TIMEOUT")]
+    pub response_timeout: Option<String>,
+
     /// Tokio worker threads [default: 1].
     #[arg(long, env = "TERN_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
@@ -234,6 +265,7 @@ impl Args {
         if self.worker_threads.is_some() {
             f.worker_threads = self.worker_threads;
         }
+        self.apply_limits(&mut f.limits);
         let id = &mut f.identity;
         set(&mut id.trust_anchors, &self.identity_trust_anchors);
         set(&mut id.token_file, &self.identity_token_file);
@@ -291,6 +323,23 @@ impl Args {
             service(f, name).identity = Some(id.to_string());
         }
         Ok(())
+    }
+}
+
+impl Args {
+    fn apply_limits(&self, l: &mut super::limits::LimitsFile) {
+        fn set<T: Clone>(dst: &mut Option<T>, src: &Option<T>) {
+            if src.is_some() {
+                dst.clone_from(src);
+            }
+        }
+        set(&mut l.max_header_list_size, &self.max_header_list_size);
+        set(&mut l.max_concurrent_streams, &self.max_concurrent_streams);
+        set(&mut l.max_client_resets, &self.max_client_resets);
+        set(&mut l.idle_timeout, &self.idle_timeout);
+        set(&mut l.handshake_timeout, &self.handshake_timeout);
+        set(&mut l.max_connections, &self.max_connections);
+        set(&mut l.response_timeout, &self.response_timeout);
     }
 }
 

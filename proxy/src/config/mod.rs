@@ -7,6 +7,7 @@
 
 pub mod args;
 pub mod identity;
+pub mod limits;
 pub mod policy;
 pub mod ports;
 
@@ -18,6 +19,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use identity::{IdentityConfig, IdentityFile, InboundTls};
+use limits::{ClientLimits, Limits, LimitsFile};
 use policy::{PolicyFile, ServicePolicy};
 use ports::{PortItem, PortSet};
 
@@ -60,6 +62,9 @@ pub struct FileConfig {
     pub opaque_ports: Vec<PortItem>,
     #[serde(default)]
     pub services: Vec<ServiceFile>,
+    /// Protocol limits (see [`limits`]).
+    #[serde(default)]
+    pub limits: LimitsFile,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -136,6 +141,17 @@ pub struct Config {
     /// Ports carried as opaque TCP (see [`crate::tcp`]).
     pub opaque_ports: PortSet,
     pub services: Vec<ServiceConfig>,
+    pub limits: Limits,
+}
+
+impl Config {
+    /// What every endpoint client is built with.
+    pub fn client_limits(&self) -> ClientLimits {
+        ClientLimits {
+            connect_timeout: self.connect_timeout,
+            max_header_list_size: self.limits.max_header_list_size,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -473,6 +489,7 @@ impl FileConfig {
             watch_all_services: self.watch_all_services.unwrap_or(false),
             opaque_ports,
             services,
+            limits: self.limits.validate()?,
         })
     }
 }

@@ -21,8 +21,9 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use super::{Alpn, Identity};
 use crate::config::identity::InboundTls;
 
-/// How long a peer may take to finish a handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an endpoint may take to finish the handshake this sidecar starts;
+/// the inbound side's is a setting (`limits.handshake_timeout`).
+const CLIENT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A connection to an endpoint, with or without TLS.
 pub enum ClientIo {
@@ -60,7 +61,13 @@ pub async fn connect(
         .map_err(|e| fail("config", e.to_string()))?;
     let name = tern_identity::tls::server_name(addr.ip());
     let handshake = TlsConnector::from(config).connect(name, tcp);
-    let stream = within_timeout(&identity.metrics, "outbound", handshake).await?;
+    let stream = within_timeout(
+        &identity.metrics,
+        "outbound",
+        CLIENT_HANDSHAKE_TIMEOUT,
+        handshake,
+    )
+    .await?;
     identity
         .metrics
         .handshakes
@@ -91,14 +98,15 @@ impl super::TlsMetrics {
     }
 }
 
-/// Runs a handshake, bounded by [`HANDSHAKE_TIMEOUT`]; a failure is counted
-/// under the reason rustls gives.
+/// Runs a handshake, bounded by `limit`; a failure is counted under the
+/// reason rustls gives.
 async fn within_timeout<S>(
     metrics: &super::TlsMetrics,
     direction: &str,
+    limit: Duration,
     handshake: impl std::future::Future<Output = io::Result<S>>,
 ) -> Result<S, HandshakeError> {
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+    match tokio::time::timeout(limit, handshake).await {
         Err(_) => Err(metrics.failed(direction, "timeout", "TLS handshake timed out".into())),
         Ok(Err(e)) => {
             let reason = tern_identity::tls::failure_reason(&e);
@@ -113,6 +121,7 @@ pub struct Inbound {
     pub mode: InboundTls,
     acceptor: TlsAcceptor,
     identity: Arc<Identity>,
+    handshake_timeout: Duration,
 }
 
 /// An accepted inbound connection and what its handshake established.
@@ -122,11 +131,12 @@ pub enum Accepted {
 }
 
 impl Inbound {
-    pub fn new(identity: Arc<Identity>, mode: InboundTls) -> Self {
+    pub fn new(identity: Arc<Identity>, mode: InboundTls, handshake_timeout: Duration) -> Self {
         Self {
             mode,
             acceptor: TlsAcceptor::from(Arc::clone(&identity.server)),
             identity,
+            handshake_timeout,
         }
     }
 
@@ -135,7 +145,7 @@ impl Inbound {
         let metrics = &self.identity.metrics;
         let fail = |reason, detail| metrics.failed("inbound", reason, detail);
         let mut first = [0u8; 1];
-        let peeked = tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await;
+        let peeked = tokio::time::timeout(self.handshake_timeout, tcp.peek(&mut first)).await;
         let n = match peeked {
             Err(_) => {
                 return Err(fail(
@@ -158,7 +168,13 @@ impl Inbound {
                 _ => Ok(Accepted::Plain(tcp)),
             };
         }
-        let stream = within_timeout(metrics, "inbound", self.acceptor.accept(tcp)).await?;
+        let stream = within_timeout(
+            metrics,
+            "inbound",
+            self.handshake_timeout,
+            self.acceptor.accept(tcp),
+        )
+        .await?;
         self.identity
             .metrics
             .handshakes

@@ -39,11 +39,17 @@ pub struct Attempts(pub Arc<AtomicU32>);
 #[derive(Clone)]
 pub struct RetryLayer {
     metrics: Arc<Metrics>,
+    response_timeout: Option<Duration>,
 }
 
 impl RetryLayer {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { metrics }
+    /// `response_timeout`: how long a request with no deadline of its own
+    /// waits for its response head (`limits.response_timeout`).
+    pub fn new(metrics: Arc<Metrics>, response_timeout: Option<Duration>) -> Self {
+        Self {
+            metrics,
+            response_timeout,
+        }
     }
 }
 
@@ -53,6 +59,7 @@ impl<S> tower::Layer<S> for RetryLayer {
         Retry {
             inner,
             metrics: Arc::clone(&self.metrics),
+            response_timeout: self.response_timeout,
         }
     }
 }
@@ -61,6 +68,7 @@ impl<S> tower::Layer<S> for RetryLayer {
 pub struct Retry<S> {
     inner: S,
     metrics: Arc<Metrics>,
+    response_timeout: Option<Duration>,
 }
 
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, ProxyError>> + Send>>;
@@ -87,6 +95,7 @@ where
                 self.inner.clone(),
                 target,
                 Arc::clone(&self.metrics),
+                self.response_timeout,
                 req,
             )),
             None => Box::pin(self.inner.call(req)),
@@ -120,6 +129,7 @@ async fn run<S>(
     inner: S,
     target: Arc<Target>,
     metrics: Arc<Metrics>,
+    response_timeout: Option<Duration>,
     req: Request<Body>,
 ) -> Result<Response<Body>, ProxyError>
 where
@@ -146,6 +156,9 @@ where
         (a, b) => a.or(b),
     };
     let deadline = limit.map(|l| start + l);
+    // Without a deadline, the response head is still not awaited forever;
+    // this bound is the proxy's own and is never told to the server.
+    let head_by = deadline.or_else(|| response_timeout.map(|t| start + t));
     let attempts = req
         .extensions()
         .get::<Attempts>()
@@ -168,13 +181,14 @@ where
         policy: &policy.retry,
     };
     let deadline_exceeded = || {
-        metrics
-            .timeouts
-            .with_label_values(&[service, "deadline"])
-            .inc();
-        ProxyError::DeadlineExceeded {
-            service: Arc::clone(&target.service),
-            elapsed: start.elapsed(),
+        let no_deadline = deadline.is_none();
+        let kind = if no_deadline { "response" } else { "deadline" };
+        metrics.timeouts.with_label_values(&[service, kind]).inc();
+        let (service, elapsed) = (Arc::clone(&target.service), start.elapsed());
+        if no_deadline {
+            ProxyError::ResponseTimeout { service, elapsed }
+        } else {
+            ProxyError::DeadlineExceeded { service, elapsed }
         }
     };
 
@@ -183,8 +197,10 @@ where
     loop {
         attempt += 1;
         attempts.0.store(attempt, Ordering::Relaxed);
-        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        if remaining == Some(Duration::ZERO) {
+        let now = Instant::now();
+        let remaining = deadline.map(|d| d.saturating_duration_since(now));
+        let head_left = head_by.map(|d| d.saturating_duration_since(now));
+        if head_left == Some(Duration::ZERO) {
             return Err(deadline_exceeded());
         }
         let endpoint = match pinned {
@@ -211,7 +227,7 @@ where
             let rsp = svc.oneshot(req).await?;
             Ok::<_, ProxyError>(classify::classify(&creq, rsp, may_retry).await)
         };
-        let per_try = match (policy.timeout.per_try, remaining) {
+        let per_try = match (policy.timeout.per_try, head_left) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
@@ -246,7 +262,7 @@ where
                 return Err(e);
             }
             None => {
-                if deadline.is_some_and(|d| Instant::now() >= d) {
+                if head_by.is_some_and(|d| Instant::now() >= d) {
                     return Err(deadline_exceeded());
                 }
                 metrics

@@ -393,6 +393,9 @@ async fn main() -> anyhow::Result<()> {
         .max_encoding_message_size(MAX_MESSAGE);
     println!("echo-server listening on {local}");
     tonic::transport::Server::builder()
+        // grpc-go takes up to 16 MiB of metadata; hyper's default is 16 KiB. The metadata tests
+        // need a server that takes more than the proxy's own limit.
+        .http2_max_header_list_size(1024 * 1024)
         .layer(tower::util::option_layer(
             args.content_length
                 .then_some(tower::layer::layer_fn(ContentLength)),

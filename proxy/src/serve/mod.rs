@@ -1,9 +1,12 @@
 //! Accepting connections: plain async loops around hyper's server.
 //!
 //! Each accepted connection speaks HTTP/1.1 or HTTP/2 (h2c), detected from its
-//! first bytes. Every connection is watched by one graceful-shutdown handle,
-//! so a drain sends GOAWAY on HTTP/2, closes idle HTTP/1.1 keep-alives and
-//! waits for requests in flight.
+//! first bytes. Every connection is watched by one [`Drain`] handle, so a
+//! drain sends GOAWAY on HTTP/2, closes idle HTTP/1.1 keep-alives and waits
+//! for requests in flight. Each connection is also held to the protocol
+//! limits ([`crate::config::limits`]): a listener takes at most
+//! `max_connections` at once, and a connection idle too long or whose client
+//! cancels too many streams ([`conn_state`]) is closed the same graceful way.
 //!
 //! The inbound listener may take mTLS ([`crate::identity::tls::Inbound`]):
 //! the handshake runs in the connection's own task, so a slow or hostile
@@ -13,8 +16,11 @@
 //! destination outside the mesh, or opaque TCP (ALPN `tern.tcp/1` from
 //! another sidecar); those go to [`crate::tcp`].
 
+pub mod conn_state;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -23,36 +29,92 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
-use prometheus::{IntCounter, IntGauge};
+use prometheus::{IntCounter, IntCounterVec, IntGauge};
 use tern_identity::tls::ALPN_TERN_TCP;
 use tern_identity::ConnTls;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::body::BoxError;
+use crate::config::limits::Limits;
 use crate::identity::tls::{Accepted, Inbound};
 use crate::intercept::{self, InboundConn, OutboundConn};
+use crate::limits::hard_header_list_size;
 use crate::router::Destination;
+use conn_state::{ConnState, Tracked};
 
 pub struct ConnMetrics {
     pub open: IntGauge,
     pub accepted: IntCounter,
+    /// `tern_protocol_rejections_total`, labelled here with the listener's name.
+    pub rejections: IntCounterVec,
 }
 
-pub fn server_builder() -> auto::Builder<TokioExecutor> {
+/// Asks every connection it watches to finish (GOAWAY, close idle
+/// keep-alives) and waits for them.
+#[derive(Clone, Default)]
+pub struct Drain {
+    signal: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Drain {
+    /// Signals every connection and waits until all have closed.
+    pub async fn shutdown(&self) {
+        self.signal.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+pub fn server_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    // Twice the limit, so that a head over it reaches the stack to be
+    // answered and counted (see crate::limits).
+    let hard = hard_header_list_size(limits.max_header_list_size);
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(30))
+        .max_buf_size(crate::endpoint::h1_buf_size(hard))
         .keep_alive(true);
     b.http2()
         .timer(TokioTimer::new())
         .max_frame_size(64 * 1024)
+        .max_header_list_size(hard)
+        .max_concurrent_streams(limits.max_concurrent_streams)
         .keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(10));
     b
+}
+
+/// At most one warning per second for a kind of event an attacker can make
+/// happen at will (failed accepts, failed handshakes); the rest are counted
+/// and their number given with the next line that is written.
+#[derive(Default)]
+pub struct WarnLimiter {
+    next_ms: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl WarnLimiter {
+    /// `Some(n)`: write the line now, mentioning `n` suppressed since the last.
+    pub fn allow(&self) -> Option<u64> {
+        let now = crate::accrual::now_ms();
+        let next = self.next_ms.load(Ordering::Relaxed);
+        if now >= next
+            && self
+                .next_ms
+                .compare_exchange(next, now + 1000, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Some(self.suppressed.swap(0, Ordering::Relaxed));
+        }
+        self.suppressed.fetch_add(1, Ordering::Relaxed);
+        None
+    }
 }
 
 /// What a listener does with each connection besides serving HTTP.
@@ -75,6 +137,7 @@ pub struct Listener<S> {
     /// With it, each connection first goes through its handshake.
     pub tls: Option<Arc<Inbound>>,
     pub mode: Mode,
+    pub limits: Limits,
 }
 
 /// Serves every connection `listener` accepts until `stop` fires; each in
@@ -82,7 +145,7 @@ pub struct Listener<S> {
 pub async fn accept_loop<S, B>(
     listener: TcpListener,
     l: Listener<S>,
-    graceful: &GracefulShutdown,
+    drain: &Drain,
     stop: CancellationToken,
 ) where
     S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
@@ -97,8 +160,13 @@ pub async fn accept_loop<S, B>(
     let name = l.name;
     let open = l.metrics.open.clone();
     let accepted = l.metrics.accepted.clone();
+    let rejections = l.metrics.rejections.clone();
+    let reject = |reason: &str| rejections.with_label_values(&[name, reason]).inc();
+    let slots = Arc::new(Semaphore::new(l.limits.max_connections));
     let ctx = Arc::new(Ctx {
-        builder: server_builder(),
+        builder: server_builder(&l.limits),
+        drain: drain.signal.clone(),
+        warn: WarnLimiter::default(),
         l,
     });
     loop {
@@ -107,22 +175,31 @@ pub async fn accept_loop<S, B>(
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
+                    reject("accept_error");
+                    if let Some(suppressed) = ctx.warn.allow() {
+                        tracing::warn!(listener = name, error = %e, suppressed, "accept failed");
+                    }
                     // Usually out of file descriptors: back off instead of spinning.
-                    tracing::warn!(listener = name, error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            // Refused as cheaply as possible: closed before any read.
+            reject("max_connections");
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         accepted.inc();
         open.inc();
         let ctx = Arc::clone(&ctx);
-        let watcher = graceful.watcher();
         let open = open.clone();
-        tokio::spawn(async move {
-            ctx.connection(watcher, stream, peer).await;
+        drain.tasks.spawn(async move {
+            ctx.connection(stream, peer).await;
             open.dec();
+            drop(slot);
         });
     }
     tracing::debug!(listener = name, "stopped accepting");
@@ -130,6 +207,8 @@ pub async fn accept_loop<S, B>(
 
 struct Ctx<S> {
     builder: auto::Builder<TokioExecutor>,
+    drain: CancellationToken,
+    warn: WarnLimiter,
     l: Listener<S>,
 }
 
@@ -152,7 +231,7 @@ where
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    async fn connection(&self, watcher: Watcher, stream: TcpStream, peer: SocketAddr) {
+    async fn connection(&self, stream: TcpStream, peer: SocketAddr) {
         let name = self.l.name;
         let mut info = ConnInfo::default();
         match &self.l.mode {
@@ -187,15 +266,20 @@ where
             Mode::Http => {}
         }
         let Some(tls) = &self.l.tls else {
-            return self.http(watcher, stream, peer, info).await;
+            return self.http(stream, peer, info).await;
         };
         match tls.accept(stream).await {
             Err(e) => {
-                tracing::warn!(listener = name, %peer, reason = e.reason, detail = %e.detail, "refused connection");
+                if e.reason == "timeout" {
+                    self.reject("handshake_timeout");
+                }
+                if let Some(suppressed) = self.warn.allow() {
+                    tracing::warn!(listener = name, %peer, reason = e.reason, detail = %e.detail, suppressed, "refused connection");
+                }
             }
             Ok(Accepted::Plain(stream)) => {
                 info.tls = Some(ConnTls::plaintext());
-                self.http(watcher, stream, peer, info).await
+                self.http(stream, peer, info).await
             }
             Ok(Accepted::Tls(stream, conn_tls)) => {
                 let opaque = stream.get_ref().1.alpn_protocol() == Some(ALPN_TERN_TCP);
@@ -203,26 +287,67 @@ where
                     return inb.tcp.from_mesh(stream, peer, conn_tls, inb.app()).await;
                 }
                 info.tls = Some(conn_tls);
-                self.http(watcher, stream, peer, info).await
+                self.http(stream, peer, info).await
             }
         }
     }
 
-    async fn http<I>(&self, watcher: Watcher, io: I, peer: SocketAddr, info: ConnInfo)
+    fn reject(&self, reason: &str) {
+        self.l
+            .metrics
+            .rejections
+            .with_label_values(&[self.l.name, reason])
+            .inc();
+    }
+
+    /// Serves HTTP until the client is done, the proxy drains, or the
+    /// connection's limits close it (GOAWAY, then requests in flight finish).
+    async fn http<I>(&self, io: I, peer: SocketAddr, info: ConnInfo)
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        let state = ConnState::new(self.l.limits);
         let svc = WithConn {
             inner: self.l.svc.clone(),
             info,
+            peer: ClientAddr(peer),
+            state: Arc::clone(&state),
         };
         let conn = self
             .builder
             .serve_connection(TokioIo::new(io), TowerToHyperService::new(svc))
             .into_owned();
-        if let Err(e) = watcher.watch(conn).await {
+        tokio::pin!(conn);
+        let mut closing = false;
+        let result = loop {
+            tokio::select! {
+                r = conn.as_mut() => break r,
+                _ = self.drain.cancelled(), if !closing => {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                trouble = state.trouble(), if !closing => {
+                    closing = true;
+                    self.reject(trouble.reason());
+                    tracing::debug!(listener = self.l.name, %peer, reason = trouble.reason(), "closing connection");
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        };
+        if let Err(e) = result {
             tracing::debug!(listener = self.l.name, %peer, error = %e, "connection ended with error");
         }
+    }
+}
+
+/// The downstream peer's address, in every request's extensions.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddr(pub SocketAddr);
+
+impl ClientAddr {
+    /// Whether the peer is on this host's loopback (IPv4-mapped included).
+    pub fn is_loopback(&self) -> bool {
+        self.0.ip().to_canonical().is_loopback()
     }
 }
 
@@ -231,27 +356,30 @@ where
 struct WithConn<S> {
     inner: S,
     info: ConnInfo,
+    peer: ClientAddr,
+    state: Arc<ConnState>,
 }
 
-impl<S> tower::Service<Request<Incoming>> for WithConn<S>
+impl<S, B> tower::Service<Request<Incoming>> for WithConn<S>
 where
-    S: tower::Service<Request<Incoming>>,
+    S: tower::Service<Request<Incoming>, Response = Response<B>>,
 {
-    type Response = S::Response;
+    type Response = Response<Tracked<B>>;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = Tracked<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+        req.extensions_mut().insert(self.peer);
         if let Some(tls) = &self.info.tls {
             req.extensions_mut().insert(tls.clone());
         }
         if let Some(dest) = &self.info.dest {
             req.extensions_mut().insert(dest.clone());
         }
-        self.inner.call(req)
+        Tracked::new(self.inner.call(req), &self.state)
     }
 }
