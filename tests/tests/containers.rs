@@ -602,9 +602,26 @@ async fn job_pod(mesh: &Mesh) -> Result<()> {
     let app_name = format!("{}-app", job.name);
     let code = docker(&["wait", &app_name]).await?;
     ensure!(code == "0", "the job's app exited {code}");
+    // From outside the pod (the host, on the bridge): refused.
     let mut admin = http1::Conn::connect(job.admin()).await?;
     let rsp = admin.request("POST", "/shutdown", &[], None).await?;
-    ensure!(rsp.status < 300, "POST /shutdown answered {}", rsp.status);
+    ensure!(
+        rsp.status == 403,
+        "POST /shutdown from outside the pod answered {}",
+        rsp.status
+    );
+    // From inside the pod's network namespace, on loopback, as a container of the pod would.
+    let pid = docker(&["inspect", "-f", "{{.State.Pid}}", &job.name]).await?;
+    let script = "import urllib.request as u; print(u.urlopen(u.Request('http://127.0.0.1:4191/shutdown', method='POST')).status)";
+    let out = tokio::process::Command::new("nsenter")
+        .args(["-t", pid.trim(), "-n", "python3", "-c", script])
+        .output()
+        .await
+        .context("running nsenter")?;
+    ensure!(
+        String::from_utf8_lossy(&out.stdout).trim() == "200",
+        "POST /shutdown on the pod's loopback: {out:?}"
+    );
     let proxy = format!("{}-proxy", job.name);
     let code = tokio::time::timeout(Duration::from_secs(20), docker(&["wait", &proxy]))
         .await

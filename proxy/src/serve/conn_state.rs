@@ -167,6 +167,7 @@ impl<F> Tracked<F> {
 impl<F, B, E> Future for Tracked<F>
 where
     F: Future<Output = Result<Response<B>, E>>,
+    B: http_body::Body,
 {
     type Output = Result<Response<Tracked<B>>, E>;
 
@@ -178,7 +179,16 @@ where
         };
         let mut guard = this.guard.take();
         Poll::Ready(match out {
-            Ok(rsp) => Ok(rsp.map(|inner| Tracked { inner, guard })),
+            Ok(rsp) => {
+                // hyper never polls a body that is already at its end (a
+                // trailers-only response): the request is over now.
+                if rsp.body().is_end_stream() {
+                    if let Some(g) = guard.as_mut() {
+                        g.finish();
+                    }
+                }
+                Ok(rsp.map(|inner| Tracked { inner, guard }))
+            }
             Err(e) => {
                 if let Some(g) = guard.as_mut() {
                     g.finish();
@@ -200,11 +210,12 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
+        // hyper stops polling once a frame leaves the body at its end.
         let ended = match &polled {
             Poll::Ready(None) | Poll::Ready(Some(Err(_))) => true,
-            Poll::Ready(Some(Ok(f))) => f.is_trailers(),
+            Poll::Ready(Some(Ok(f))) => f.is_trailers() || this.inner.is_end_stream(),
             Poll::Pending => false,
         };
         if ended {
@@ -250,6 +261,16 @@ mod tests {
         drop(s.started());
         let t = tokio::time::timeout(Duration::from_secs(1), s.trouble()).await;
         assert_eq!(t.unwrap(), Trouble::ClientResets);
+    }
+
+    #[tokio::test]
+    async fn a_finished_trailers_only_response_is_no_reset() {
+        let s = ConnState::new(limits(0));
+        let rsp = Response::new(http_body_util::Empty::<Bytes>::new());
+        let fut = Tracked::new(async { Ok::<_, ()>(rsp) }, &s);
+        let body = fut.await.unwrap();
+        drop(body);
+        assert!(!s.over_budget.load(Ordering::Relaxed));
     }
 
     #[tokio::test]

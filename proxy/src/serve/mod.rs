@@ -363,6 +363,7 @@ struct WithConn<S> {
 impl<S, B> tower::Service<Request<Incoming>> for WithConn<S>
 where
     S: tower::Service<Request<Incoming>, Response = Response<B>>,
+    B: http_body::Body,
 {
     type Response = Response<Tracked<B>>;
     type Error = S::Error;
