@@ -16,6 +16,10 @@ use tower::retry::budget::TpsBudget;
 use crate::config::policy::ServicePolicy;
 use crate::discovery::Labels;
 
+/// The largest retry-budget floor (retries per second always allowed) a rule
+/// may have; the budget itself refuses `i32::MAX` and up.
+pub const MAX_BUDGET_MIN_PER_SECOND: u32 = 1_000_000;
+
 #[derive(Debug, Serialize)]
 pub struct Routes {
     /// Where these routes came from (`bootstrap`, or the TrafficPolicy's name).
@@ -73,6 +77,9 @@ impl Routes {
         )
     }
 
+    /// Policies are validated before they get here; a budget floor above
+    /// [`MAX_BUDGET_MIN_PER_SECOND`] is capped rather than trusted to be, as
+    /// `TpsBudget::new` panics on one of `i32::MAX` or more.
     pub fn new(source: &str, rules: Vec<Rule>) -> Self {
         let budgets = rules
             .iter()
@@ -80,7 +87,7 @@ impl Routes {
                 let p = &r.policy.retry;
                 Arc::new(TpsBudget::new(
                     p.budget_ttl,
-                    p.budget_min_per_second,
+                    p.budget_min_per_second.min(MAX_BUDGET_MIN_PER_SECOND),
                     p.budget_percent,
                 ))
             })
@@ -137,16 +144,17 @@ fn same_budget(a: &Rule, b: &Rule) -> bool {
 impl Rule {
     /// A backend drawn with probability weight/total; `None` means all endpoints.
     pub fn backend(&self) -> Option<&Labels> {
-        let total: u32 = self.backends.iter().map(|b| b.weight).sum();
+        let total: u64 = self.backends.iter().map(|b| u64::from(b.weight)).sum();
         if total == 0 {
             return None;
         }
-        let mut roll = fastrand::u32(..total);
+        let mut roll = fastrand::u64(..total);
         for b in &self.backends {
-            if roll < b.weight {
+            let weight = u64::from(b.weight);
+            if roll < weight {
                 return (!b.subset.is_empty()).then_some(&b.subset);
             }
-            roll -= b.weight;
+            roll -= weight;
         }
         None
     }
@@ -297,5 +305,28 @@ mod tests {
         let v2 = (0..n).filter(|_| rule.backend() == Some(&v("v2"))).count();
         let share = v2 as f64 / n as f64;
         assert!((0.09..0.11).contains(&share), "{share}");
+    }
+
+    #[test]
+    fn huge_budget_floors_and_weights_do_not_panic() {
+        let mut p = policy();
+        p.retry.budget_min_per_second = u32::MAX;
+        let rule = Rule {
+            name: "r".into(),
+            matches: vec![],
+            backends: vec![
+                Backend {
+                    subset: v("v1"),
+                    weight: u32::MAX,
+                },
+                Backend {
+                    subset: v("v2"),
+                    weight: 101,
+                },
+            ],
+            policy: p,
+        };
+        let r = Routes::new("test", vec![rule]);
+        assert!(r.rules[0].backend().is_some());
     }
 }

@@ -14,6 +14,9 @@ use super::{
     Retry, Route, RouteMatch, TrafficPolicy,
 };
 
+/// The largest retry-budget floor; sidecars refuse a snapshot with more.
+pub const MAX_BUDGET_MIN_PER_SECOND: u32 = 1_000_000;
+
 pub fn policy(
     at: &At,
     name: &str,
@@ -266,6 +269,14 @@ fn retries(at: &At, field: &str, r: &raw::RetrySpec) -> Result<Retry, ConfigErro
                 if !(0.0..=100.0).contains(&p) {
                     return Err(at.err(format!("{field}.budget.percent"), "must be 0-100"));
                 }
+            }
+            if b.min_per_second
+                .is_some_and(|n| n > MAX_BUDGET_MIN_PER_SECOND)
+            {
+                return Err(at.err(
+                    format!("{field}.budget.minPerSecond"),
+                    format!("must be at most {MAX_BUDGET_MIN_PER_SECOND}"),
+                ));
             }
             (b.percent, b.min_per_second)
         }

@@ -266,6 +266,9 @@ fn authorization(
             from.push(match (&f.identity, &f.namespace) {
                 (Some(id), None) => {
                     names::spiffe_id(id).map_err(|m| at.err(format!("{field}.identity"), m))?;
+                    // Sidecars match callers by trust domain, namespace and service account.
+                    tern_identity::SpiffeId::parse(id)
+                        .map_err(|e| at.err(format!("{field}.identity"), e.to_string()))?;
                     IdentityMatch::Exact(id.clone())
                 }
                 (None, Some(ns)) => {

@@ -13,7 +13,7 @@ use crate::authz;
 use crate::balance::Algorithm;
 use crate::config::policy::ServicePolicy;
 use crate::discovery::{Endpoint, EndpointSet};
-use crate::routes::{Backend, HeaderMatch, Match, Routes, Rule};
+use crate::routes::{Backend, HeaderMatch, Match, Routes, Rule, MAX_BUDGET_MIN_PER_SECOND};
 
 /// One service of a snapshot, ready to apply.
 pub struct ServiceUpdate {
@@ -155,6 +155,11 @@ fn rule(r: &pb::Route, base: &ServicePolicy) -> Result<Rule, String> {
             p.budget_percent = (pct / 100.0) as f32;
         }
         if let Some(n) = retry.budget_min_per_second {
+            if n > MAX_BUDGET_MIN_PER_SECOND {
+                return Err(format!(
+                    "budget_min_per_second {n} is more than {MAX_BUDGET_MIN_PER_SECOND}"
+                ));
+            }
             p.budget_min_per_second = n;
         }
         if let Some(ms) = retry.backoff_base_ms {
@@ -207,7 +212,7 @@ fn rule(r: &pb::Route, base: &ServicePolicy) -> Result<Rule, String> {
             weight: b.weight,
         })
         .collect();
-    let total: u32 = backends.iter().map(|b| b.weight).sum();
+    let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
     if !backends.is_empty() && total != 100 {
         return Err(format!("backend weights add up to {total}, not 100"));
     }
@@ -434,6 +439,35 @@ mod tests {
         };
         let e = service(&pay(vec![bad_weights]), &base()).err().unwrap();
         assert!(e.contains("add up to 60"), "{e}");
+        // Weights that wrap around to 100 in 32 bits.
+        let wrapping_weights = pb::Route {
+            name: "r".into(),
+            backends: vec![
+                pb::WeightedBackend {
+                    subset: Default::default(),
+                    weight: u32::MAX,
+                },
+                pb::WeightedBackend {
+                    subset: Default::default(),
+                    weight: 101,
+                },
+            ],
+            ..Default::default()
+        };
+        let e = service(&pay(vec![wrapping_weights]), &base())
+            .err()
+            .unwrap();
+        assert!(e.contains("add up to 4294967396"), "{e}");
+        let huge_budget = pb::Route {
+            name: "r".into(),
+            retry: Some(pb::RetryPolicy {
+                budget_min_per_second: Some(u32::MAX),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let e = service(&pay(vec![huge_budget]), &base()).err().unwrap();
+        assert!(e.contains("budget_min_per_second"), "{e}");
         let bad_code = pb::Route {
             name: "r".into(),
             retry: Some(pb::RetryPolicy {

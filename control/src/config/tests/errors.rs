@@ -229,6 +229,12 @@ fn matches_retries_and_identities_are_checked() {
             "spec.retries.budget.percent",
         ),
         (
+            "minPerSecond: 10",
+            "minPerSecond: 4294967295",
+            1,
+            "spec.retries.budget.minPerSecond",
+        ),
+        (
             "loadBalancer: P2C_EWMA",
             "loadBalancer: RANDOM",
             1,
@@ -243,6 +249,12 @@ fn matches_retries_and_identities_are_checked() {
         (
             "identity: spiffe://tern.local/ns/default/sa/order",
             "identity: order",
+            2,
+            "spec.rules[0].from[0].identity",
+        ),
+        (
+            "identity: spiffe://tern.local/ns/default/sa/order",
+            "identity: spiffe://tern.local/order",
             2,
             "spec.rules[0].from[0].identity",
         ),
