@@ -16,9 +16,7 @@ use tower::retry::budget::TpsBudget;
 use crate::config::policy::ServicePolicy;
 use crate::discovery::Labels;
 
-/// The largest retry-budget floor (retries per second always allowed) a rule
-/// may have; the budget itself refuses `i32::MAX` and up.
-pub const MAX_BUDGET_MIN_PER_SECOND: u32 = 1_000_000;
+pub use tern_proto::MAX_BUDGET_MIN_PER_SECOND;
 
 #[derive(Debug, Serialize)]
 pub struct Routes {

@@ -14,8 +14,7 @@ use super::{
     Retry, Route, RouteMatch, TrafficPolicy,
 };
 
-/// The largest retry-budget floor; sidecars refuse a snapshot with more.
-pub const MAX_BUDGET_MIN_PER_SECOND: u32 = 1_000_000;
+use tern_proto::MAX_BUDGET_MIN_PER_SECOND;
 
 pub fn policy(
     at: &At,

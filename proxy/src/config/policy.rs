@@ -249,13 +249,20 @@ impl PolicyFile {
                 "must be at least backoff_min, which must be > 0",
             ));
         }
+        let budget_min_per_second = r.budget_min_per_second.unwrap_or(10);
+        if budget_min_per_second > tern_proto::MAX_BUDGET_MIN_PER_SECOND {
+            return Err(err(
+                f("retry.budget_min_per_second"),
+                format!("must be at most {}", tern_proto::MAX_BUDGET_MIN_PER_SECOND),
+            ));
+        }
         Ok(ServicePolicy {
             retry: RetryPolicy {
                 max_attempts,
                 grpc_codes,
                 buffer_bytes: r.buffer_bytes.unwrap_or(64 * 1024),
                 budget_percent,
-                budget_min_per_second: r.budget_min_per_second.unwrap_or(10),
+                budget_min_per_second,
                 budget_ttl,
                 backoff_base,
                 backoff_max,
@@ -287,6 +294,19 @@ mod tests {
         assert_eq!(p.retry.buffer_bytes, 65536);
         assert_eq!(p.accrual.consecutive_failures, 7);
         assert_eq!(p.timeout.per_try, None);
+    }
+
+    #[test]
+    fn a_budget_floor_tower_cannot_hold_is_refused() {
+        let p = PolicyFile {
+            retry: Some(RetryFile {
+                budget_min_per_second: Some(u32::MAX),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let e = p.validate("defaults").unwrap_err().to_string();
+        assert!(e.contains("budget_min_per_second"), "{e}");
     }
 
     #[test]
