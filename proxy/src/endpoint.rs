@@ -402,6 +402,15 @@ impl EndpointClient {
     }
 
     fn upstream(&self, source: hyper::Error) -> ProxyError {
+        if source.is_user() {
+            // What failed is the caller's side of the exchange (its request
+            // body broke off or was malformed, say an invalid chunk size):
+            // the caller's error, not the endpoint's.
+            return ProxyError::BadRequest {
+                service: self.service.clone(),
+                detail: source_chain(&source),
+            };
+        }
         if crate::errors::local_protocol_error(&source) || source.is_parse_too_large() {
             // h2 refused the response head itself: over twice the limit, or
             // malformed. The app did answer, so this is never retried.
@@ -449,6 +458,18 @@ impl EndpointClient {
         }
         req.headers_mut().remove(header::HOST);
     }
+}
+
+/// An error and its causes, one line.
+fn source_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        next = s.source();
+    }
+    out
 }
 
 /// hyper's HTTP/1 read buffer bounds a message head; it must hold at least 8 KiB.

@@ -71,6 +71,10 @@ pub enum ProxyError {
         size: Option<usize>,
         limit: u32,
     },
+    /// The caller's side of the exchange failed while it was being sent
+    /// upstream: its body broke off or was malformed. Never retried.
+    #[error("service {service}: bad request: {detail}")]
+    BadRequest { service: Arc<str>, detail: String },
     /// The caller's request head is over the header limit.
     #[error("request headers of {size} bytes exceed the limit of {limit} bytes")]
     RequestHeadersTooLarge { size: usize, limit: u32 },
@@ -120,6 +124,7 @@ impl ProxyError {
             Self::InvalidGrpcTimeout { .. } => "invalid_grpc_timeout",
             Self::ResponseHeadersTooLarge { .. } => "response_header_list_size",
             Self::RequestHeadersTooLarge { .. } => "header_list_size",
+            Self::BadRequest { .. } => "bad_request",
         }
     }
 
@@ -166,7 +171,7 @@ impl ProxyError {
             | Self::ResponseHeadersTooLarge { .. } => StatusCode::BAD_GATEWAY,
             Self::RequestHeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::PermissionDenied { .. } => StatusCode::FORBIDDEN,
-            Self::InvalidGrpcTimeout { .. } => StatusCode::BAD_REQUEST,
+            Self::InvalidGrpcTimeout { .. } | Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -177,9 +182,9 @@ impl ProxyError {
             }
             Self::PermissionDenied { .. } => GrpcCode::PermissionDenied,
             // What gRPC servers themselves answer to a malformed timeout.
-            Self::InvalidGrpcTimeout { .. } | Self::ResponseHeadersTooLarge { .. } => {
-                GrpcCode::Internal
-            }
+            Self::InvalidGrpcTimeout { .. }
+            | Self::ResponseHeadersTooLarge { .. }
+            | Self::BadRequest { .. } => GrpcCode::Internal,
             Self::RequestHeadersTooLarge { .. } => GrpcCode::ResourceExhausted,
             _ => GrpcCode::Unavailable,
         }

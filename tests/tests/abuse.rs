@@ -338,3 +338,47 @@ async fn shutdown_only_from_loopback() {
         .must();
     assert!(status.success(), "{status}");
 }
+
+/// An HTTP/1 request whose chunked body is malformed is the client's error: the sidecar answers
+/// 400, not 502, and counts it as such.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_chunk_size_is_the_clients_error() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let dir = TestDir::new("abuse-chunk").must();
+    // An HTTP/1 endpoint that reads whatever comes and never answers: the error can only be
+    // the request's.
+    let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.must_io();
+    let backend_addr = backend.local_addr().must_io();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = backend.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    let listen = tern_tests::free_addr().must();
+    let spec = tern_tests::ProxySpec::new("client-sidecar", "client")
+        .upstream("web", listen)
+        .endpoints("web", &[backend_addr]);
+    let proxy = tern_tests::Proxy::start(dir.path(), spec).await.must();
+    let mut s = tokio::net::TcpStream::connect(listen).await.must_io();
+    s.write_all(
+        b"POST /upload HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+    )
+    .await
+    .must_io();
+    let mut rsp = Vec::new();
+    let _ = within(CALL_TIMEOUT, s.read_to_end(&mut rsp)).await.must();
+    let head = String::from_utf8_lossy(&rsp);
+    assert!(
+        head.starts_with("HTTP/1.1 400"),
+        "{head}\n{}",
+        proxy.proc.diagnostics()
+    );
+    let counted = proxy
+        .metric("tern_proxy_errors_total", &[("reason", "bad_request")])
+        .await
+        .must();
+    assert_eq!(counted, 1.0);
+}
