@@ -91,6 +91,7 @@ pub async fn run(config: Config, file: FileConfig) -> anyhow::Result<()> {
             tls: None,
             mode: Mode::Http,
             limits: config.limits,
+            fd_budget: None,
         },
         &admin_drain,
         admin_stop.clone(),
@@ -175,6 +176,7 @@ async fn data_listeners<'a>(
     bound: &mut Vec<(&'static str, String)>,
 ) -> anyhow::Result<Vec<Loop<'a>>> {
     let mut loops: Vec<Loop<'a>> = Vec::new();
+    let fd_budget = crate::serve::fd_budget::data_connections();
     let listener = |name, svc, tls, mode| Listener {
         name,
         svc,
@@ -189,6 +191,7 @@ async fn data_listeners<'a>(
         tls,
         mode,
         limits: config.limits,
+        fd_budget: Some(Arc::clone(&fd_budget)),
     };
     let outbound_listener = bind("outbound", config.outbound_listen).await?;
     bound.push(("outbound", local(&outbound_listener)));

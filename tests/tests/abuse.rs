@@ -382,3 +382,59 @@ async fn invalid_chunk_size_is_the_clients_error() {
         .must();
     assert_eq!(counted, 1.0);
 }
+
+/// A flood of connections cannot take the descriptors the admin port needs: with 256 of them,
+/// the data listeners refuse connections past their share (counted), while `/ready` and
+/// `/metrics` keep answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_answers_while_connections_flood() {
+    if tern_tests::containers::which("prlimit").is_none() {
+        return tern_tests::missing("prlimit (util-linux)").must();
+    }
+    let dir = TestDir::new("abuse-fds").must();
+    let outbound = tern_tests::free_addr().must();
+    let admin = tern_tests::free_addr().must();
+    let proxy_bin = tern_tests::binary("tern-proxy").must();
+    let args: Vec<String> = vec![
+        "--nofile=256:256".into(),
+        proxy_bin.display().to_string(),
+        "--service-name".into(),
+        "flooded".into(),
+        "--outbound-listen".into(),
+        outbound.to_string(),
+        "--admin-listen".into(),
+        admin.to_string(),
+        "--access-log".into(),
+        "off".into(),
+    ];
+    let prlimit = tern_tests::containers::which("prlimit").expect("prlimit");
+    let proc = tern_tests::Proc::spawn(dir.path(), "flooded", &prlimit, &args).must();
+    tern_tests::eventually(std::time::Duration::from_secs(10), || async {
+        let r = tern_tests::http1::get(admin, "/ready").await?;
+        Ok((r.status != 200).then(|| format!("/ready {}", r.status)))
+    })
+    .await
+    .must();
+    let mut flood = Vec::new();
+    for _ in 0..400 {
+        match tokio::net::TcpStream::connect(outbound).await {
+            Ok(s) => flood.push(s),
+            Err(_) => break,
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let ready = tern_tests::http1::get(admin, "/ready").await.must();
+    assert_eq!(ready.status, 200, "{}", proc.diagnostics());
+    let metrics = tern_tests::http1::get(admin, "/metrics")
+        .await
+        .must()
+        .text();
+    let samples = tern_tests::metrics::parse(&metrics).must();
+    let refused = tern_tests::metrics::sum(
+        &samples,
+        "tern_protocol_rejections_total",
+        &[("reason", "fd_reserve")],
+    );
+    assert!(refused >= 100.0, "refused {refused}");
+    drop(flood);
+}

@@ -17,6 +17,7 @@
 //! another sidecar); those go to [`crate::tcp`].
 
 pub mod conn_state;
+pub mod fd_budget;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -138,6 +139,8 @@ pub struct Listener<S> {
     pub tls: Option<Arc<Inbound>>,
     pub mode: Mode,
     pub limits: Limits,
+    /// Shared by the data listeners (see [`fd_budget`]); `None` for admin.
+    pub fd_budget: Option<Arc<Semaphore>>,
 }
 
 /// Serves every connection `listener` accepts until `stop` fires; each in
@@ -191,6 +194,17 @@ pub async fn accept_loop<S, B>(
             drop(stream);
             continue;
         };
+        let fd_slot = match &ctx.l.fd_budget {
+            None => None,
+            Some(budget) => match Arc::clone(budget).try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    reject("fd_reserve");
+                    drop(stream);
+                    continue;
+                }
+            },
+        };
         let _ = stream.set_nodelay(true);
         accepted.inc();
         open.inc();
@@ -199,7 +213,7 @@ pub async fn accept_loop<S, B>(
         drain.tasks.spawn(async move {
             ctx.connection(stream, peer).await;
             open.dec();
-            drop(slot);
+            drop((slot, fd_slot));
         });
     }
     tracing::debug!(listener = name, "stopped accepting");
