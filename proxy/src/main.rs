@@ -3,6 +3,12 @@
 use clap::Parser;
 use tern_proxy::config::args::Args;
 
+/// jemalloc, with its background thread purging freed pages (after its
+/// decay time, 10 s), gives memory back after a burst; glibc's malloc kept
+/// ~270 MiB after three rounds of 9,000 idle connections had closed.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() {
     let args = Args::parse();
     let (file, config) = match args.load() {
@@ -19,6 +25,9 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
 
+    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
+        tracing::warn!(error = %e, "jemalloc background purging not enabled");
+    }
     let runtime = if config.worker_threads == 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
