@@ -1,17 +1,17 @@
 //! End-to-end checks of the demo chain: the real `pay`, `order` and `loadgen` binaries on
 //! loopback ports, driven over HTTP/1.1 (raw socket) and gRPC (tonic).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use serde_json::Value;
 use tern_proto::demo::v1::order_service_client::OrderServiceClient;
 use tern_proto::demo::v1::pay_service_server::{PayService, PayServiceServer};
 use tern_proto::demo::v1::{CreateOrderRequest, PayReply, PayRequest};
+use tern_test_support::{Proc, Signal, TestDir};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tonic::Code;
@@ -19,84 +19,56 @@ use tonic::Code;
 const STARTUP: Duration = Duration::from_secs(20);
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A child process that is killed when the test ends, however it ends.
-struct Proc {
-    child: Child,
+/// A demo binary listening on a loopback port, with its log directory; the process is stopped
+/// (SIGTERM, then SIGKILL) when the test ends, however it ends.
+struct Demo {
+    proc: Proc,
     addr: String,
+    _dir: TestDir,
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
+impl Demo {
     /// Starts `bin` and waits for its `<name> listening on ADDR ...` line.
-    fn start(bin: &str, name: &str, args: &[&str]) -> Result<Proc> {
-        let child = Command::new(bin)
-            .args(args)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("spawn {bin}"))?;
-        let mut proc = Proc {
-            child,
-            addr: String::new(),
-        };
-        let stdout = proc.child.stdout.take().context("no stdout")?;
-        let (tx, rx) = mpsc::channel();
-        // Keeps draining stdout so the child never blocks on a full pipe.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let prefix = format!("{name} listening on ");
-        let line = rx
-            .recv_timeout(STARTUP)
-            .with_context(|| format!("{name} printed no listening line"))?;
-        let rest = line
-            .strip_prefix(&prefix)
-            .ok_or_else(|| anyhow!("unexpected first line from {name}: {line:?}"))?;
-        proc.addr = rest
+    async fn start(bin: &str, name: &str, args: &[&str]) -> Result<Demo> {
+        let dir = TestDir::new(&format!("chain-{name}"))?;
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        let mut proc = Proc::spawn_with_env_removed(
+            dir.path(),
+            name,
+            Path::new(bin),
+            &args,
+            &[],
+            &["RUST_LOG"],
+        )?;
+        let rest = proc
+            .wait_for_line(&format!("{name} listening on "), STARTUP)
+            .await?;
+        let addr = rest
             .split_whitespace()
             .next()
             .unwrap_or_default()
             .to_string();
-        Ok(proc)
+        Ok(Demo {
+            proc,
+            addr,
+            _dir: dir,
+        })
     }
 
-    fn pay(args: &[&str]) -> Result<Proc> {
+    async fn pay(args: &[&str]) -> Result<Demo> {
         let mut all = vec!["--listen", "127.0.0.1:0"];
         all.extend_from_slice(args);
-        Proc::start(env!("CARGO_BIN_EXE_pay"), "pay", &all)
+        Demo::start(env!("CARGO_BIN_EXE_pay"), "pay", &all).await
     }
 
-    fn order(pay_port: &str, args: &[&str]) -> Result<Proc> {
+    async fn order(pay_port: &str, args: &[&str]) -> Result<Demo> {
         let mut all = vec!["--listen", "127.0.0.1:0", "--pay-port", pay_port];
         all.extend_from_slice(args);
-        Proc::start(env!("CARGO_BIN_EXE_order"), "order", &all)
+        Demo::start(env!("CARGO_BIN_EXE_order"), "order", &all).await
     }
 
     fn port(&self) -> &str {
         self.addr.rsplit(':').next().unwrap_or_default()
-    }
-
-    fn wait_exit(&mut self, limit: Duration) -> Result<ExitStatus> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                bail!("process {} still running after {limit:?}", self.child.id());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
     }
 }
 
@@ -142,8 +114,8 @@ async fn grpc_order(addr: &str, order_id: &str) -> Result<Result<(String, String
 
 #[tokio::test]
 async fn chain_serves_http_grpc_and_load() -> Result<()> {
-    let mut pay = Proc::pay(&["--replica", "pay-1", "--version", "v7"])?;
-    let order = Proc::order(pay.port(), &[])?;
+    let mut pay = Demo::pay(&["--replica", "pay-1", "--version", "v7"]).await?;
+    let order = Demo::order(pay.port(), &[]).await?;
 
     let (status, body) = http(&order.addr, "GET", "/healthz", "", "").await?;
     assert_eq!((status, body.as_str()), (200, "ok"));
@@ -214,20 +186,16 @@ async fn chain_serves_http_grpc_and_load() -> Result<()> {
     assert!(s["p50_ms"].as_f64().is_some_and(|p| p > 0.0), "{last}");
 
     // SIGTERM: graceful stop with exit code 0.
-    let term = Command::new("kill")
-        .args(["-TERM", &pay.child.id().to_string()])
-        .status();
-    if term.is_ok_and(|s| s.success()) {
-        let status = pay.wait_exit(Duration::from_secs(10))?;
-        assert!(status.success(), "pay exit {status:?}");
-    }
+    pay.proc.signal(Signal::SIGTERM)?;
+    let status = pay.proc.wait_exit(Duration::from_secs(10)).await?;
+    assert!(status.success(), "pay exit {status:?}");
     Ok(())
 }
 
 #[tokio::test]
 async fn pay_errors_reach_http_and_grpc_callers() -> Result<()> {
-    let failing = Proc::pay(&["--fail-rate", "1", "--fail-code", "unavailable"])?;
-    let order = Proc::order(failing.port(), &[])?;
+    let failing = Demo::pay(&["--fail-rate", "1", "--fail-code", "unavailable"]).await?;
+    let order = Demo::order(failing.port(), &[]).await?;
     let (status, body) = http(
         &order.addr,
         "POST",
@@ -246,8 +214,8 @@ async fn pay_errors_reach_http_and_grpc_callers() -> Result<()> {
     assert_eq!(err.code(), Code::Unavailable);
     assert!(err.message().contains("injected"), "{}", err.message());
 
-    let slow = Proc::pay(&["--latency", "2s"])?;
-    let order = Proc::order(slow.port(), &["--pay-timeout", "100ms"])?;
+    let slow = Demo::pay(&["--latency", "2s"]).await?;
+    let order = Demo::order(slow.port(), &["--pay-timeout", "100ms"]).await?;
     let (status, body) = http(
         &order.addr,
         "POST",
@@ -268,7 +236,7 @@ async fn pay_errors_reach_http_and_grpc_callers() -> Result<()> {
         let l = TcpListener::bind("127.0.0.1:0").await?;
         l.local_addr()?.port().to_string()
     };
-    let order = Proc::order(&closed_port, &[])?;
+    let order = Demo::order(&closed_port, &[]).await?;
     let (status, body) = http(
         &order.addr,
         "POST",
@@ -320,7 +288,7 @@ async fn traceparent_is_propagated_to_pay() -> Result<()> {
             .add_service(PayServiceServer::new(pay.clone()))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    let order = Proc::order(&port, &[])?;
+    let order = Demo::order(&port, &[]).await?;
 
     let tp_http = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     let (status, body) = http(

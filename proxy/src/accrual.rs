@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use tern_backoff::{ExpBackoff, Jitter};
+
 use crate::config::policy::AccrualPolicy;
 
 /// Milliseconds on a process-wide monotonic clock (0 means "not ejected").
@@ -85,9 +87,9 @@ impl Accrual {
 /// `min · 2ⁿ`, capped at `max`, with ±10% jitter so that endpoints ejected
 /// together are not probed together.
 fn backoff(policy: &AccrualPolicy, n: u32) -> Duration {
-    let base = policy.backoff_min.saturating_mul(1u32 << n.min(16));
-    let capped = base.min(policy.backoff_max);
-    capped.mul_f64(0.9 + fastrand::f64() * 0.2)
+    ExpBackoff::new(policy.backoff_min, policy.backoff_max)
+        .jitter(Jitter::Spread(0.1))
+        .delay(n)
 }
 
 #[cfg(test)]

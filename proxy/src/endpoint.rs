@@ -22,6 +22,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus::{IntCounter, IntGauge};
+use tern_backoff::ExpBackoff;
 use tokio::net::TcpStream;
 
 use crate::balance::Load;
@@ -131,10 +132,12 @@ impl EndpointClient {
     }
 
     fn connect_failed(&self) {
-        let n = self.connect_failures.fetch_add(1, Ordering::Relaxed).min(6);
         // 100ms, 200ms, ... 6.4s: long enough to stop hammering a dead
         // endpoint, short enough to notice its return quickly.
-        let backoff = 100u64 << n;
+        const BACKOFF: ExpBackoff =
+            ExpBackoff::new(Duration::from_millis(100), Duration::from_millis(6400));
+        let n = self.connect_failures.fetch_add(1, Ordering::Relaxed);
+        let backoff = BACKOFF.delay(n).as_millis() as u64;
         self.connect_backoff_until
             .store(crate::accrual::now_ms() + backoff, Ordering::Relaxed);
     }

@@ -21,7 +21,6 @@ pub mod containers;
 pub mod control;
 pub mod control_mesh;
 pub mod demo;
-pub mod dns;
 pub mod http1;
 pub mod identity;
 pub mod k8s;
@@ -39,7 +38,6 @@ pub mod raw_grpc;
 pub mod relay;
 
 use std::future::Future;
-use std::io::Write as _;
 use std::time::Duration;
 
 use anyhow::{anyhow, Result};
@@ -47,6 +45,8 @@ use anyhow::{anyhow, Result};
 pub use mesh::{App, EchoMesh, Route};
 pub use process::{binary, free_addr, Proc, TestDir};
 pub use proxy::{Proxy, ProxySpec};
+pub use tern_test_support::dnsmasq as dns;
+pub use tern_test_support::{in_ci, missing};
 
 /// Bound on any single RPC or connect made by a test.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -56,23 +56,6 @@ pub async fn within<F: Future>(limit: Duration, fut: F) -> Result<F::Output> {
     tokio::time::timeout(limit, fut)
         .await
         .map_err(|_| anyhow!("timed out after {limit:?}"))
-}
-
-/// Whether this run is CI (`CI=true`), where nothing may be skipped.
-pub fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
-/// Called when a test cannot run because `what` is missing: an error under CI, otherwise a loud
-/// line on stderr and `Ok`, after which the test returns early.
-pub fn missing(what: &str) -> Result<()> {
-    if in_ci() {
-        return Err(anyhow!("{what} (required under CI=true)"));
-    }
-    // Written to the real stderr, not through eprintln!, which the test harness captures and
-    // hides for passing tests.
-    let _ = writeln!(std::io::stderr(), "\n*** SKIPPED: {what} ***\n");
-    Ok(())
 }
 
 /// Polls `check` until it returns `Ok(true)` or `limit` passes; returns the last observation

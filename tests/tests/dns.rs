@@ -96,7 +96,7 @@ async fn dns_endpoints_are_balanced_and_follow_record_changes() {
     };
     let dir = TestDir::new("dns").must();
     let (port, apps) = echo_servers(&dir).await;
-    let dns = Dnsmasq::start(&dnsmasq_path, dir.path(), &hosts(2))
+    let dns = Dnsmasq::start(&dnsmasq_path, dir.path(), &hosts(2), &[])
         .await
         .must();
     let upstream = free_addr().must();

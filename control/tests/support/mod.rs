@@ -4,102 +4,77 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::path::Path;
+use std::process::ExitStatus;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context as _};
+use anyhow::{anyhow, bail};
 use tern_proto::control::v1 as pb;
 use tern_proto::control::v1::control_plane_client::ControlPlaneClient;
 use tern_proto::control::v1::sidecar_message::Kind;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tern_test_support::{Proc, Signal};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 
-/// A running `tern-control`, killed when dropped.
+/// A running `tern-control`, stopped when dropped (SIGTERM, then SIGKILL).
 pub struct ControlPlane {
-    child: Child,
+    proc: Proc,
     pub grpc: SocketAddr,
     pub admin: SocketAddr,
-    log: PathBuf,
 }
 
 impl ControlPlane {
     /// Starts `bin` on ports chosen by the OS and waits for its ready line.
-    /// Its stderr goes to `log_dir/control.log`; its CA and token key are
-    /// generated in `log_dir/state` (unless `extra` names a `--state-dir`).
+    /// Its output goes to `log_dir/control.{stdout,stderr}`; its CA and token
+    /// key are generated in `log_dir/state` (unless `extra` names a `--state-dir`).
     pub async fn start(
         bin: &Path,
         config_dir: &Path,
         log_dir: &Path,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
-        let log = log_dir.join("control.log");
-        let stderr = std::fs::File::create(&log).context("creating the log file")?;
-        let mut cmd = Command::new(bin);
-        cmd.arg("--config-dir").arg(config_dir).args([
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ]);
+        let mut args = vec![
+            "--config-dir".to_owned(),
+            config_dir.display().to_string(),
+            "--grpc-listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
+            "--admin-listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
+        ];
         if !extra.iter().any(|a| a.starts_with("--state-dir")) {
-            cmd.arg("--state-dir").arg(log_dir.join("state"));
+            args.push("--state-dir".to_owned());
+            args.push(log_dir.join("state").display().to_string());
         }
-        let mut child = cmd
-            .args(extra)
-            .env_remove("TERN_CONTROL_LOG")
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-        let mut lines = BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
-            .await
-            .map_err(|_| anyhow!("no ready line within 20s; log:\n{}", read(&log)))??
-            .ok_or_else(|| {
-                anyhow!(
-                    "tern-control exited before it was ready; log:\n{}",
-                    read(&log)
-                )
-            })?;
-        // Keep draining stdout so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let rest = line
-            .strip_prefix("tern-control ready: ")
-            .ok_or_else(|| anyhow!("unexpected first line {line:?}"))?;
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        let mut proc = Proc::spawn(log_dir, "control", bin, &args)?;
+        let rest = proc
+            .wait_for_line("tern-control ready: ", Duration::from_secs(20))
+            .await?;
         let mut grpc = None;
         let mut admin = None;
         for part in rest.split_whitespace() {
             match part.split_once('=') {
                 Some(("grpc", a)) => grpc = Some(a.parse()?),
                 Some(("admin", a)) => admin = Some(a.parse()?),
-                _ => bail!("unexpected ready line {line:?}"),
+                _ => bail!("unexpected ready line {rest:?}"),
             }
         }
         let (Some(grpc), Some(admin)) = (grpc, admin) else {
-            bail!("ready line {line:?} lacks an address");
+            bail!("ready line {rest:?} lacks an address");
         };
-        Ok(ControlPlane {
-            child,
-            grpc,
-            admin,
-            log,
-        })
+        Ok(ControlPlane { proc, grpc, admin })
     }
 
-    pub fn pid(&self) -> Option<u32> {
-        self.child.id()
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
     }
 
     /// What the control plane logged so far.
     pub fn log(&self) -> String {
-        read(&self.log)
+        self.proc.stderr()
     }
 
     /// GET `path` on the admin port; the body of a 200 response.
@@ -137,19 +112,9 @@ impl ControlPlane {
 
     /// SIGTERM, then the exit status (within `within`).
     pub async fn terminate(&mut self, within: Duration) -> anyhow::Result<ExitStatus> {
-        let pid = self.pid().ok_or_else(|| anyhow!("already exited"))?;
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()?;
-        if !status.success() {
-            bail!("kill -TERM {pid} failed");
-        }
-        Ok(tokio::time::timeout(within, self.child.wait()).await??)
+        self.proc.signal(Signal::SIGTERM)?;
+        self.proc.wait_exit(within).await
     }
-}
-
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
 }
 
 pub fn hello(service: &str, address: &str, version: &str, calls: &[&str]) -> pb::Hello {

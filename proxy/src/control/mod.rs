@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use serde::Serialize;
+use tern_backoff::{ExpBackoff, Jitter};
 use tern_proto::control::v1 as pb;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -77,23 +78,25 @@ pub struct Client {
 
 impl Client {
     pub async fn run(self) {
-        let mut backoff = Duration::from_millis(100);
+        let mut attempt = 0;
         loop {
-            let result = self.session(&mut backoff).await;
+            let result = self.session(&mut attempt).await;
             self.status.connected.store(false, Ordering::Relaxed);
             self.metrics.control_connected.set(0);
             let reason = match result {
                 Ok(()) => "stream ended".to_string(),
                 Err(e) => e,
             };
-            tracing::warn!(url = %self.url, reason, retry_in = ?backoff, "control plane unavailable; keeping the last config");
+            let retry_in = RECONNECT.delay(attempt);
+            tracing::warn!(url = %self.url, reason, ?retry_in, "control plane unavailable; keeping the last config");
             self.status.last_error.store(Some(Arc::new(reason)));
-            tokio::time::sleep(backoff.mul_f64(0.5 + fastrand::f64())).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            tokio::time::sleep(retry_in).await;
+            attempt = attempt.saturating_add(1);
         }
     }
 
-    async fn session(&self, backoff: &mut Duration) -> Result<(), String> {
+    /// One subscription; `attempt` (the reconnect count) is reset by each snapshot received.
+    async fn session(&self, attempt: &mut u32) -> Result<(), String> {
         if let Some(id) = &self.identity {
             // Registering needs the certificate that proves the identity.
             if id.store.get().is_none() {
@@ -151,7 +154,7 @@ impl Client {
                 Ok(None) => return Ok(()),
                 Err(s) => return Err(format!("stream: {} {}", s.code(), s.message())),
             };
-            *backoff = Duration::from_millis(100);
+            *attempt = 0;
             let version = snapshot.version;
             let hold = hold_until.is_some_and(|t| tokio::time::Instant::now() < t);
             let result = self.apply(&snapshot, hold);
@@ -259,6 +262,11 @@ impl Client {
         Ok(())
     }
 }
+
+/// Reconnects wait 100ms, 200ms ... 5s, each ±50% so that sidecars cut off
+/// together do not come back together.
+const RECONNECT: ExpBackoff =
+    ExpBackoff::new(Duration::from_millis(100), Duration::from_secs(5)).jitter(Jitter::Spread(0.5));
 
 /// Longer than a sidecar's longest reconnect backoff, so every workload that
 /// was registered before a control-plane restart has re-registered by then.

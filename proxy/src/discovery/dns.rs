@@ -24,6 +24,7 @@ use hickory_resolver::net::{DnsError as WireError, NetError, NoRecords};
 use hickory_resolver::proto::rr::{Name, RData, RecordType};
 use hickory_resolver::proto::ProtoError;
 use hickory_resolver::TokioResolver;
+use tern_backoff::ExpBackoff;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, info_span, warn, Instrument};
@@ -39,8 +40,8 @@ const MIN_REFRESH: Duration = Duration::from_secs(1);
 const MAX_REFRESH: Duration = Duration::from_secs(300);
 /// Used when an answer carries no TTL at all (empty answer without an SOA record).
 const NO_TTL_REFRESH: Duration = Duration::from_secs(5);
-const BACKOFF_START: Duration = Duration::from_secs(1);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// The delay before retry number `failures + 1` of a failing name: 1s, 2s, 4s ... capped at 30s.
+const BACKOFF: ExpBackoff = ExpBackoff::new(Duration::from_secs(1), Duration::from_secs(30));
 /// Entries expire with their TTL, so this only bounds memory across many watched names.
 const CACHE_ENTRIES: u64 = 1024;
 
@@ -194,7 +195,7 @@ async fn run(resolver: &Resolver, target: &Target, port: u16, tx: &watch::Sender
                 apply(tx, &resolution)
             }
             Err(error) => {
-                let retry_in = backoff(failures);
+                let retry_in = BACKOFF.delay(failures);
                 failures = failures.saturating_add(1);
                 warn!(%error, ?retry_in, "DNS resolution failed; keeping the last endpoint set");
                 retry_in
@@ -237,13 +238,6 @@ fn min_ttl(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     }
-}
-
-/// The delay before retry number `failures + 1`: 1s, 2s, 4s ... capped at 30s.
-fn backoff(failures: u32) -> Duration {
-    BACKOFF_START
-        .saturating_mul(1 << failures.min(5))
-        .min(BACKOFF_MAX)
 }
 
 /// The answers of one query of `record_type`; "no such name" and "no records of that type" are
@@ -357,7 +351,7 @@ mod tests {
     #[test]
     fn backoff_doubles_and_caps() {
         let delays: Vec<u64> = [0, 1, 2, 3, 4, 5, 6, u32::MAX]
-            .map(|failures| backoff(failures).as_secs())
+            .map(|failures| BACKOFF.delay(failures).as_secs())
             .into();
         assert_eq!(delays, [1, 2, 4, 8, 16, 30, 30, 30]);
     }

@@ -10,12 +10,17 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use tern_backoff::{ExpBackoff, Jitter};
 use tern_identity::csr::WorkloadKey;
 use tern_identity::Credentials;
 use tern_proto::identity::v1 as pb;
 use tokio::sync::watch;
 
 use super::Identity;
+
+/// Failed certificate requests are retried after 200ms, 400ms ... 5s, each ±50%.
+const RETRY: ExpBackoff =
+    ExpBackoff::new(Duration::from_millis(200), Duration::from_secs(5)).jitter(Jitter::Spread(0.5));
 
 pub struct Issuer {
     pub identity: Arc<Identity>,
@@ -34,7 +39,7 @@ impl Issuer {
                 return;
             }
         };
-        let mut backoff = Duration::from_millis(200);
+        let mut attempt = 0;
         loop {
             match self.certify(&key).await {
                 Ok(creds) => {
@@ -58,7 +63,7 @@ impl Issuer {
                     let renew_at = renewal_time(now, creds.not_after);
                     self.identity.store.set(creds);
                     self.issued.send_replace(true);
-                    backoff = Duration::from_millis(200);
+                    attempt = 0;
                     let wait = renew_at
                         .duration_since(SystemTime::now())
                         .unwrap_or_default();
@@ -70,10 +75,10 @@ impl Issuer {
                         .renewals
                         .with_label_values(&["error"])
                         .inc();
-                    let wait = backoff.mul_f64(0.5 + fastrand::f64());
+                    let wait = RETRY.delay(attempt);
                     tracing::warn!(reason, retry_in = ?wait, "certificate request failed");
                     tokio::time::sleep(wait).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    attempt = attempt.saturating_add(1);
                 }
             }
         }

@@ -22,6 +22,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
+use tern_backoff::{ExpBackoff, Jitter};
 use tower::retry::budget::Budget as _;
 use tower::ServiceExt as _;
 
@@ -295,7 +296,8 @@ where
         metrics.retries.with_label_values(&[service, reason]).inc();
         tracing::debug!(service, endpoint = %addr, reason, attempt, "retrying");
         avoid = Some(addr);
-        let pause = backoff(policy.retry.backoff_base, policy.retry.backoff_max, attempt);
+        let pause = backoff(policy.retry.backoff_base, policy.retry.backoff_max)
+            .delay(attempt.saturating_sub(1));
         match deadline {
             Some(d) if Instant::now() + pause >= d => return Err(deadline_exceeded()),
             _ => tokio::time::sleep(pause).await,
@@ -303,12 +305,9 @@ where
     }
 }
 
-/// Full jitter: uniform in `[0, min(max, base · 2^(attempt-1))]`.
-fn backoff(base: Duration, max: Duration, attempt: u32) -> Duration {
-    let ceiling = base
-        .saturating_mul(1u32 << (attempt.saturating_sub(1)).min(16))
-        .min(max);
-    ceiling.mul_f64(fastrand::f64())
+/// Full jitter: the pause after attempt `n` is uniform in `[0, min(max, base · 2^(n-1))]`.
+fn backoff(base: Duration, max: Duration) -> ExpBackoff {
+    ExpBackoff::new(base, max).jitter(Jitter::Full)
 }
 
 #[cfg(test)]
@@ -320,9 +319,9 @@ mod tests {
         let base = Duration::from_millis(10);
         let max = Duration::from_millis(100);
         for _ in 0..100 {
-            assert!(backoff(base, max, 1) <= base);
-            assert!(backoff(base, max, 3) <= Duration::from_millis(40));
-            assert!(backoff(base, max, 20) <= max);
+            assert!(backoff(base, max).delay(0) <= base);
+            assert!(backoff(base, max).delay(2) <= Duration::from_millis(40));
+            assert!(backoff(base, max).delay(19) <= max);
         }
     }
 }

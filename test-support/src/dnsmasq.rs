@@ -2,15 +2,15 @@
 //! (`--addn-hosts`) on a free loopback port with a 1 s TTL, and rereads the file on SIGHUP.
 
 use std::fs;
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
-use nix::sys::signal::Signal;
 
-use crate::process::Proc;
+use crate::ports::free_udp_tcp_port;
+use crate::process::{Proc, Signal};
 
 const DNSMASQ_PATHS: &[&str] = &["/usr/sbin/dnsmasq", "/usr/bin/dnsmasq", "/sbin/dnsmasq"];
 /// The TTL dnsmasq gives the records it serves (`--local-ttl`).
@@ -34,8 +34,9 @@ pub struct Dnsmasq {
 }
 
 impl Dnsmasq {
-    /// Starts `binary` serving `hosts` (hosts-file lines) from a file in `dir`.
-    pub async fn start(binary: &Path, dir: &Path, hosts: &str) -> Result<Self> {
+    /// Starts `binary` serving `hosts` (hosts-file lines) from a file in `dir`, where its log
+    /// goes too; `extra` are further dnsmasq options (`--srv-host=...`, say).
+    pub async fn start(binary: &Path, dir: &Path, hosts: &str, extra: &[&str]) -> Result<Self> {
         let hosts_path = dir.join("hosts");
         write_hosts(&hosts_path, hosts)?;
         let port = free_udp_tcp_port()?;
@@ -54,6 +55,7 @@ impl Dnsmasq {
             format!("--port={port}"),
             format!("--addn-hosts={}", hosts_path.display()),
         ];
+        args.extend(extra.iter().map(|a| a.to_string()));
         // As root dnsmasq drops to `nobody`, which could not read the hosts file.
         if fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0) {
             args.push("--user=root".to_string());
@@ -92,16 +94,4 @@ fn write_hosts(path: &Path, hosts: &str) -> Result<()> {
     let tmp = path.with_extension("tmp");
     fs::write(&tmp, hosts).with_context(|| format!("writing {}", tmp.display()))?;
     fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
-}
-
-/// A port free for both UDP and TCP on 127.0.0.1, since dnsmasq binds both.
-fn free_udp_tcp_port() -> Result<u16> {
-    for _ in 0..50 {
-        let udp = UdpSocket::bind("127.0.0.1:0").context("probing a UDP port")?;
-        let port = udp.local_addr().context("reading the probed port")?.port();
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return Ok(port);
-        }
-    }
-    bail!("no port free for both UDP and TCP")
 }
