@@ -4,7 +4,6 @@
 #![no_main]
 
 use std::sync::{Arc, LazyLock};
-use std::time::Duration;
 
 use http::Request;
 use libfuzzer_sys::fuzz_target;
@@ -73,8 +72,9 @@ fn routes() -> Routes {
 static TABLE: LazyLock<RouteTable> = LazyLock::new(|| {
     let gauge = || IntGauge::new("g", "g").expect("gauge");
     let params = ClientParams {
-        connect_timeout: Duration::from_secs(1),
+        client: Default::default(),
         open_connections: gauge(),
+        oversized: IntCounter::new("o", "o").expect("counter"),
         endpoints_gauge: None,
         accrual: policy().accrual,
         ejections: IntCounter::new("c", "c").expect("counter"),
