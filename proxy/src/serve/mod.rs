@@ -163,8 +163,6 @@ pub async fn accept_loop<S, B>(
     let name = l.name;
     let open = l.metrics.open.clone();
     let accepted = l.metrics.accepted.clone();
-    let rejections = l.metrics.rejections.clone();
-    let reject = |reason: &str| rejections.with_label_values(&[name, reason]).inc();
     let slots = Arc::new(Semaphore::new(l.limits.max_connections));
     let ctx = Arc::new(Ctx {
         builder: server_builder(&l.limits),
@@ -178,7 +176,7 @@ pub async fn accept_loop<S, B>(
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    reject("accept_error");
+                    ctx.reject("accept_error");
                     if let Some(suppressed) = ctx.warn.allow() {
                         tracing::warn!(listener = name, error = %e, suppressed, "accept failed");
                     }
@@ -190,7 +188,7 @@ pub async fn accept_loop<S, B>(
         };
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
             // Refused as cheaply as possible: closed before any read.
-            reject("max_connections");
+            ctx.reject("max_connections");
             drop(stream);
             continue;
         };
@@ -199,7 +197,7 @@ pub async fn accept_loop<S, B>(
             Some(budget) => match Arc::clone(budget).try_acquire_owned() {
                 Ok(p) => Some(p),
                 Err(_) => {
-                    reject("fd_reserve");
+                    ctx.reject("fd_reserve");
                     drop(stream);
                     continue;
                 }
