@@ -73,6 +73,7 @@ pub async fn run(config: Config, file: FileConfig) -> anyhow::Result<()> {
         ),
         shutdown: life.shutdown.clone(),
         identity: core.identity.clone(),
+        expose_config: config.admin_expose_config,
     };
     // The admin port keeps answering during the drain (probes see not-ready),
     // so it stops only with the process.

@@ -346,6 +346,21 @@ impl Pod {
         .await
     }
 
+    /// The sidecar's `GET /config`, asked from the pod's own loopback: the only peer it answers
+    /// without `--admin-expose-config`.
+    pub async fn local_config(&self) -> Result<String> {
+        let url = "http://127.0.0.1:4191/config";
+        let out = self.exec("curl", &["-sS", "--fail", "--max-time", "5", url])?;
+        if !out.status.success() {
+            return Err(anyhow!(
+                "curl {url} in {}: {}",
+                self.ns,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// The sum of the samples of `name` with `labels` on the sidecar's admin port (4191).
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
         let text = crate::http1::get(self.addr(4191), "/metrics").await?.text();

@@ -212,7 +212,7 @@ async fn pods_reach_each_other_through_both_sidecars() {
         .must();
     // Pod A learns B's endpoint from the control plane.
     eventually(Duration::from_secs(10), || async {
-        let config = http1::get(a.addr(4191), "/config").await?.text();
+        let config = a.local_config().await?;
         let seen = config.contains(&b.addr(4143).to_string());
         Ok((!seen).then_some(config))
     })
@@ -381,7 +381,7 @@ async fn pods_reach_each_other_through_both_sidecars() {
     // and no TCP connection of it.
     config.write("authz.yaml", ECHO_CALLERS).must();
     eventually(Duration::from_secs(10), || async {
-        let config = http1::get(b.addr(4191), "/config").await?.text();
+        let config = b.local_config().await?;
         Ok((!config.contains("echo-callers")).then_some(config))
     })
     .await

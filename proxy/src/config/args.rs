@@ -77,6 +77,11 @@ pub struct Args {
     #[arg(long, env = "TERN_ADMIN_LISTEN")]
     pub admin_listen: Option<String>,
 
+    /// Serve /config to any peer, not only loopback (it maps the mesh: services, endpoints,
+    /// identities, policies); `kubectl port-forward` reaches it without this [default: false].
+    #[arg(long, env = "TERN_ADMIN_EXPOSE_CONFIG", num_args = 0..=1, default_missing_value = "true")]
+    pub admin_expose_config: Option<bool>,
+
     /// NAME=ADDR: an explicit outbound port; every request accepted on ADDR goes to service NAME.
     #[arg(long = "upstream", env = "TERN_UPSTREAMS", value_delimiter = ';')]
     pub upstreams: Vec<String>,
@@ -258,6 +263,9 @@ impl Args {
         }
         set(&mut f.outbound.listen, &self.outbound_listen);
         set(&mut f.admin.listen, &self.admin_listen);
+        if self.admin_expose_config.is_some() {
+            f.admin.expose_config = self.admin_expose_config;
+        }
         set(&mut f.dns.nameserver, &self.dns_nameserver);
         set(&mut f.access_log, &self.access_log);
         set(&mut f.drain_grace, &self.drain_grace);

@@ -87,6 +87,8 @@ pub struct OutboundFile {
 #[serde(deny_unknown_fields)]
 pub struct AdminFile {
     pub listen: Option<String>,
+    /// Serve `/config` to peers off loopback too (default: loopback only).
+    pub expose_config: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -128,6 +130,8 @@ pub struct Config {
     pub inbound: Option<InboundConfig>,
     pub outbound_listen: SocketAddr,
     pub admin_listen: SocketAddr,
+    /// `/config` answers any peer, not only loopback.
+    pub admin_expose_config: bool,
     pub dns_nameserver: Option<SocketAddr>,
     pub access_log: AccessLogTarget,
     #[serde(with = "humantime_serde_compat")]
@@ -479,6 +483,7 @@ impl FileConfig {
             inbound,
             outbound_listen,
             admin_listen,
+            admin_expose_config: self.admin.expose_config.unwrap_or(false),
             dns_nameserver,
             access_log,
             drain_grace,

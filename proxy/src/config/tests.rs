@@ -263,3 +263,18 @@ fn yaml_takes_opaque_ports_as_numbers_or_ranges() {
         Some("10.96.0.20".parse().unwrap())
     );
 }
+
+#[test]
+fn admin_config_is_loopback_only_unless_exposed() {
+    let c = parse(&["--service-name", "pay"]).unwrap();
+    assert!(!c.admin_expose_config);
+    let c = parse(&["--service-name", "pay", "--admin-expose-config"]).unwrap();
+    assert!(c.admin_expose_config);
+    let c = parse(&["--service-name", "pay", "--admin-expose-config=false"]).unwrap();
+    assert!(!c.admin_expose_config);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tern.yaml");
+    std::fs::write(&path, "service_name: pay\nadmin:\n  expose_config: true\n").unwrap();
+    let c = parse(&["--config", path.to_str().unwrap()]).unwrap();
+    assert!(c.admin_expose_config);
+}
