@@ -84,6 +84,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         },
         admin_stop.clone(),
     ));
+    tokio::spawn(identity::follow_anchors(
+        Arc::clone(&authority),
+        Arc::clone(&metrics),
+        shutdown.clone(),
+    ));
     tokio::spawn(tls::keep_fresh(
         Arc::clone(&authority.serving),
         Arc::clone(&authority.ca),

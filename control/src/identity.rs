@@ -14,6 +14,10 @@
 //! Every issuance and refusal is logged (naming the token by its id, never
 //! the token) and counted.
 
+mod anchors;
+
+pub use anchors::follow as follow_anchors;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +25,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde_json::Value;
 use tern_identity::tls::{server_config, ClientAuth};
-use tern_identity::{CertStore, SpiffeId};
+use tern_identity::{CertStore, SpiffeId, TrustAnchors};
 use tern_proto::identity::v1 as pb;
 use tern_proto::identity::v1::identity_server::IdentityServer;
 use tokio_rustls::TlsAcceptor;
@@ -41,6 +45,9 @@ const MAX_IDENTITY_BYTES: usize = 1024;
 /// `/state` says about them.
 pub struct Authority {
     pub ca: Arc<Ca>,
+    /// The bundle client certificates are checked against: `ca`'s anchor file, reloaded
+    /// when it changes ([`follow_anchors`]).
+    pub anchors: Arc<TrustAnchors>,
     /// The control plane's own certificate, renewed in place.
     pub serving: Arc<CertStore>,
     pub control_identity: SpiffeId,
@@ -52,6 +59,11 @@ impl Authority {
     /// The identity part of `/state`.
     pub fn json(&self) -> Value {
         let mut v = self.ca.json();
+        let bundle = self.anchors.current();
+        v["trust_anchors_in_force"] = serde_json::json!({
+            "roots": bundle.len(),
+            "fingerprint": bundle.fingerprint(),
+        });
         v["control_plane_identity"] = Value::from(self.control_identity.to_string());
         v["control_plane_certificate_expires"] = self
             .serving
@@ -93,9 +105,16 @@ pub fn setup(args: &Args, metrics: &Arc<Metrics>) -> anyhow::Result<Setup> {
     expiry("issuer", ca.issuer().not_after);
     expiry("control_plane", own.not_after);
     serving.set(own);
-    let roots = Arc::new(ca.roots()?);
-    let tls = server_config(Arc::clone(&serving), roots, ClientAuth::Optional)
-        .context("TLS server config")?;
+    let anchors = TrustAnchors::from_pem(ca.anchor_pem().as_bytes()).context("trust anchor")?;
+    metrics
+        .trust_anchors
+        .set(i64::try_from(anchors.current().len()).unwrap_or(i64::MAX));
+    let tls = server_config(
+        Arc::clone(&serving),
+        Arc::clone(&anchors),
+        ClientAuth::Optional,
+    )
+    .context("TLS server config")?;
     let service = IdentityService::new(
         Arc::clone(&ca),
         reviewer,
@@ -105,6 +124,7 @@ pub fn setup(args: &Args, metrics: &Arc<Metrics>) -> anyhow::Result<Setup> {
     Ok(Setup {
         authority: Arc::new(Authority {
             ca,
+            anchors,
             serving,
             control_identity,
             cert_lifetime: args.cert_lifetime,

@@ -30,6 +30,10 @@ pub struct Metrics {
     /// Admission reviews answered by the webhook, by `result`: injected, unchanged, denied,
     /// bad_request.
     pub webhook_reviews: IntCounterVec,
+    /// Changes of the trust-anchor bundle file, by `result`: ok, rejected.
+    pub trust_anchor_reloads: IntCounterVec,
+    /// Roots in the trust-anchor bundle in force.
+    pub trust_anchors: IntGauge,
     resident_memory: IntGauge,
 }
 
@@ -91,6 +95,15 @@ impl Metrics {
                 "webhook_reviews_total",
                 "Admission reviews answered by the injection webhook, by result.",
                 "result",
+            )?,
+            trust_anchor_reloads: counters(
+                "trust_anchor_reloads_total",
+                "Changes of the trust-anchor bundle file, by result: ok (in force) or rejected (unreadable, unparsable, or without the root of the issuer; the last good bundle stays).",
+                "result",
+            )?,
+            trust_anchors: gauge(
+                "trust_anchors",
+                "Roots in the trust-anchor bundle in force.",
             )?,
             subscribers: gauge("subscribers", "Sidecars with an open Subscribe stream.")?,
             pushes: counter("pushes_total", "Snapshots sent to sidecars.")?,

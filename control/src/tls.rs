@@ -356,7 +356,7 @@ mod tests {
         let issued = ca.issue(&order, &public, Duration::from_secs(60)).unwrap();
         let store = CertStore::new();
         store.set(Credentials::new(issued.chain, &key.private_key_der()).unwrap());
-        let roots = Arc::new(ca.roots().unwrap());
+        let roots = tern_identity::TrustAnchors::from_pem(ca.anchor_pem().as_bytes()).unwrap();
         let connect = |expected: &str| {
             let config = tern_identity::tls::client_config(
                 Some(Arc::clone(&store)),

@@ -279,6 +279,7 @@ async fn data_listeners<'a>(
 fn start_issuer(config: &Config, core: &Core) -> watch::Receiver<bool> {
     let (issued_tx, issued_rx) = watch::channel(core.identity.is_none());
     if let (Some(id), Some(c)) = (&core.identity, &config.identity) {
+        tokio::spawn(crate::identity::anchors::follow(Arc::clone(id)));
         tokio::spawn(
             Issuer {
                 identity: Arc::clone(id),

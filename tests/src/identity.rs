@@ -13,7 +13,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use hyper_util::rt::TokioIo;
 use tern_identity::csr::WorkloadKey;
 use tern_identity::tls::{client_config, server_config, server_name, ClientAuth, ALPN_H2};
-use tern_identity::{CertStore, Credentials, SpiffeId};
+use tern_identity::{CertStore, Credentials, SpiffeId, TrustAnchors};
 use tern_proto::identity::v1::identity_client::IdentityClient;
 use tern_proto::identity::v1::CertifyRequest;
 use tokio::net::TcpStream;
@@ -94,7 +94,7 @@ pub async fn tls_channel(
     control_identity: &str,
     client: Option<(&str, &str)>,
 ) -> Result<Channel> {
-    let roots = Arc::new(tern_identity::pem::roots(anchors_pem.as_bytes())?);
+    let roots = TrustAnchors::from_pem(anchors_pem.as_bytes())?;
     let store = match client {
         None => None,
         Some((chain, key)) => {
@@ -185,7 +185,7 @@ pub async fn verify_chain(
     key_pem: &str,
     identity: &str,
 ) -> Result<()> {
-    let roots = Arc::new(tern_identity::pem::roots(anchors_pem.as_bytes())?);
+    let roots = TrustAnchors::from_pem(anchors_pem.as_bytes())?;
     let store = CertStore::new();
     store.set(credentials(chain_pem, key_pem)?);
     let server = server_config(store, Arc::clone(&roots), ClientAuth::Optional)?;

@@ -67,13 +67,17 @@ async fn config_answers_loopback_unless_exposed() {
 
     // From inside the pod, on loopback (where `kubectl port-forward` arrives): the config.
     let local = closed.local_config().await.must();
-    let view: serde_json::Value = serde_json::from_str(&local).map_err(anyhow::Error::from).must();
+    let view: serde_json::Value = serde_json::from_str(&local)
+        .map_err(anyhow::Error::from)
+        .must();
     assert_eq!(view["config"]["service_name"], "closed", "{local}");
 
     // The opt-in flag opens /config to the network, and nothing else: /shutdown stays closed.
     let exposed = http1::get(open.addr(4191), "/config").await.must();
     assert_eq!(exposed.status, 200, "{}", exposed.text());
-    let view: serde_json::Value = serde_json::from_str(&exposed.text()).map_err(anyhow::Error::from).must();
+    let view: serde_json::Value = serde_json::from_str(&exposed.text())
+        .map_err(anyhow::Error::from)
+        .must();
     assert_eq!(view["config"]["service_name"], "open", "{}", exposed.text());
     let mut conn = http1::Conn::connect(open.addr(4191)).await.must();
     let shutdown = conn.request("POST", "/shutdown", &[], None).await.must();
