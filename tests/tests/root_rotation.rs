@@ -18,6 +18,7 @@ use anyhow::{anyhow, Result};
 use tern_identity::tls::{client_config, server_name, ALPN_H2};
 use tern_identity::{CertStore, Credentials, TrustAnchors};
 use tern_tests::demo::{Pay, Tally};
+use tern_tests::identity::CONTROL_IDENTITY;
 use tern_tests::load::Load;
 use tern_tests::mtls::{spiffe, MeshCa};
 use tern_tests::process::{free_addr, TestDir};
@@ -88,27 +89,32 @@ async fn handshake_failures(p: &Proxy) -> Result<f64> {
     Ok(inbound + p.metric(name, &[("direction", "outbound")]).await?)
 }
 
-/// Connects to `inbound` presenting `leaf` (chain and key PEM), expecting the sidecar of `pay`
+/// Connects to `addr` presenting `leaf` (chain and key PEM), expecting a server of `identity`
 /// under `anchors_pem`, and reads: a refused client certificate shows as the server's alert.
-async fn present(inbound: SocketAddr, anchors_pem: &str, leaf: &(String, String)) -> Result<()> {
+async fn present(
+    addr: SocketAddr,
+    identity: &str,
+    anchors_pem: &str,
+    leaf: &(String, String),
+) -> Result<()> {
     let chain = tern_identity::pem::certs(leaf.0.as_bytes())?;
     let key = tern_identity::pem::private_key(leaf.1.as_bytes())?;
     let store = CertStore::new();
     store.set(Credentials::new(chain, &key)?);
     let anchors = TrustAnchors::from_pem(anchors_pem.as_bytes())?;
-    let config = client_config(Some(store), anchors, Arc::from(spiffe("pay")), &[ALPN_H2])?;
-    let tcp = tokio::net::TcpStream::connect(inbound).await?;
+    let config = client_config(Some(store), anchors, Arc::from(identity), &[ALPN_H2])?;
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
     let connector = tokio_rustls::TlsConnector::from(config);
     // TLS 1.3: the client is done before the server has checked its certificate, so the
     // refusal usually arrives on the first read; sometimes already during the handshake.
-    let Ok(mut tls) = connector.connect(server_name(inbound.ip()), tcp).await else {
+    let Ok(mut tls) = connector.connect(server_name(addr.ip()), tcp).await else {
         return Ok(());
     };
     let mut buf = [0u8; 64];
     let read = tokio::io::AsyncReadExt::read(&mut tls, &mut buf);
     match tokio::time::timeout(Duration::from_secs(3), read).await {
         Ok(Err(_)) | Ok(Ok(0)) => Ok(()),
-        other => Err(anyhow!("the sidecar kept the connection: {other:?}")),
+        other => Err(anyhow!("the server kept the connection: {other:?}")),
     }
 }
 
@@ -251,17 +257,29 @@ async fn the_root_rotates_under_load_without_a_failed_call() {
         assert_eq!(failed, 0.0, "{}: failed handshakes", p.spec.label);
     }
 
-    // The old root is gone for real: a certificate from the old issuer is refused now.
+    // The old root is gone for real: a certificate from the old issuer is refused now, by a
+    // sidecar and by tern-control (which last started with both roots).
     let old_leaf = old_issuer.leaf(&spiffe("order")).must();
-    present(pay_sidecar.inbound, &new.pem, &old_leaf)
+    present(pay_sidecar.inbound, &spiffe("pay"), &new.pem, &old_leaf)
+        .await
+        .must();
+    present(ca.grpc(), CONTROL_IDENTITY, &new.pem, &old_leaf)
         .await
         .must();
     let unknown = [("direction", "inbound"), ("reason", "unknown_ca")];
     eventually(Duration::from_secs(5), || async {
-        let n = pay_sidecar
+        let sidecar = pay_sidecar
             .metric("tern_tls_handshake_failures_total", &unknown)
             .await?;
-        Ok((n != 1.0).then(|| format!("{n} inbound unknown_ca failures")))
+        let control = ca
+            .control
+            .metric(
+                "tern_control_tls_handshake_failures_total",
+                &[("reason", "unknown_ca")],
+            )
+            .await?;
+        Ok((sidecar != 1.0 || control != 1.0)
+            .then(|| format!("unknown_ca failures: sidecar {sidecar}, tern-control {control}")))
     })
     .await
     .must();
