@@ -75,6 +75,15 @@ impl Metrics {
             &["certificate"],
         )?;
         registry.register(Box::new(certificate_expiry.clone()))?;
+        let trust_anchor_reloads = counters(
+            "trust_anchor_reloads_total",
+            "Changes of the trust-anchor bundle file, by result: ok (in force) or rejected (unreadable, unparsable, or without the root of the issuer; the last good bundle stays).",
+            "result",
+        )?;
+        // Both results exist from the start, so a refusal shows as 0 → 1, not as a new series.
+        for result in ["ok", "rejected"] {
+            trust_anchor_reloads.with_label_values(&[result]);
+        }
         Ok(Metrics {
             certificates_issued: counter(
                 "certificates_issued_total",
@@ -96,11 +105,7 @@ impl Metrics {
                 "Admission reviews answered by the injection webhook, by result.",
                 "result",
             )?,
-            trust_anchor_reloads: counters(
-                "trust_anchor_reloads_total",
-                "Changes of the trust-anchor bundle file, by result: ok (in force) or rejected (unreadable, unparsable, or without the root of the issuer; the last good bundle stays).",
-                "result",
-            )?,
+            trust_anchor_reloads,
             trust_anchors: gauge(
                 "trust_anchors",
                 "Roots in the trust-anchor bundle in force.",
@@ -183,6 +188,8 @@ mod tests {
             "tern_control_certificate_refusals_total{reason=\"unauthenticated\"} 1",
             "tern_control_tls_handshake_failures_total{reason=\"unknown_ca\"} 1",
             "tern_control_webhook_reviews_total{result=\"injected\"} 1",
+            "tern_control_trust_anchor_reloads_total{result=\"rejected\"} 0",
+            "tern_control_trust_anchors 0",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

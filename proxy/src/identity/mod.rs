@@ -119,6 +119,10 @@ impl TlsMetrics {
             "tern_identity_trust_anchors",
             "Roots in the trust-anchor bundle in force.",
         )?;
+        // Both results exist from the start, so a refusal shows as 0 → 1, not as a new series.
+        for result in ["ok", "rejected"] {
+            anchor_reloads.with_label_values(&[result]);
+        }
         metrics
             .registry
             .register(Box::new(anchor_reloads.clone()))?;
