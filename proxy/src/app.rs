@@ -235,7 +235,8 @@ async fn data_listeners<'a>(
             &config.service_name,
             config.client_limits(),
             Arc::clone(&core.metrics),
-            own_ports(config),
+            &inb.ports,
+            &own_ports(config),
             inb.app.zip(core.app.clone()),
         );
         let selector = Selector::Local {
