@@ -7,8 +7,11 @@
 //! its own IP and a default route via the gateway; its processes run through `ip netns exec`,
 //! the sidecar as UID [`PROXY_UID`] through `setpriv`, as a kubelet would run an injected pod.
 //! Dropping the network deletes every namespace it made (and with them their interfaces).
+//!
+//! The network is dual-stack: besides its IPv4 /24, a /64 of IPv6 unique local addresses
+//! (fd74:6e::/32), with the gateway at `::1` and each pod at `::<n>` as well.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -40,6 +43,9 @@ pub fn missing_prerequisite() -> Option<String> {
         "iptables",
         "iptables-save",
         "iptables-legacy",
+        "ip6tables",
+        "ip6tables-save",
+        "ip6tables-legacy",
         "setpriv",
     ] {
         let found = Command::new(tool).arg("--version").output().is_ok();
@@ -107,8 +113,24 @@ impl Network {
         )?;
         let gateway = format!("{}/24", net.gateway());
         run("ip", &["addr", "add", &gateway, "dev", &root_if])?;
+        let gateway6 = format!("{}/64", net.gateway6());
+        run(
+            "ip",
+            &["-6", "addr", "add", &gateway6, "dev", &root_if, "nodad"],
+        )?;
         run("ip", &["link", "set", &root_if, "up"])?;
         Ok(net)
+    }
+
+    /// The root namespace's IPv6 address on the network.
+    pub fn gateway6(&self) -> Ipv6Addr {
+        self.ip6(1)
+    }
+
+    /// `fd74:6e:X:Y::n`, X and Y the bytes that make the IPv4 /24 unique.
+    fn ip6(&self, n: u16) -> Ipv6Addr {
+        let [_, b, c] = self.prefix;
+        Ipv6Addr::new(0xfd74, 0x6e, b.into(), c.into(), 0, 0, 0, n)
     }
 
     /// The root namespace's address on the network (where tern-control listens).
@@ -157,7 +179,21 @@ impl Network {
             "ip",
             &["-n", &ns, "route", "add", "default", "via", &gateway],
         )?;
-        Ok(Pod { ns, ip })
+        // IPv6 too, without duplicate address detection (it would delay the address).
+        let ip6 = self.ip6(u16::from(1 + k));
+        let cidr6 = format!("{ip6}/64");
+        run(
+            "ip",
+            &[
+                "-n", &ns, "-6", "addr", "add", &cidr6, "dev", "eth0", "nodad",
+            ],
+        )?;
+        let gateway6 = self.gateway6().to_string();
+        run(
+            "ip",
+            &["-n", &ns, "-6", "route", "add", "default", "via", &gateway6],
+        )?;
+        Ok(Pod { ns, ip, ip6 })
     }
 }
 
@@ -170,16 +206,21 @@ impl Drop for Network {
     }
 }
 
-/// One pod: a network namespace and its IP.
+/// One pod: a network namespace and its IPv4 and IPv6 addresses.
 #[derive(Clone, Debug)]
 pub struct Pod {
     pub ns: String,
     pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
 }
 
 impl Pod {
     pub fn addr(&self, port: u16) -> SocketAddr {
         SocketAddr::from((self.ip, port))
+    }
+
+    pub fn addr6(&self, port: u16) -> SocketAddr {
+        SocketAddr::from((self.ip6, port))
     }
 
     /// Runs `program args...` in the pod (as root) and waits for it.
@@ -208,8 +249,8 @@ impl Pod {
         self.exec("setpriv", &all)
     }
 
-    /// `iptables-save` of the nat table without comments and counters: equal after an
-    /// idempotent rerun.
+    /// `iptables-save` (or `ip6tables-save`...) of the nat table without comments and counters:
+    /// equal after an idempotent rerun.
     pub fn nat_rules(&self, save: &str) -> Result<String> {
         let out = self.exec(save, &["-t", "nat"])?;
         if !out.status.success() {

@@ -16,6 +16,7 @@
 //! destination outside the mesh, or opaque TCP (ALPN `tern.tcp/1` from
 //! another sidecar); those go to [`crate::tcp`].
 
+pub mod bind;
 pub mod conn_state;
 pub mod fd_budget;
 
@@ -47,6 +48,7 @@ use crate::router::{ConnAddrs, Destination};
 use crate::warn_limit::WarnLimiter;
 use conn_state::{ConnState, Tracked};
 
+#[derive(Clone)]
 pub struct ConnMetrics {
     pub open: IntGauge,
     pub accepted: IntCounter,
@@ -92,6 +94,7 @@ pub fn server_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
 }
 
 /// What a listener does with each connection besides serving HTTP.
+#[derive(Clone)]
 pub enum Mode {
     /// Every connection is HTTP (admin, explicit upstream ports).
     Http,
@@ -104,6 +107,7 @@ pub enum Mode {
 }
 
 /// One listener: its name (logs), its HTTP stack, and how it treats connections.
+#[derive(Clone)]
 pub struct Listener<S> {
     pub name: &'static str,
     pub svc: S,
