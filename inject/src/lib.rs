@@ -88,7 +88,7 @@ pub mod annotations {
     pub const SKIP_INBOUND_PORTS: &str = "tern.dev/skip-inbound-ports";
     /// Comma-separated ports (or ranges) tern-init does not redirect outbound.
     pub const SKIP_OUTBOUND_PORTS: &str = "tern.dev/skip-outbound-ports";
-    /// Comma-separated IPv4 CIDRs (or addresses) tern-init does not redirect outbound.
+    /// Comma-separated IPv4 or IPv6 CIDRs (or addresses) tern-init does not redirect outbound.
     pub const SKIP_OUTBOUND_CIDRS: &str = "tern.dev/skip-outbound-cidrs";
 }
 

@@ -5,7 +5,7 @@
 //! annotations added go in beside what the user wrote, which stays as written.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::PodSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -255,14 +255,25 @@ fn workload_labels(labels: &BTreeMap<String, String>) -> Vec<(String, String)> {
         .collect()
 }
 
-/// An IPv4 address or network (host bits zero), as tern-init takes them.
+/// An IPv4 or IPv6 address or network (host bits zero), as tern-init takes them.
 fn cidr(s: &str) -> bool {
-    let (ip, len) = s.split_once('/').unwrap_or((s, "32"));
-    let (Ok(ip), Ok(len)) = (ip.parse::<Ipv4Addr>(), len.parse::<u32>()) else {
+    let (ip, len) = match s.split_once('/') {
+        Some((ip, len)) => (ip, Some(len)),
+        None => (s, None),
+    };
+    let Ok(ip) = ip.parse::<IpAddr>() else {
         return false;
     };
-    let mask = u32::MAX.checked_shl(32u32.saturating_sub(len)).unwrap_or(0);
-    len <= 32 && u32::from(ip) & !mask == 0
+    // IPv4 in the top 32 bits, so that a prefix length counts from the top either way.
+    let (bits, value) = match ip {
+        IpAddr::V4(v4) => (32, u128::from(u32::from(v4)) << 96),
+        IpAddr::V6(v6) => (128, u128::from(v6)),
+    };
+    match len.map(str::parse::<u32>) {
+        None => true,
+        Some(Ok(len)) if len <= bits => value & u128::MAX.checked_shr(len).unwrap_or(0) == 0,
+        Some(_) => false,
+    }
 }
 
 /// What injection adds must not collide with what the pod already has.

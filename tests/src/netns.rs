@@ -148,8 +148,18 @@ impl Network {
         Ok(name)
     }
 
-    /// A pod on the bridge, with the next free address.
+    /// A pod on the bridge, with the next free addresses (IPv4 and IPv6).
     pub fn pod(&mut self, name: &str) -> Result<Pod> {
+        self.pod_with(name, true)
+    }
+
+    /// A pod with an IPv6 address only (its `ip` is unspecified), like a pod in an IPv6-only
+    /// cluster: IPv4 exists only on its loopback.
+    pub fn pod_ipv6_only(&mut self, name: &str) -> Result<Pod> {
+        self.pod_with(name, false)
+    }
+
+    fn pod_with(&mut self, name: &str, ipv4: bool) -> Result<Pod> {
         self.pods += 1;
         let k = self.pods;
         let ns = self.netns(name)?;
@@ -167,18 +177,21 @@ impl Network {
         )?;
         run("ip", &["link", "set", &veth, "netns", &ns])?;
         run("ip", &["-n", &ns, "link", "set", &veth, "name", "eth0"])?;
-        let [a, b, c] = self.prefix;
-        let ip = Ipv4Addr::new(a, b, c, 1 + k);
-        run(
-            "ip",
-            &["-n", &ns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"],
-        )?;
         run("ip", &["-n", &ns, "link", "set", "eth0", "up"])?;
-        let gateway = self.gateway().to_string();
-        run(
-            "ip",
-            &["-n", &ns, "route", "add", "default", "via", &gateway],
-        )?;
+        let [a, b, c] = self.prefix;
+        let ip = match ipv4 {
+            true => Ipv4Addr::new(a, b, c, 1 + k),
+            false => Ipv4Addr::UNSPECIFIED,
+        };
+        if ipv4 {
+            let cidr = format!("{ip}/24");
+            run("ip", &["-n", &ns, "addr", "add", &cidr, "dev", "eth0"])?;
+            let gateway = self.gateway().to_string();
+            run(
+                "ip",
+                &["-n", &ns, "route", "add", "default", "via", &gateway],
+            )?;
+        }
         // IPv6 too, without duplicate address detection (it would delay the address).
         let ip6 = self.ip6(u16::from(1 + k));
         let cidr6 = format!("{ip6}/64");
@@ -387,9 +400,18 @@ impl Pod {
         .await
     }
 
+    /// The sidecar's admin port (4191), on the pod's IPv4 address, or its IPv6 one in an
+    /// IPv6-only pod.
+    pub fn admin(&self) -> SocketAddr {
+        match self.ip.is_unspecified() {
+            true => self.addr6(4191),
+            false => self.addr(4191),
+        }
+    }
+
     /// The sum of the samples of `name` with `labels` on the sidecar's admin port (4191).
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
-        let text = crate::http1::get(self.addr(4191), "/metrics").await?.text();
+        let text = crate::http1::get(self.admin(), "/metrics").await?.text();
         Ok(crate::metrics::sum(
             &crate::metrics::parse(&text)?,
             name,

@@ -157,3 +157,148 @@ async fn ipv6_goes_through_the_sidecar_both_ways() {
     let nft = legacy.nat_rules("ip6tables-nft-save").must();
     assert!(!nft.contains("TERN_"), "{nft}");
 }
+
+/// A Deployment declaring one port, as `ternctl inject` sees it.
+const WEB: &str = "\
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: default}
+spec:
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers:
+        - name: web
+          image: web:1
+          ports: [{containerPort: 50051}]
+";
+
+/// What the kubelet would give the injected containers of [`WEB`].
+struct Injected {
+    init_args: Vec<String>,
+    proxy_env: Vec<(String, String)>,
+}
+
+/// [`Injected`] in a pod whose IP is `pod_ip`: tern-init's arguments, and the proxy's
+/// environment with `$(POD_IP)` expanded. The control plane and identity are left out (this
+/// pod runs without them), and so is the inbound mode, which needs an identity.
+fn injected(pod_ip: &str) -> Result<Injected> {
+    let text = tern_tests::k8s::inject_ok(&["-"], Some(WEB))?;
+    let docs = tern_tests::k8s::documents(&text)?;
+    let spec = docs
+        .iter()
+        .map(|d| &d["spec"]["template"]["spec"])
+        .find(|s| s.is_object())
+        .context("no pod template")?;
+    let named = |list: &str, name: &str| {
+        spec[list]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["name"] == name).cloned())
+            .with_context(|| format!("no {name} in {list}"))
+    };
+    let strings = |v: &serde_json::Value| -> Vec<String> {
+        let items = v.as_array().map(Vec::as_slice).unwrap_or_default();
+        items
+            .iter()
+            .filter_map(|a| a.as_str().map(String::from))
+            .collect()
+    };
+    let init_args = strings(&named("initContainers", "tern-init")?["args"]);
+    let proxy = named("containers", "tern-proxy")?;
+    let left_out = [
+        "TERN_CONTROL_PLANE",
+        "TERN_IDENTITY_TRUST_ANCHORS",
+        "TERN_IDENTITY_TOKEN_FILE",
+        "TERN_INBOUND_TLS",
+    ];
+    let mut env = vec![("POD_IP".to_string(), pod_ip.to_string())];
+    for var in proxy["env"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        let (Some(name), Some(value)) = (var["name"].as_str(), var["value"].as_str()) else {
+            continue;
+        };
+        if !left_out.contains(&name) {
+            env.push((name.to_string(), value.replace("$(POD_IP)", pod_ip)));
+        }
+    }
+    Ok(Injected {
+        init_args,
+        proxy_env: env,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_injected_sidecar_works_in_an_ipv6_only_pod() {
+    if let Some(skip) = prerequisites() {
+        return skip.must();
+    }
+    let dir = TestDir::new("ipv6-only").must();
+    let d = dir.path();
+    let mut net = Network::create().must();
+    let pod = net.pod_ipv6_only("v6").must();
+    let injected = injected(&pod.ip6.to_string()).must();
+    let init_args: Vec<&str> = injected.init_args.iter().map(String::as_str).collect();
+    pod.tern_init(&init_args).must();
+
+    let web = ["--listen", "[::]:50051", "--name", "web"];
+    let _web = start(&pod, d, "web", "echo-server", &web).await.must();
+    let undeclared = ["--listen", "[::]:9000", "--name", "undeclared"];
+    let _undeclared = start(&pod, d, "undeclared", "tcp-greeter", &undeclared)
+        .await
+        .must();
+    // The injected proxy, as its UID, with the injected environment (and no flags).
+    let ids = netns::PROXY_UID.to_string();
+    let proxy_bin = binary("tern-proxy").must().display().to_string();
+    let args = [
+        "netns",
+        "exec",
+        &pod.ns,
+        "setpriv",
+        "--reuid",
+        &ids,
+        "--regid",
+        &ids,
+        "--clear-groups",
+        "--",
+        &proxy_bin,
+    ]
+    .map(String::from);
+    let env: Vec<(&str, String)> = injected
+        .proxy_env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    let mut proxy = Proc::spawn_with_env(d, "proxy-web", Path::new("ip"), &args, &env).must();
+    proxy
+        .wait_for_line("tern-proxy ready: ", START_TIMEOUT)
+        .await
+        .must();
+
+    // The kubelet's probes reach the admin port on the pod's IPv6 address.
+    let ready = tern_tests::http1::get(pod.admin(), "/ready").await.must();
+    assert_eq!(ready.status, 200, "{}", ready.text());
+    // A caller outside the mesh dials the app's port: redirected to the sidecar, served.
+    let app = pod.addr6(50051).to_string();
+    let report = host_client(&["grpc", "--target", &app]).must();
+    assert_eq!(report["servers"]["web"], 1, "{report}");
+    // A caller dialing the inbound port itself reaches the app at $(POD_IP):50051.
+    let inbound = pod.addr6(4143).to_string();
+    let report = host_client(&["grpc", "--target", &inbound]).must();
+    assert_eq!(report["servers"]["web"], 1, "{report}");
+    let requests = [("direction", "inbound"), ("service", "web")];
+    pod.expect_metric("tern_requests_total", &requests, 2.0)
+        .await
+        .must();
+    // The undeclared port is intercepted and refused.
+    let target = pod.addr6(9000).to_string();
+    let refused = host_client(&["tcp", "--target", &target, "--greeting"]);
+    assert!(refused.is_err(), "{refused:?}");
+    let not_served = [("listener", "inbound"), ("reason", "port_not_served")];
+    pod.expect_metric("tern_protocol_rejections_total", &not_served, 1.0)
+        .await
+        .must();
+}

@@ -210,7 +210,7 @@ fn skip_annotations_become_init_flags() {
     let text = DEPLOYMENT.replace(
         "  namespace: default\n",
         "  namespace: default\n  annotations:\n    tern.dev/skip-inbound-ports: \"9000, 9100-9200\"\n    \
-         tern.dev/skip-outbound-ports: \"5432\"\n    tern.dev/skip-outbound-cidrs: 10.0.0.0/8,169.254.169.254\n",
+         tern.dev/skip-outbound-ports: \"5432\"\n    tern.dev/skip-outbound-cidrs: 10.0.0.0/8,169.254.169.254,fd00:ec2::254\n",
     );
     let spec = injected_spec(&text);
     let init = container(&spec, "initContainers", INIT_CONTAINER).unwrap();
@@ -228,7 +228,7 @@ fn skip_annotations_become_init_flags() {
             "--skip-outbound-ports",
             "5432",
             "--skip-outbound-cidrs",
-            "10.0.0.0/8,169.254.169.254"
+            "10.0.0.0/8,169.254.169.254,fd00:ec2::254"
         ]
     );
     for (key, bad) in [
@@ -237,7 +237,8 @@ fn skip_annotations_become_init_flags() {
         ("tern.dev/skip-outbound-ports", "9-3"),
         ("tern.dev/skip-outbound-cidrs", "10.0.0.0/33"),
         ("tern.dev/skip-outbound-cidrs", "10.0.0.1/8"),
-        ("tern.dev/skip-outbound-cidrs", "fd00::/8"),
+        ("tern.dev/skip-outbound-cidrs", "fd00::1/8"),
+        ("tern.dev/skip-outbound-cidrs", "fd00::/129"),
         ("tern.dev/app-port", "0"),
         ("tern.dev/inbound-tls", "sometimes"),
         ("tern.dev/native-sidecar", "yes"),
