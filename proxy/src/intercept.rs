@@ -45,6 +45,9 @@ pub const DETECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// redirected (or the kernel has no NAT record of it).
 pub fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
     let local = stream.local_addr().ok()?;
+    // An IPv4 connection on a dual-stack IPv6 socket (`--inbound-listen
+    // [::]:4143`) shows IPv4-mapped addresses, but its NAT record is IPv4.
+    let local = SocketAddr::new(local.ip().to_canonical(), local.port());
     let orig = match local {
         SocketAddr::V4(_) => {
             let sin = getsockopt(stream, sockopt::OriginalDst).ok()?;

@@ -302,3 +302,50 @@ async fn an_injected_sidecar_works_in_an_ipv6_only_pod() {
         .await
         .must();
 }
+
+/// One dual-stack socket (`--inbound-listen [::]:4143`) takes redirected IPv4 connections as
+/// IPv4-mapped addresses: their original destination is still read (from the IPv4 NAT record),
+/// so they go to the port dialed, as IPv6 ones do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dual_stack_inbound_socket_reads_ipv4_original_destinations() {
+    if let Some(skip) = prerequisites() {
+        return skip.must();
+    }
+    let dir = TestDir::new("dual-stack-socket").must();
+    let d = dir.path();
+    let mut net = Network::create().must();
+    let pod = net.pod("dual").must();
+    pod.tern_init(&[]).must();
+    let greeter = ["--listen", "[::]:7000", "--name", "dual"];
+    let _greeter = start(&pod, d, "greeter", "tcp-greeter", &greeter)
+        .await
+        .must();
+    let proxy = [
+        "--service-name",
+        "dual",
+        "--inbound-listen",
+        "[::]:4143",
+        "--inbound-transparent",
+        "--inbound-ports",
+        "7000",
+        "--opaque-ports",
+        "7000",
+        "--admin-listen",
+        "0.0.0.0:4191",
+    ];
+    let _proxy = start(&pod, d, "proxy-dual", "tern-proxy", &proxy)
+        .await
+        .must();
+    for target in [pod.addr(7000), pod.addr6(7000)] {
+        let target = target.to_string();
+        let report = host_client(&["tcp", "--target", &target, "--greeting"]).must();
+        assert_eq!(
+            report["greeting"], "hello from dual\n",
+            "{target}: {report}"
+        );
+    }
+    let tcp = [("direction", "inbound"), ("outcome", "ok")];
+    pod.expect_metric("tern_tcp_connections_total", &tcp, 2.0)
+        .await
+        .must();
+}
