@@ -423,6 +423,21 @@ mod tests {
     }
 
     #[test]
+    fn an_unserved_port_is_forbidden_and_says_which() {
+        let e = ProxyError::PortNotServed { port: 6060 };
+        let http = e.to_response(false);
+        assert_eq!(http.status(), StatusCode::FORBIDDEN);
+        let header = http.headers()[PROXY_ERROR_HEADER]
+            .to_str()
+            .unwrap_or_default();
+        assert!(header.contains("port 6060 is not served"), "{header}");
+        let grpc = e.to_response(true);
+        assert_eq!(grpc.headers()["grpc-status"], "7");
+        assert!(!e.is_retryable());
+        assert_eq!(e.reason(), "port_not_served");
+    }
+
+    #[test]
     fn percent_encoding_follows_grpc_spec() {
         assert_eq!(percent_encode("a%b é"), "a%25b %C3%A9");
     }
