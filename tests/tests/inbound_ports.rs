@@ -42,6 +42,18 @@ async fn serve(pod: &Pod, dir: &Path, label: &str, bin: &str, args: &[&str]) -> 
     Ok(proc)
 }
 
+/// Waits until `pod` has counted more refused ports than `before`; returns the new count.
+async fn counted(pod: &Pod, before: f64) -> f64 {
+    let metric = "tern_protocol_rejections_total";
+    eventually(Duration::from_secs(5), || async {
+        let n = pod.metric(metric, &PORT_NOT_SERVED).await?;
+        Ok((n <= before).then(|| format!("{metric} still {n}")))
+    })
+    .await
+    .must();
+    pod.metric(metric, &PORT_NOT_SERVED).await.must()
+}
+
 /// The report of a call that must have failed, as text (its error names the reason).
 fn refused(call: Result<Value>) -> String {
     match call {
@@ -116,6 +128,9 @@ async fn inbound_reaches_only_the_ports_the_app_serves() {
     let report = host_client(&["grpc", "--target", &app]).must();
     assert_eq!(report["servers"]["app"], 1, "{report}");
 
+    // Each attack below is refused, and counted (a client may retry a refused connection, so
+    // only "more than before" is certain).
+    let mut refusals = 0.0;
     // Plaintext from outside the mesh naming a loopback-only port, or a port tern-init skips,
     // in tern-dst-port: refused with PERMISSION_DENIED, never forwarded.
     let inbound = v.addr(4143).to_string();
@@ -127,22 +142,25 @@ async fn inbound_reaches_only_the_ports_the_app_serves() {
             error.contains("PermissionDenied") && error.contains(port),
             "{error}"
         );
+        refusals = counted(&v, refusals).await;
     }
     // The meshed pod's app dialing those ports: its sidecar names the port, V refuses it.
     let debug_port = v.addr(6060).to_string();
     let error = refused(c.client(&["grpc", "--target", &debug_port], false).await);
     assert!(error.contains("PermissionDenied"), "{error}");
+    refusals = counted(&v, refusals).await;
     // ... and as opaque TCP (a server that speaks first) to a loopback-only port.
     let raw = v.addr(7100).to_string();
-    refused(
-        c.client(&["tcp", "--target", &raw, "--greeting"], false)
-            .await,
-    );
-    // Outside the mesh, straight to the loopback-only port: redirected, then refused.
-    refused(host_client(&["grpc", "--target", &debug_port]));
-    v.expect_metric("tern_protocol_rejections_total", &PORT_NOT_SERVED, 5.0)
+    let greeting = ["tcp", "--target", &raw, "--greeting"];
+    refused(c.client(&greeting, false).await);
+    let not_allowed = [("direction", "inbound"), ("outcome", "port_not_allowed")];
+    v.expect_metric("tern_tcp_connections_total", &not_allowed, 1.0)
         .await
         .must();
+    refusals = counted(&v, refusals).await;
+    // Outside the mesh, straight to the loopback-only port: redirected, then refused.
+    refused(host_client(&["grpc", "--target", &debug_port]));
+    counted(&v, refusals).await;
     let stderr = std::fs::read_to_string(d.join("proxy-victim.stderr"))
         .context("the sidecar's log")
         .must();
