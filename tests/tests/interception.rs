@@ -203,7 +203,13 @@ async fn pods_reach_each_other_through_both_sidecars() {
     let ca = MeshCa::start_on(dir.path(), &config, SocketAddr::from((net.gateway(), 0)))
         .await
         .must();
-    let echo_extra = ["--inbound-app", "127.0.0.1:50051", "--inbound-transparent"];
+    let echo_extra = [
+        "--inbound-app",
+        "127.0.0.1:50051",
+        "--inbound-transparent",
+        "--inbound-ports",
+        "7000-7002",
+    ];
     let _proxy_b = b.sidecar(dir.path(), &ca, "echo", &echo_extra).await.must();
     let client_extra = ["--virtual-ip", "echo=10.96.77.10", "--opaque-ports", "7001"];
     let _proxy_a = a
@@ -410,7 +416,7 @@ async fn pods_reach_each_other_through_both_sidecars() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn transparent_inbound_reaches_every_app_port() {
+async fn transparent_inbound_reaches_every_port_the_app_serves() {
     if let Some(skip) = prerequisites() {
         return skip.must();
     }
@@ -441,11 +447,14 @@ async fn transparent_inbound_reaches_every_app_port() {
         .wait_for_line("tcp-greeter listening on", START_TIMEOUT)
         .await
         .must();
-    // No identity (inbound plaintext), no --inbound-app: every port is the one dialed.
+    // No identity (inbound plaintext), no --inbound-app: every port is the one dialed, if the
+    // app serves it.
     let proxy_args = [
         "--service-name",
         "plain",
         "--inbound-transparent",
+        "--inbound-ports",
+        "50051,7000-7001",
         "--opaque-ports",
         "7000",
         "--admin-listen",

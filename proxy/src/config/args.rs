@@ -56,9 +56,15 @@ pub struct Args {
     pub watch_all_services: Option<bool>,
 
     /// Transparent inbound: connections iptables redirected to the inbound
-    /// listener go to 127.0.0.1:<the port they were sent to> [default: false].
+    /// listener go to the app on <the IP and port they were sent to> (the pod
+    /// IP, never loopback), if it is a port the app serves [default: false].
     #[arg(long, env = "TERN_INBOUND_TRANSPARENT", num_args = 0..=1, default_missing_value = "true")]
     pub inbound_transparent: Option<bool>,
+
+    /// Ports the app serves besides --inbound-app's (e.g. 8080,9000-9010): the only ones
+    /// transparent inbound forwards to; any other port is refused [default: none].
+    #[arg(long, env = "TERN_INBOUND_PORTS", value_delimiter = ',')]
+    pub inbound_ports: Vec<String>,
 
     /// Ports carried as opaque TCP, no protocol detection (e.g. 3306,6379,7000-7010).
     #[arg(long, env = "TERN_OPAQUE_PORTS", value_delimiter = ',')]
@@ -254,12 +260,11 @@ impl Args {
         if self.inbound_transparent.is_some() {
             f.inbound.transparent = self.inbound_transparent;
         }
+        if !self.inbound_ports.is_empty() {
+            f.inbound.ports = port_items(&self.inbound_ports);
+        }
         if !self.opaque_ports.is_empty() {
-            f.opaque_ports = self
-                .opaque_ports
-                .iter()
-                .map(|p| super::ports::PortItem::Text(p.clone()))
-                .collect();
+            f.opaque_ports = port_items(&self.opaque_ports);
         }
         set(&mut f.outbound.listen, &self.outbound_listen);
         set(&mut f.admin.listen, &self.admin_listen);
@@ -349,6 +354,12 @@ impl Args {
         set(&mut l.max_connections, &self.max_connections);
         set(&mut l.response_timeout, &self.response_timeout);
     }
+}
+
+fn port_items(list: &[String]) -> Vec<super::ports::PortItem> {
+    list.iter()
+        .map(|p| super::ports::PortItem::Text(p.clone()))
+        .collect()
 }
 
 fn split_pair<'a>(flag: &str, value: &'a str) -> Result<(&'a str, &'a str), ConfigError> {
