@@ -36,6 +36,7 @@ pub mod proxy;
 pub mod python;
 pub mod raw_grpc;
 pub mod relay;
+pub mod subscribe;
 
 use std::future::Future;
 use std::time::Duration;
