@@ -19,14 +19,13 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tonic::Status;
 
 use crate::config::{Action, IdentityMatch, MeshConfig, ServiceKey};
 use crate::metrics::Metrics;
-use crate::state::lock;
 
 /// Why a Subscribe was refused; [`Refusal::reason`] is the metric label.
 #[derive(Debug, thiserror::Error)]
@@ -168,7 +167,8 @@ impl LogLimiter {
 
     /// `Some(lines suppressed since the last one)` if a line may be logged now.
     pub fn allow(&self) -> Option<u64> {
-        let mut w = lock(&self.window);
+        // A panic elsewhere must not silence refusals for good.
+        let mut w = self.window.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
         if now.duration_since(w.0) >= Duration::from_secs(1) {
             *w = (now, 0);
@@ -201,6 +201,12 @@ pub fn refuse(
         .with_label_values(&[refusal.reason()])
         .inc();
     let status = refusal.status();
+    // The name comes from the peer, unchecked when the Hello was malformed.
+    let mut cut = service.len().min(64);
+    while !service.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let service = &service[..cut];
     if let Some(suppressed) = limiter.allow() {
         tracing::warn!(peer = ?peer, service, reason = refusal.reason(), suppressed, detail = status.message(), "subscription refused");
     }
@@ -262,7 +268,7 @@ mod tests {
         }
         assert_eq!(l.allow(), None);
         assert_eq!(l.allow(), None);
-        lock(&l.window).0 -= Duration::from_secs(2);
+        l.window.lock().unwrap().0 -= Duration::from_secs(2);
         assert_eq!(l.allow(), Some(2), "the next line reports what it skipped");
     }
 }

@@ -11,7 +11,8 @@
 //! are with a bootstrap token ([`tokens`]) over the `tern.identity.v1.Identity`
 //! service ([`identity`]). The gRPC listener ([`tls`]) serves TLS with the
 //! control plane's own certificate beside plaintext, and a sidecar's client
-//! certificate is what its registration is checked against.
+//! certificate is what its subscription and registration are checked against
+//! ([`admission`]).
 //!
 //! Kubernetes: [`webhook`] serves the mutating admission webhook that injects
 //! the sidecar into new Pods (`tern_inject`, as `ternctl inject` does).
