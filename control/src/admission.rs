@@ -232,6 +232,50 @@ mod tests {
     }
 
     #[test]
+    fn what_a_caller_may_call_follows_the_authorization_policies() {
+        let service = |name: &str| {
+            format!(
+                "apiVersion: tern.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}, \
+                 namespace: finance}}\nspec: {{ports: [{{port: 80}}]}}\n---\n"
+            )
+        };
+        let services: String = ["ledger", "audit", "open", "nopolicy"]
+            .map(service)
+            .concat();
+        let policies = "\
+apiVersion: tern.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: ledger, namespace: finance}
+spec: {service: ledger, rules: [{from: [{namespace: finance}]}]}
+---
+apiVersion: tern.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: audit, namespace: finance}
+spec: {service: audit, rules: [{from: [{identity: spiffe://td/ns/default/sa/order}]}]}
+---
+apiVersion: tern.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: open, namespace: finance}
+spec: {service: open, default: allow, rules: []}
+";
+        let files = [(std::path::PathBuf::from("p.yaml"), services + policies)];
+        let config = crate::config::parse_files(&files).unwrap();
+        let key = |name: &str| ServiceKey::new("finance", name);
+        let order = Some("spiffe://td/ns/default/sa/order");
+        let teller = Some("spiffe://td/ns/finance/sa/teller");
+        let may = |caller, name: &str, default| may_call(&config, default, caller, &key(name));
+        assert!(!may(order, "ledger", Action::Allow));
+        assert!(may(teller, "ledger", Action::Allow), "same namespace rule");
+        assert!(may(order, "audit", Action::Deny), "identity rule");
+        assert!(!may(teller, "audit", Action::Allow));
+        assert!(may(None, "open", Action::Deny), "default: allow");
+        assert!(!may(None, "ledger", Action::Allow), "no identity, no rule");
+        // Without a policy: the mesh default.
+        assert!(may(order, "nopolicy", Action::Allow));
+        assert!(!may(order, "nopolicy", Action::Deny));
+    }
+
+    #[test]
     fn the_address_must_be_the_peers() {
         let peer: SocketAddr = "10.1.2.3:55000".parse().unwrap();
         assert!(check_address("10.1.2.3:4143".parse().unwrap(), Some(peer)).is_ok());
