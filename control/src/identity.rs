@@ -6,9 +6,15 @@
 //! 1. the call came over TLS (a token must not cross the network in the
 //!    clear) and the token reviews into a namespace and service account
 //!    (UNAUTHENTICATED otherwise; UNAVAILABLE if the reviewer cannot decide);
-//! 2. the identity asked for is a SPIFFE id of this trust domain (INVALID_ARGUMENT);
-//! 3. its namespace and service account are the token's (PERMISSION_DENIED);
-//! 4. the CSR reads, its self-signature verifies, and its only SAN is that
+//! 2. the token's id is not in the revocation list (UNAUTHENTICATED; read
+//!    afresh each time, see [`tokens::revoked`]; UNAVAILABLE if unreadable);
+//! 3. the identity asked for is a SPIFFE id of this trust domain (INVALID_ARGUMENT);
+//! 4. its namespace and service account are the token's (PERMISSION_DENIED);
+//! 5. the token has not expired — or the caller presents a live client
+//!    certificate for that very identity: a running workload renews with the
+//!    token it started with, but a leaked expired token bootstraps nothing
+//!    (UNAUTHENTICATED);
+//! 6. the CSR reads, its self-signature verifies, and its only SAN is that
 //!    identity as a URI (INVALID_ARGUMENT).
 //!
 //! Every issuance and refusal is logged (naming the token by its id, never
@@ -35,6 +41,7 @@ use crate::ca::{self, Ca, CsrError, Issued, Source};
 use crate::cli::Args;
 use crate::metrics::Metrics;
 use crate::tls::{issue_own, ConnInfo};
+use crate::tokens::revoked::RevocationList;
 use crate::tokens::{self, ReviewError, Reviewed, TokenReviewer};
 
 /// Bound on a whole CertifyRequest (the CSR alone is bounded tighter).
@@ -115,12 +122,15 @@ pub fn setup(args: &Args, metrics: &Arc<Metrics>) -> anyhow::Result<Setup> {
         ClientAuth::Optional,
     )
     .context("TLS server config")?;
+    let revoked = RevocationList::new(args.revoked_tokens_path());
+    tracing::info!(path = %revoked.path().display(), "bootstrap token revocation list (read on every Certify)");
     let service = IdentityService::new(
         Arc::clone(&ca),
         reviewer,
         args.cert_lifetime,
         Arc::clone(metrics),
-    );
+    )
+    .with_revocation_list(revoked);
     Ok(Setup {
         authority: Arc::new(Authority {
             ca,
@@ -140,6 +150,7 @@ pub struct IdentityService {
     reviewer: Arc<dyn TokenReviewer>,
     lifetime: Duration,
     metrics: Arc<Metrics>,
+    revoked: Option<RevocationList>,
 }
 
 /// Why Certify said no.
@@ -147,6 +158,7 @@ pub struct IdentityService {
 enum Refusal {
     Plaintext,
     Unauthenticated(String),
+    Revoked(String),
     Unavailable(String),
     InvalidIdentity(String),
     WrongIdentity { granted: String, asked: String },
@@ -160,6 +172,7 @@ impl Refusal {
         match self {
             Refusal::Plaintext => "plaintext",
             Refusal::Unauthenticated(_) => "unauthenticated",
+            Refusal::Revoked(_) => "revoked",
             Refusal::Unavailable(_) => "unavailable",
             Refusal::InvalidIdentity(_) => "invalid_identity",
             Refusal::WrongIdentity { .. } => "permission_denied",
@@ -175,6 +188,9 @@ impl Refusal {
                  must not cross the network in the clear",
             ),
             Refusal::Unauthenticated(m) => Status::unauthenticated(m.clone()),
+            Refusal::Revoked(id) => {
+                Status::unauthenticated(format!("bootstrap token: token {id} is revoked"))
+            }
             Refusal::Unavailable(m) => Status::unavailable(m.clone()),
             Refusal::InvalidIdentity(m) => Status::invalid_argument(m.clone()),
             Refusal::WrongIdentity { granted, asked } => Status::permission_denied(format!(
@@ -198,7 +214,14 @@ impl IdentityService {
             reviewer,
             lifetime,
             metrics,
+            revoked: None,
         }
+    }
+
+    /// Refuses the tokens whose ids `list` names.
+    pub fn with_revocation_list(mut self, list: RevocationList) -> Self {
+        self.revoked = Some(list);
+        self
     }
 
     /// The tonic service, with the request size bounded.
@@ -226,6 +249,14 @@ impl IdentityService {
                 ReviewError::Unavailable(m) => Refusal::Unavailable(m),
             })?;
         *token_id = Some(reviewed.token_id.clone());
+        if let Some(list) = &self.revoked {
+            match list.contains(&reviewed.token_id).await {
+                Ok(false) => {}
+                Ok(true) => return Err(Refusal::Revoked(reviewed.token_id.clone())),
+                // Fail closed: better no certificate than one for a revoked token.
+                Err(e) => return Err(Refusal::Unavailable(e)),
+            }
+        }
         if req.identity.len() > MAX_IDENTITY_BYTES {
             return Err(Refusal::InvalidIdentity(format!(
                 "identity: longer than {MAX_IDENTITY_BYTES} bytes"
@@ -248,6 +279,14 @@ impl IdentityService {
                 ),
                 asked: id.to_string(),
             });
+        }
+        if reviewed.expired && conn.peer_identity.as_deref() != Some(id.to_string().as_str()) {
+            return Err(Refusal::Unauthenticated(
+                "bootstrap token: token expired (it renews only the certificate of a caller \
+                 presenting a live one for the same identity; mint a new token with \
+                 `ternctl token create`)"
+                    .into(),
+            ));
         }
         let key = ca::check_csr(&req.csr_pem, &id).map_err(Refusal::InvalidCsr)?;
         let issued = self

@@ -11,13 +11,15 @@
 //! are with a bootstrap token ([`tokens`]) over the `tern.identity.v1.Identity`
 //! service ([`identity`]). The gRPC listener ([`tls`]) serves TLS with the
 //! control plane's own certificate beside plaintext, and a sidecar's client
-//! certificate is what its registration is checked against.
+//! certificate is what its subscription and registration are checked against
+//! ([`admission`]).
 //!
 //! Kubernetes: [`webhook`] serves the mutating admission webhook that injects
 //! the sidecar into new Pods (`tern_inject`, as `ternctl inject` does).
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod admission;
 pub mod app;
 pub mod ca;
 pub mod cli;

@@ -25,6 +25,10 @@ pub struct Metrics {
     pub certificate_refusals: IntCounterVec,
     /// By `reason`, from `tern_identity::tls::failure_reason` (plus `timeout`).
     pub tls_handshake_failures: IntCounterVec,
+    /// Subscribe streams refused, by `reason` (see `admission::Refusal::reason`).
+    pub subscribe_refusals: IntCounterVec,
+    /// Admin requests refused, by `path` (`/state` from a non-loopback peer).
+    pub admin_refusals: IntCounterVec,
     /// Unix seconds, by `certificate`: trust_anchor, issuer, control_plane, webhook.
     pub certificate_expiry: IntGaugeVec,
     /// Admission reviews answered by the webhook, by `result`: injected, unchanged, denied,
@@ -98,6 +102,16 @@ impl Metrics {
                 "tls_handshake_failures_total",
                 "TLS handshakes on the gRPC listener that failed, by reason.",
                 "reason",
+            )?,
+            subscribe_refusals: counters(
+                "subscribe_refusals_total",
+                "Subscribe streams refused (no client certificate, identity not admitted, address not the peer's or held by another identity), by reason.",
+                "reason",
+            )?,
+            admin_refusals: counters(
+                "admin_refusals_total",
+                "Admin requests refused (/state from a non-loopback peer without --admin-expose-state), by path.",
+                "path",
             )?,
             certificate_expiry,
             webhook_reviews: counters(
@@ -176,6 +190,10 @@ mod tests {
             .with_label_values(&["unknown_ca"])
             .inc();
         m.webhook_reviews.with_label_values(&["injected"]).inc();
+        m.subscribe_refusals
+            .with_label_values(&["no_client_certificate"])
+            .inc();
+        m.admin_refusals.with_label_values(&["/state"]).inc();
         let text = m.encode().unwrap();
         for name in [
             "tern_control_subscribers",
@@ -190,6 +208,8 @@ mod tests {
             "tern_control_webhook_reviews_total{result=\"injected\"} 1",
             "tern_control_trust_anchor_reloads_total{result=\"rejected\"} 0",
             "tern_control_trust_anchors 0",
+            "tern_control_subscribe_refusals_total{reason=\"no_client_certificate\"} 1",
+            "tern_control_admin_refusals_total{path=\"/state\"} 1",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

@@ -37,6 +37,7 @@ pub mod python;
 pub mod raw_grpc;
 pub mod relay;
 pub mod roots;
+pub mod subscribe;
 
 use std::future::Future;
 use std::time::Duration;
