@@ -33,11 +33,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     // Watch first, then load: a change made in between is then seen twice
     // (harmless) rather than never.
+    let options = args.load_options();
     let watching = Watching::start(dir)
-        .with_context(|| format!("watching the config directory {}", dir.display()))?;
+        .with_context(|| format!("watching the config directory {}", dir.display()))?
+        .with_options(options);
     // No last good config exists yet, so a bad one at start is fatal: better
     // a clear crash than serving an empty mesh.
-    let config = config::load_dir(dir).map_err(|e| anyhow::anyhow!("invalid mesh config:\n{e}"))?;
+    let config = config::load_dir_with(dir, options)
+        .map_err(|e| anyhow::anyhow!("invalid mesh config:\n{e}"))?;
     tracing::info!(
         dir = %dir.display(),
         services = config.services.len(),
@@ -74,6 +77,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Arc::clone(&metrics),
         shutdown.clone(),
     ));
+    crate::discovery::start(
+        args.discovery,
+        args.trust_domain()?,
+        &mesh,
+        &metrics,
+        shutdown.clone(),
+    )
+    .await?;
     tokio::spawn(admin::serve(
         admin_listener,
         Admin {

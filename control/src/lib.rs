@@ -13,6 +13,10 @@
 //! control plane's own certificate beside plaintext, and a sidecar's client
 //! certificate is what its registration is checked against.
 //!
+//! Discovery: with `--discovery kubernetes`, [`discovery`] also watches the
+//! cluster's Services, EndpointSlices and Pods and lays them over the
+//! directory's documents by name.
+//!
 //! Kubernetes: [`webhook`] serves the mutating admission webhook that injects
 //! the sidecar into new Pods (`tern_inject`, as `ternctl inject` does).
 #![forbid(unsafe_code)]
@@ -22,6 +26,7 @@ pub mod app;
 pub mod ca;
 pub mod cli;
 pub mod config;
+pub mod discovery;
 pub mod files;
 pub mod identity;
 pub mod metrics;

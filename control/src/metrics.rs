@@ -30,6 +30,8 @@ pub struct Metrics {
     /// Admission reviews answered by the webhook, by `result`: injected, unchanged, denied,
     /// bad_request.
     pub webhook_reviews: IntCounterVec,
+    /// The Kubernetes discovery source's (`--discovery kubernetes`).
+    pub discovery: crate::discovery::metrics::DiscoveryMetrics,
     resident_memory: IntGauge,
 }
 
@@ -113,6 +115,7 @@ impl Metrics {
                 "registered_endpoints",
                 "Endpoints registered by sidecars, including those within their grace period.",
             )?,
+            discovery: crate::discovery::metrics::DiscoveryMetrics::register(&registry)?,
             resident_memory: gauge(
                 "resident_memory_bytes",
                 "Resident set size of the control plane process.",
