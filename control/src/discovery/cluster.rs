@@ -44,10 +44,11 @@ pub async fn client() -> anyhow::Result<Client> {
 
 type Watched<K> = Result<Event<K>, watcher::Error>;
 
+/// One watcher's item; boxed, as the three differ much in size.
 enum Item {
-    Service(Watched<Service>),
-    Slice(Watched<EndpointSlice>),
-    Pod(Watched<Pod>),
+    Service(Box<Watched<Service>>),
+    Slice(Box<Watched<EndpointSlice>>),
+    Pod(Box<Watched<Pod>>),
 }
 
 /// Watches the cluster and keeps the mesh's discovered services current until `stop`.
@@ -61,13 +62,13 @@ pub async fn run(
     let config = watcher::Config::default();
     let services = watcher::watcher(Api::<Service>::all(client.clone()), config.clone())
         .default_backoff()
-        .map(Item::Service);
+        .map(|r| Item::Service(Box::new(r)));
     let slices = watcher::watcher(Api::<EndpointSlice>::all(client.clone()), config.clone())
         .default_backoff()
-        .map(Item::Slice);
+        .map(|r| Item::Slice(Box::new(r)));
     let pods = watcher::watcher(Api::<Pod>::all(client), config)
         .default_backoff()
-        .map(Item::Pod);
+        .map(|r| Item::Pod(Box::new(r)));
     let merged = futures::stream::select(futures::stream::select(services, slices), pods);
     let mut batches = std::pin::pin!(merged.ready_chunks(BATCH));
     let mut cache = Cache::default();
@@ -118,15 +119,15 @@ pub async fn run(
 /// Applies one watcher item to the cache; returns the services it touched.
 fn apply(cache: &mut Cache, item: Item, metrics: &Metrics) -> BTreeSet<ServiceKey> {
     match item {
-        Item::Service(r) => match observe("services", cache.services.listed(), r, metrics) {
+        Item::Service(r) => match observe("services", cache.services.listed(), *r, metrics) {
             Some(e) => cache.on_service(e),
             None => BTreeSet::new(),
         },
-        Item::Slice(r) => match observe("endpointslices", cache.slices.listed(), r, metrics) {
+        Item::Slice(r) => match observe("endpointslices", cache.slices.listed(), *r, metrics) {
             Some(e) => cache.on_slice(e),
             None => BTreeSet::new(),
         },
-        Item::Pod(r) => match observe("pods", cache.pods.listed(), r, metrics) {
+        Item::Pod(r) => match observe("pods", cache.pods.listed(), *r, metrics) {
             Some(e) => cache.on_pod(e),
             None => BTreeSet::new(),
         },

@@ -281,3 +281,82 @@ impl World {
         Ok((first, rx))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use k8s_openapi::api::core::v1::Service;
+
+    use super::*;
+
+    fn svc(name: &str) -> Service {
+        serde_json::from_value(json!({"metadata": {"name": name, "namespace": "default"}})).unwrap()
+    }
+
+    fn types(lines: &[Bytes]) -> Vec<String> {
+        lines
+            .iter()
+            .map(|l| {
+                let v: Value = serde_json::from_slice(l).unwrap();
+                format!(
+                    "{} {}",
+                    v["type"].as_str().unwrap(),
+                    v["object"]["metadata"]["resourceVersion"]
+                        .as_str()
+                        .unwrap_or("-")
+                )
+            })
+            .collect()
+    }
+
+    fn drain(rx: &mut mpsc::UnboundedReceiver<Out>) -> Vec<Bytes> {
+        let mut out = Vec::new();
+        while let Ok(Out::Line(l)) = rx.try_recv() {
+            out.push(l);
+        }
+        out
+    }
+
+    #[test]
+    fn watches_replay_from_a_version_and_410_after_compaction() {
+        let mut w = World::default();
+        let mut c = Changes::default();
+        c.apply(&svc("pay")).unwrap().apply(&svc("order")).unwrap();
+        assert_eq!(w.commit(c), 2);
+        let items = w.list(Kind::Service, Some("default"));
+        assert_eq!(items.len(), 2);
+        assert!(items[0].get("kind").is_none(), "list items carry no kind");
+        let (first, mut rx) = w
+            .watch(Kind::Service, None, Some(1), true, false)
+            .ok()
+            .unwrap();
+        assert_eq!(types(&first), ["ADDED 2"]);
+        let mut c = Changes::default();
+        c.apply(&svc("pay"))
+            .unwrap()
+            .delete(Kind::Service, "default", "order");
+        c.delete(Kind::Pod, "default", "none");
+        assert_eq!(w.commit(c), 4, "deleting nothing takes no version");
+        w.bookmark();
+        assert_eq!(
+            types(&drain(&mut rx)),
+            ["MODIFIED 3", "DELETED 4", "BOOKMARK 4"]
+        );
+        w.compact();
+        assert!(w.watch(Kind::Service, None, Some(3), false, false).is_err());
+        assert_eq!(w.gone, 1);
+        let (first, _rx) = w
+            .watch(Kind::Service, None, Some(4), false, false)
+            .ok()
+            .unwrap();
+        assert!(first.is_empty());
+        let (first, _rx) = w
+            .watch(Kind::Service, None, None, false, true)
+            .ok()
+            .unwrap();
+        assert_eq!(types(&first), ["ADDED 3", "BOOKMARK 4"]);
+        w.cut();
+        assert!(matches!(rx.try_recv(), Ok(Out::Cut)));
+        assert_eq!(w.open_watches(), 0);
+    }
+}
