@@ -80,8 +80,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     crate::discovery::start(
         args.discovery,
         args.trust_domain()?,
-        &mesh,
-        &metrics,
+        Arc::clone(&mesh),
+        Arc::clone(&metrics.discovery),
         shutdown.clone(),
     )
     .await?;

@@ -31,7 +31,7 @@ pub struct Metrics {
     /// bad_request.
     pub webhook_reviews: IntCounterVec,
     /// The Kubernetes discovery source's (`--discovery kubernetes`).
-    pub discovery: crate::discovery::metrics::DiscoveryMetrics,
+    pub discovery: std::sync::Arc<crate::discovery::metrics::DiscoveryMetrics>,
     resident_memory: IntGauge,
 }
 
@@ -115,7 +115,9 @@ impl Metrics {
                 "registered_endpoints",
                 "Endpoints registered by sidecars, including those within their grace period.",
             )?,
-            discovery: crate::discovery::metrics::DiscoveryMetrics::register(&registry)?,
+            discovery: std::sync::Arc::new(
+                crate::discovery::metrics::DiscoveryMetrics::register(&registry)?,
+            ),
             resident_memory: gauge(
                 "resident_memory_bytes",
                 "Resident set size of the control plane process.",

@@ -1,6 +1,7 @@
 //! The Kubernetes source's I/O: three kube-rs watchers (Services,
 //! EndpointSlices, Pods, in every namespace) feeding [`Cache`], and each
-//! batch of touched services handed to [`Mesh::set_discovered`].
+//! batch of touched services handed to the [`Sink`] (the state's
+//! `Mesh::set_discovered`).
 //!
 //! The API is found as kube-rs finds it ([`kube::Config::infer`]): a
 //! kubeconfig named by `KUBECONFIG` (or `~/.kube/config`) when there is one,
@@ -26,9 +27,9 @@ use kube::{Api, Client};
 use tokio_util::sync::CancellationToken;
 
 use super::cache::Cache;
+use super::metrics::DiscoveryMetrics;
+use super::Sink;
 use crate::config::ServiceKey;
-use crate::metrics::Metrics;
-use crate::state::Mesh;
 
 /// At most this many watch events are folded into one update.
 const BATCH: usize = 512;
@@ -52,10 +53,10 @@ enum Item {
 }
 
 /// Watches the cluster and keeps the mesh's discovered services current until `stop`.
-pub async fn run(
+pub async fn run<S: Sink>(
     client: Client,
-    mesh: Arc<Mesh>,
-    metrics: Arc<Metrics>,
+    mesh: Arc<S>,
+    metrics: Arc<DiscoveryMetrics>,
     trust_domain: String,
     stop: CancellationToken,
 ) {
@@ -117,7 +118,7 @@ pub async fn run(
 }
 
 /// Applies one watcher item to the cache; returns the services it touched.
-fn apply(cache: &mut Cache, item: Item, metrics: &Metrics) -> BTreeSet<ServiceKey> {
+fn apply(cache: &mut Cache, item: Item, metrics: &DiscoveryMetrics) -> BTreeSet<ServiceKey> {
     match item {
         Item::Service(r) => match observe("services", cache.services.listed(), *r, metrics) {
             Some(e) => cache.on_service(e),
@@ -135,8 +136,12 @@ fn apply(cache: &mut Cache, item: Item, metrics: &Metrics) -> BTreeSet<ServiceKe
 }
 
 /// Counts and logs one watcher item; the event, if it is one.
-fn observe<K>(resource: &str, listed: bool, r: Watched<K>, metrics: &Metrics) -> Option<Event<K>> {
-    let m = &metrics.discovery;
+fn observe<K>(
+    resource: &str,
+    listed: bool,
+    r: Watched<K>,
+    m: &DiscoveryMetrics,
+) -> Option<Event<K>> {
     match r {
         Ok(e) => {
             m.events.with_label_values(&[resource]).inc();

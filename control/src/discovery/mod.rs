@@ -6,7 +6,7 @@
 //! cache that turns each watch event — a relist included — into the set of
 //! services it touched ([`cache`]), translates each touched service into a
 //! [`Discovered`] service ([`translate`]) and hands the batch to
-//! [`crate::state::Mesh::set_discovered`], which lays it over the directory's
+//! a [`Sink`] — [`crate::state::Mesh::set_discovered`] — which lays it over the directory's
 //! documents by name ([`overlay`]) and wakes only the sidecars watching what
 //! changed.
 //!
@@ -20,15 +20,16 @@ pub mod metrics;
 pub mod overlay;
 pub mod translate;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Instant;
 
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
-use crate::state::Mesh;
+use crate::config::ServiceKey;
+use metrics::DiscoveryMetrics;
 
 pub use overlay::Overlay;
 
@@ -51,26 +52,34 @@ impl Discovery {
     }
 }
 
+/// Where discovered services go: the live state (`crate::state::Mesh`
+/// implements it), kept behind a trait so this module does not depend on the
+/// state that depends on it.
+pub trait Sink: Send + Sync + 'static {
+    /// Sets discovered services (`None`: gone); returns how many views changed.
+    fn set_discovered(
+        &self,
+        changes: Vec<(ServiceKey, Option<Discovered>)>,
+        since: Instant,
+    ) -> usize;
+    /// The keys of every discovered service in force.
+    fn discovered_keys(&self) -> BTreeSet<ServiceKey>;
+}
+
 /// Starts the `kind` source, if it is more than the directory: its watchers
 /// run until `stop`. Fails when the cluster's API cannot be configured.
-pub async fn start(
+pub async fn start<S: Sink>(
     kind: Discovery,
     trust_domain: String,
-    mesh: &Arc<Mesh>,
-    metrics: &Arc<Metrics>,
+    sink: Arc<S>,
+    metrics: Arc<DiscoveryMetrics>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     if kind == Discovery::Config {
         return Ok(());
     }
     let client = cluster::client().await?;
-    tokio::spawn(cluster::run(
-        client,
-        Arc::clone(mesh),
-        Arc::clone(metrics),
-        trust_domain,
-        stop,
-    ));
+    tokio::spawn(cluster::run(client, sink, metrics, trust_domain, stop));
     Ok(())
 }
 

@@ -57,6 +57,20 @@ impl Mesh {
     }
 }
 
+impl crate::discovery::Sink for Mesh {
+    fn set_discovered(
+        &self,
+        changes: Vec<(ServiceKey, Option<Discovered>)>,
+        since: Instant,
+    ) -> usize {
+        Mesh::set_discovered(self, changes, since)
+    }
+
+    fn discovered_keys(&self) -> BTreeSet<ServiceKey> {
+        Mesh::discovered_keys(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
