@@ -77,7 +77,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Arc::clone(&metrics),
         shutdown.clone(),
     ));
-    crate::discovery::start(
+    let listed = crate::discovery::start(
         args.discovery,
         args.trust_domain()?,
         Arc::clone(&mesh),
@@ -149,7 +149,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .map(|a| format!(" webhook={a}"))
         .unwrap_or_default();
     println!("tern-control ready: grpc={grpc_addr} admin={admin_addr}{webhook_field}");
-    ready.store(true, Ordering::Release);
+    mark_ready(&ready, listed, shutdown.clone());
 
     tokio::pin!(server);
     tokio::select! {
@@ -168,6 +168,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     admin_stop.cancel();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// `/ready` turns 200 now, or once discovery has listed the cluster (unless
+/// shutdown began meanwhile).
+fn mark_ready(
+    ready: &Arc<AtomicBool>,
+    mut listed: tokio::sync::watch::Receiver<bool>,
+    shutdown: CancellationToken,
+) {
+    if *listed.borrow() {
+        ready.store(true, Ordering::Release);
+        return;
+    }
+    let ready = Arc::clone(ready);
+    tokio::spawn(async move {
+        if listed.wait_for(|l| *l).await.is_ok() && !shutdown.is_cancelled() {
+            ready.store(true, Ordering::Release);
+        }
+    });
 }
 
 async fn wait_for_signal() {

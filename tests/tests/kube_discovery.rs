@@ -21,7 +21,7 @@ use tern_proto::control::v1::sidecar_message::Kind as Msg;
 use tern_tests::control::{pay_policy, ConfigDir, Control};
 use tern_tests::identity::{certify, mint_token, tls_channel, CONTROL_IDENTITY};
 use tern_tests::kube_watch::{Changes, Kind, KubeWatchStandIn};
-use tern_tests::{within, Must, TestDir};
+use tern_tests::{eventually, http1, within, Must, TestDir};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
@@ -263,6 +263,8 @@ async fn kubernetes_services_become_mesh_services() {
     .await;
     assert_eq!(endpoints(&c.last, "pay").len(), 2);
 
+    let ready = http1::get(c.control.admin, "/ready").await.must();
+    assert_eq!(ready.status, 200, "ready once the cluster is listed");
     let services = c
         .control
         .metric("tern_control_discovered_services", &[])
@@ -348,4 +350,43 @@ fn lists(api: &KubeWatchStandIn) -> usize {
         .iter()
         .filter(|r| !r.contains("watch=true"))
         .count()
+}
+
+/// An API server that cannot be reached: tern-control serves, but `/ready` stays 503 (a sidecar
+/// would get a mesh without the cluster's services) and the failed lists are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_api_keeps_the_control_plane_unready() {
+    let dir = TestDir::new("kube-discovery-unreachable").must();
+    let api = KubeWatchStandIn::start(BEARER).await.must();
+    // The right CA and token, but for a port nothing listens on.
+    let closed = tern_tests::free_addr().must();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig, BEARER).must();
+    let text = std::fs::read_to_string(&kubeconfig).unwrap();
+    std::fs::write(
+        &kubeconfig,
+        text.replace(&api.url(), &format!("https://{closed}")),
+    )
+    .unwrap();
+    let config = ConfigDir::with_services(dir.path(), "").must();
+    let control = Control::start_with_env(
+        dir.path(),
+        "tern-control",
+        &config,
+        "127.0.0.1:0".parse().unwrap(),
+        &["--discovery".into(), "kubernetes".into()],
+        &[("KUBECONFIG", kubeconfig.display().to_string())],
+    )
+    .await
+    .must();
+    eventually(SETTLE, || async {
+        let errors = control
+            .metric("tern_control_kube_watch_errors_total", &[])
+            .await?;
+        Ok((errors < 3.0).then(|| format!("{errors} watch errors")))
+    })
+    .await
+    .must();
+    let ready = http1::get(control.admin, "/ready").await.must();
+    assert_eq!(ready.status, 503, "{}", ready.text());
 }

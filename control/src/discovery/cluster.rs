@@ -24,6 +24,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt as _;
 use kube::{Api, Client};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::cache::Cache;
@@ -58,6 +59,7 @@ pub async fn run<S: Sink>(
     mesh: Arc<S>,
     metrics: Arc<DiscoveryMetrics>,
     trust_domain: String,
+    listed: watch::Sender<bool>,
     stop: CancellationToken,
 ) {
     let config = watcher::Config::default();
@@ -103,17 +105,18 @@ pub async fn run<S: Sink>(
                 "Kubernetes discovery: cluster listed"
             );
         }
-        if pending.is_empty() {
-            continue;
+        if !pending.is_empty() {
+            let changes = std::mem::take(&mut pending)
+                .into_iter()
+                .map(|k| {
+                    let d = cache.discovered(&k, &trust_domain);
+                    (k, d)
+                })
+                .collect();
+            mesh.set_discovered(changes, since);
         }
-        let changes = std::mem::take(&mut pending)
-            .into_iter()
-            .map(|k| {
-                let d = cache.discovered(&k, &trust_domain);
-                (k, d)
-            })
-            .collect();
-        mesh.set_discovered(changes, since);
+        // Every kind is listed and what it holds is in the mesh.
+        listed.send_if_modified(|l| !std::mem::replace(l, true));
     }
 }
 

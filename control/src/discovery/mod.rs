@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ServiceKey;
@@ -68,19 +69,30 @@ pub trait Sink: Send + Sync + 'static {
 
 /// Starts the `kind` source, if it is more than the directory: its watchers
 /// run until `stop`. Fails when the cluster's API cannot be configured.
+/// The receiver turns true once the source has published its first complete
+/// picture (at once for the directory alone): `/ready` waits for it, so a
+/// sidecar is not served a mesh without the cluster's services.
 pub async fn start<S: Sink>(
     kind: Discovery,
     trust_domain: String,
     sink: Arc<S>,
     metrics: Arc<DiscoveryMetrics>,
     stop: CancellationToken,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<watch::Receiver<bool>> {
     if kind == Discovery::Config {
-        return Ok(());
+        return Ok(watch::channel(true).1);
     }
     let client = cluster::client().await?;
-    tokio::spawn(cluster::run(client, sink, metrics, trust_domain, stop));
-    Ok(())
+    let (listed, rx) = watch::channel(false);
+    tokio::spawn(cluster::run(
+        client,
+        sink,
+        metrics,
+        trust_domain,
+        listed,
+        stop,
+    ));
+    Ok(rx)
 }
 
 /// One service as a discovery source sees it, before any `tern.dev`
