@@ -86,10 +86,10 @@ struct Cluster {
     _dir: TestDir,
 }
 
-/// The stand-in holding pay (pay-1 with a sidecar, pay-2 without) and audit, tern-control
-/// on it with only a TrafficPolicy for pay in its directory, and `order` subscribed over
-/// mTLS calling pay and audit.
-async fn start(label: &str) -> Cluster {
+/// The stand-in holding pay (pay-1 with a sidecar, pay-2 without), audit and `bystanders`
+/// pods of no service, tern-control on it with only a TrafficPolicy for pay in its directory,
+/// and `order` subscribed over mTLS calling pay and audit.
+async fn start(label: &str, bystanders: usize) -> Cluster {
     let dir = TestDir::new(label).must();
     let api = KubeWatchStandIn::start(BEARER).await.must();
     let mut objects = Changes::default();
@@ -101,6 +101,12 @@ async fn start(label: &str) -> Cluster {
     objects
         .apply(&slice(&[("pay-1", "10.1.0.1"), ("pay-2", "10.1.0.2")]))
         .unwrap();
+    for i in 0..bystanders {
+        let ip = format!("10.2.{}.{}", i / 250, i % 250 + 1);
+        objects
+            .apply(&pod(&format!("batch-{i}"), &ip, false))
+            .unwrap();
+    }
     api.cut_watches_with(objects);
     let kubeconfig = api
         .write_kubeconfig(&dir.path().join("kubeconfig"), BEARER)
@@ -218,7 +224,8 @@ impl Cluster {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubernetes_services_become_mesh_services() {
-    let mut c = start("kube-discovery").await;
+    // More pods than kube-rs lists in one page (500): the list is paged with `continue`.
+    let mut c = start("kube-discovery", 600).await;
     c.until("pay from the cluster", |s| endpoints(s, "pay").len() == 2)
         .await;
     let pay = find(&c.last, "pay").unwrap().clone();
@@ -275,6 +282,12 @@ async fn kubernetes_services_become_mesh_services() {
     assert!(
         requests
             .iter()
+            .any(|r| r.starts_with("/api/v1/pods?") && r.contains("continue=c-")),
+        "{requests:#?}"
+    );
+    assert!(
+        requests
+            .iter()
             .any(|r| r.contains("watch=true") && r.contains("allowWatchBookmarks=true")),
         "{requests:#?}"
     );
@@ -282,7 +295,7 @@ async fn kubernetes_services_become_mesh_services() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_restarts_lose_nothing() {
-    let mut c = start("kube-discovery-restarts").await;
+    let mut c = start("kube-discovery-restarts", 0).await;
     c.until("pay from the cluster", |s| endpoints(s, "pay").len() == 2)
         .await;
     let lists_before = lists(&c.api);
