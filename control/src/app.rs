@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, Admin};
+use crate::admission::LogLimiter;
 use crate::cli::Args;
 use crate::config;
 use crate::identity;
@@ -92,8 +93,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             metrics: Arc::clone(&metrics),
             ready: Arc::clone(&ready),
             authority: Some(Arc::clone(&authority)),
+            expose_state: args.admin_expose_state,
+            refusal_log: Arc::new(LogLimiter::new()),
         },
         admin_stop.clone(),
+    ));
+    tokio::spawn(identity::follow_anchors(
+        Arc::clone(&authority),
+        Arc::clone(&metrics),
+        shutdown.clone(),
     ));
     tokio::spawn(tls::keep_fresh(
         Arc::clone(&authority.serving),
@@ -106,7 +114,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         mesh: Arc::clone(&mesh),
         metrics: Arc::clone(&metrics),
         shutdown: shutdown.clone(),
+        insecure_plaintext: args.insecure_plaintext_subscribers,
+        refusal_log: Arc::new(LogLimiter::new()),
     });
+    if args.insecure_plaintext_subscribers {
+        tracing::warn!(
+            "--insecure-plaintext-subscribers: sidecars WITHOUT a client certificate may subscribe, \
+             register endpoints of Services that declare no identity and read the mesh config; \
+             for development only, never in production"
+        );
+    }
+    if args.admin_expose_state {
+        tracing::warn!(admin = %admin_addr, "--admin-expose-state: /state (the whole mesh) is served to every peer of the admin listener");
+    }
     // Snapshots are small and latency matters more than packing; keepalive
     // pings find a sidecar whose host vanished without closing its connection,
     // so its endpoint leaves within about 15s plus the grace.
@@ -141,7 +161,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         identity = %authority.control_identity,
         anchor_expires = %crate::ca::rfc3339(ca.anchor().not_after),
         issuer_expires = %crate::ca::rfc3339(ca.issuer().not_after),
-        "serving TLS (and plaintext) on the gRPC listener; sidecars trust the trust anchor file"
+        "serving TLS on the gRPC listener (Subscribe needs a client certificate; Certify a bootstrap token); sidecars trust the trust anchor file"
     );
     // Tests and `ternctl demo` wait for this line; it names the real
     // addresses, including ports the OS chose (`webhook=` only when it is on).

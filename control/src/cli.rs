@@ -145,6 +145,24 @@ pub struct Args {
     )]
     pub authz_default: AuthzDefault,
 
+    /// Token ids refused by Certify, one per line (`ternctl token revoke` appends to it); re-read
+    /// on every Certify, so a revocation holds from the next request
+    /// [default: <state-dir>/revoked-tokens].
+    #[arg(long, env = "TERN_CONTROL_REVOKED_TOKENS_FILE")]
+    pub revoked_tokens_file: Option<PathBuf>,
+
+    /// INSECURE, for development only: let sidecars without a client certificate subscribe
+    /// (plaintext), register endpoints of Services that declare no identity and read their
+    /// config. Without it, Subscribe needs the workload's certificate.
+    #[arg(long, env = "TERN_CONTROL_INSECURE_PLAINTEXT_SUBSCRIBERS")]
+    pub insecure_plaintext_subscribers: bool,
+
+    /// Serve /state (the whole mesh: services, endpoints, identities, subscribers) to any peer
+    /// of the admin listener, not only loopback ones (reach it with `kubectl port-forward`
+    /// instead where you can).
+    #[arg(long, env = "TERN_CONTROL_ADMIN_EXPOSE_STATE")]
+    pub admin_expose_state: bool,
+
     #[command(flatten)]
     pub webhook: crate::webhook::WebhookArgs,
 }
@@ -203,6 +221,13 @@ impl Args {
         }
     }
 
+    /// The revocation list: `--revoked-tokens-file`, or `revoked-tokens` in the state directory.
+    pub fn revoked_tokens_path(&self) -> PathBuf {
+        self.revoked_tokens_file
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("revoked-tokens"))
+    }
+
     /// The token key file: `--token-key-file`, or `token.key` in the state directory.
     pub fn token_key_path(&self) -> PathBuf {
         self.token_key_file
@@ -258,6 +283,12 @@ mod tests {
         let a = Args::try_parse_from(["tern-control", "--config-dir", "/etc/tern"]).unwrap();
         assert_eq!(a.state_dir, PathBuf::from(".tern-control"));
         assert_eq!(a.token_key_path(), PathBuf::from(".tern-control/token.key"));
+        assert_eq!(
+            a.revoked_tokens_path(),
+            PathBuf::from(".tern-control/revoked-tokens")
+        );
+        assert!(!a.insecure_plaintext_subscribers, "secure by default");
+        assert!(!a.admin_expose_state, "/state on loopback only by default");
         assert_eq!(a.cert_lifetime, Duration::from_secs(24 * 3600));
         assert_eq!(a.authz_default, AuthzDefault::Allow);
         assert_eq!(a.token_review, TokenReview::Local);

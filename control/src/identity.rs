@@ -6,13 +6,23 @@
 //! 1. the call came over TLS (a token must not cross the network in the
 //!    clear) and the token reviews into a namespace and service account
 //!    (UNAUTHENTICATED otherwise; UNAVAILABLE if the reviewer cannot decide);
-//! 2. the identity asked for is a SPIFFE id of this trust domain (INVALID_ARGUMENT);
-//! 3. its namespace and service account are the token's (PERMISSION_DENIED);
-//! 4. the CSR reads, its self-signature verifies, and its only SAN is that
+//! 2. the token's id is not in the revocation list (UNAUTHENTICATED; read
+//!    afresh each time, see [`tokens::revoked`]; UNAVAILABLE if unreadable);
+//! 3. the identity asked for is a SPIFFE id of this trust domain (INVALID_ARGUMENT);
+//! 4. its namespace and service account are the token's (PERMISSION_DENIED);
+//! 5. the token has not expired — or the caller presents a live client
+//!    certificate for that very identity: a running workload renews with the
+//!    token it started with, but a leaked expired token bootstraps nothing
+//!    (UNAUTHENTICATED);
+//! 6. the CSR reads, its self-signature verifies, and its only SAN is that
 //!    identity as a URI (INVALID_ARGUMENT).
 //!
 //! Every issuance and refusal is logged (naming the token by its id, never
 //! the token) and counted.
+
+mod anchors;
+
+pub use anchors::follow as follow_anchors;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,7 +31,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde_json::Value;
 use tern_identity::tls::{server_config, ClientAuth};
-use tern_identity::{CertStore, SpiffeId};
+use tern_identity::{CertStore, SpiffeId, TrustAnchors};
 use tern_proto::identity::v1 as pb;
 use tern_proto::identity::v1::identity_server::IdentityServer;
 use tokio_rustls::TlsAcceptor;
@@ -31,6 +41,7 @@ use crate::ca::{self, Ca, CsrError, Issued, Source};
 use crate::cli::Args;
 use crate::metrics::Metrics;
 use crate::tls::{issue_own, ConnInfo};
+use crate::tokens::revoked::RevocationList;
 use crate::tokens::{self, ReviewError, Reviewed, TokenReviewer};
 
 /// Bound on a whole CertifyRequest (the CSR alone is bounded tighter).
@@ -41,6 +52,9 @@ const MAX_IDENTITY_BYTES: usize = 1024;
 /// `/state` says about them.
 pub struct Authority {
     pub ca: Arc<Ca>,
+    /// The bundle client certificates are checked against: `ca`'s anchor file, reloaded
+    /// when it changes ([`follow_anchors`]).
+    pub anchors: Arc<TrustAnchors>,
     /// The control plane's own certificate, renewed in place.
     pub serving: Arc<CertStore>,
     pub control_identity: SpiffeId,
@@ -52,6 +66,11 @@ impl Authority {
     /// The identity part of `/state`.
     pub fn json(&self) -> Value {
         let mut v = self.ca.json();
+        let bundle = self.anchors.current();
+        v["trust_anchors_in_force"] = serde_json::json!({
+            "roots": bundle.len(),
+            "fingerprint": bundle.fingerprint(),
+        });
         v["control_plane_identity"] = Value::from(self.control_identity.to_string());
         v["control_plane_certificate_expires"] = self
             .serving
@@ -93,18 +112,29 @@ pub fn setup(args: &Args, metrics: &Arc<Metrics>) -> anyhow::Result<Setup> {
     expiry("issuer", ca.issuer().not_after);
     expiry("control_plane", own.not_after);
     serving.set(own);
-    let roots = Arc::new(ca.roots()?);
-    let tls = server_config(Arc::clone(&serving), roots, ClientAuth::Optional)
-        .context("TLS server config")?;
+    let anchors = TrustAnchors::from_pem(ca.anchor_pem().as_bytes()).context("trust anchor")?;
+    metrics
+        .trust_anchors
+        .set(i64::try_from(anchors.current().len()).unwrap_or(i64::MAX));
+    let tls = server_config(
+        Arc::clone(&serving),
+        Arc::clone(&anchors),
+        ClientAuth::Optional,
+    )
+    .context("TLS server config")?;
+    let revoked = RevocationList::new(args.revoked_tokens_path());
+    tracing::info!(path = %revoked.path().display(), "bootstrap token revocation list (read on every Certify)");
     let service = IdentityService::new(
         Arc::clone(&ca),
         reviewer,
         args.cert_lifetime,
         Arc::clone(metrics),
-    );
+    )
+    .with_revocation_list(revoked);
     Ok(Setup {
         authority: Arc::new(Authority {
             ca,
+            anchors,
             serving,
             control_identity,
             cert_lifetime: args.cert_lifetime,
@@ -120,6 +150,7 @@ pub struct IdentityService {
     reviewer: Arc<dyn TokenReviewer>,
     lifetime: Duration,
     metrics: Arc<Metrics>,
+    revoked: Option<RevocationList>,
 }
 
 /// Why Certify said no.
@@ -127,6 +158,7 @@ pub struct IdentityService {
 enum Refusal {
     Plaintext,
     Unauthenticated(String),
+    Revoked(String),
     Unavailable(String),
     InvalidIdentity(String),
     WrongIdentity { granted: String, asked: String },
@@ -140,6 +172,7 @@ impl Refusal {
         match self {
             Refusal::Plaintext => "plaintext",
             Refusal::Unauthenticated(_) => "unauthenticated",
+            Refusal::Revoked(_) => "revoked",
             Refusal::Unavailable(_) => "unavailable",
             Refusal::InvalidIdentity(_) => "invalid_identity",
             Refusal::WrongIdentity { .. } => "permission_denied",
@@ -155,6 +188,9 @@ impl Refusal {
                  must not cross the network in the clear",
             ),
             Refusal::Unauthenticated(m) => Status::unauthenticated(m.clone()),
+            Refusal::Revoked(id) => {
+                Status::unauthenticated(format!("bootstrap token: token {id} is revoked"))
+            }
             Refusal::Unavailable(m) => Status::unavailable(m.clone()),
             Refusal::InvalidIdentity(m) => Status::invalid_argument(m.clone()),
             Refusal::WrongIdentity { granted, asked } => Status::permission_denied(format!(
@@ -178,7 +214,14 @@ impl IdentityService {
             reviewer,
             lifetime,
             metrics,
+            revoked: None,
         }
+    }
+
+    /// Refuses the tokens whose ids `list` names.
+    pub fn with_revocation_list(mut self, list: RevocationList) -> Self {
+        self.revoked = Some(list);
+        self
     }
 
     /// The tonic service, with the request size bounded.
@@ -206,6 +249,14 @@ impl IdentityService {
                 ReviewError::Unavailable(m) => Refusal::Unavailable(m),
             })?;
         *token_id = Some(reviewed.token_id.clone());
+        if let Some(list) = &self.revoked {
+            match list.contains(&reviewed.token_id).await {
+                Ok(false) => {}
+                Ok(true) => return Err(Refusal::Revoked(reviewed.token_id.clone())),
+                // Fail closed: better no certificate than one for a revoked token.
+                Err(e) => return Err(Refusal::Unavailable(e)),
+            }
+        }
         if req.identity.len() > MAX_IDENTITY_BYTES {
             return Err(Refusal::InvalidIdentity(format!(
                 "identity: longer than {MAX_IDENTITY_BYTES} bytes"
@@ -228,6 +279,14 @@ impl IdentityService {
                 ),
                 asked: id.to_string(),
             });
+        }
+        if reviewed.expired && conn.peer_identity.as_deref() != Some(id.to_string().as_str()) {
+            return Err(Refusal::Unauthenticated(
+                "bootstrap token: token expired (it renews only the certificate of a caller \
+                 presenting a live one for the same identity; mint a new token with \
+                 `ternctl token create`)"
+                    .into(),
+            ));
         }
         let key = ca::check_csr(&req.csr_pem, &id).map_err(Refusal::InvalidCsr)?;
         let issued = self

@@ -11,7 +11,8 @@
 //! are with a bootstrap token ([`tokens`]) over the `tern.identity.v1.Identity`
 //! service ([`identity`]). The gRPC listener ([`tls`]) serves TLS with the
 //! control plane's own certificate beside plaintext, and a sidecar's client
-//! certificate is what its registration is checked against.
+//! certificate is what its subscription and registration are checked against
+//! ([`admission`]).
 //!
 //! Discovery: with `--discovery kubernetes`, [`discovery`] also watches the
 //! cluster's Services, EndpointSlices and Pods and lays them over the
@@ -22,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod admission;
 pub mod app;
 pub mod ca;
 pub mod cli;

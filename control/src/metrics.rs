@@ -25,6 +25,10 @@ pub struct Metrics {
     pub certificate_refusals: IntCounterVec,
     /// By `reason`, from `tern_identity::tls::failure_reason` (plus `timeout`).
     pub tls_handshake_failures: IntCounterVec,
+    /// Subscribe streams refused, by `reason` (see `admission::Refusal::reason`).
+    pub subscribe_refusals: IntCounterVec,
+    /// Admin requests refused, by `path` (`/state` from a non-loopback peer).
+    pub admin_refusals: IntCounterVec,
     /// Unix seconds, by `certificate`: trust_anchor, issuer, control_plane, webhook.
     pub certificate_expiry: IntGaugeVec,
     /// Admission reviews answered by the webhook, by `result`: injected, unchanged, denied,
@@ -32,6 +36,10 @@ pub struct Metrics {
     pub webhook_reviews: IntCounterVec,
     /// The Kubernetes discovery source's (`--discovery kubernetes`).
     pub discovery: std::sync::Arc<crate::discovery::metrics::DiscoveryMetrics>,
+    /// Changes of the trust-anchor bundle file, by `result`: ok, rejected.
+    pub trust_anchor_reloads: IntCounterVec,
+    /// Roots in the trust-anchor bundle in force.
+    pub trust_anchors: IntGauge,
     resident_memory: IntGauge,
 }
 
@@ -73,6 +81,15 @@ impl Metrics {
             &["certificate"],
         )?;
         registry.register(Box::new(certificate_expiry.clone()))?;
+        let trust_anchor_reloads = counters(
+            "trust_anchor_reloads_total",
+            "Changes of the trust-anchor bundle file, by result: ok (in force) or rejected (unreadable, unparsable, or without the root of the issuer; the last good bundle stays).",
+            "result",
+        )?;
+        // Both results exist from the start, so a refusal shows as 0 → 1, not as a new series.
+        for result in ["ok", "rejected"] {
+            trust_anchor_reloads.with_label_values(&[result]);
+        }
         Ok(Metrics {
             certificates_issued: counter(
                 "certificates_issued_total",
@@ -88,11 +105,26 @@ impl Metrics {
                 "TLS handshakes on the gRPC listener that failed, by reason.",
                 "reason",
             )?,
+            subscribe_refusals: counters(
+                "subscribe_refusals_total",
+                "Subscribe streams refused (no client certificate, identity not admitted, address not the peer's or held by another identity), by reason.",
+                "reason",
+            )?,
+            admin_refusals: counters(
+                "admin_refusals_total",
+                "Admin requests refused (/state from a non-loopback peer without --admin-expose-state), by path.",
+                "path",
+            )?,
             certificate_expiry,
             webhook_reviews: counters(
                 "webhook_reviews_total",
                 "Admission reviews answered by the injection webhook, by result.",
                 "result",
+            )?,
+            trust_anchor_reloads,
+            trust_anchors: gauge(
+                "trust_anchors",
+                "Roots in the trust-anchor bundle in force.",
             )?,
             subscribers: gauge("subscribers", "Sidecars with an open Subscribe stream.")?,
             pushes: counter("pushes_total", "Snapshots sent to sidecars.")?,
@@ -163,6 +195,10 @@ mod tests {
             .with_label_values(&["unknown_ca"])
             .inc();
         m.webhook_reviews.with_label_values(&["injected"]).inc();
+        m.subscribe_refusals
+            .with_label_values(&["no_client_certificate"])
+            .inc();
+        m.admin_refusals.with_label_values(&["/state"]).inc();
         let text = m.encode().unwrap();
         for name in [
             "tern_control_subscribers",
@@ -175,6 +211,10 @@ mod tests {
             "tern_control_certificate_refusals_total{reason=\"unauthenticated\"} 1",
             "tern_control_tls_handshake_failures_total{reason=\"unknown_ca\"} 1",
             "tern_control_webhook_reviews_total{result=\"injected\"} 1",
+            "tern_control_trust_anchor_reloads_total{result=\"rejected\"} 0",
+            "tern_control_trust_anchors 0",
+            "tern_control_subscribe_refusals_total{reason=\"no_client_certificate\"} 1",
+            "tern_control_admin_refusals_total{path=\"/state\"} 1",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

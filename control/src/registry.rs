@@ -39,6 +39,14 @@ pub struct Entry {
     pub orphaned_at: Option<Instant>,
 }
 
+/// Who holds an address that another identity tried to register.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Held {
+    pub service: ServiceKey,
+    /// `None`: a workload without identity (a plaintext subscriber).
+    pub identity: Option<String>,
+}
+
 pub struct Registry {
     grace: Duration,
     services: HashMap<ServiceKey, BTreeMap<SocketAddr, Entry>>,
@@ -54,7 +62,13 @@ impl Registry {
 
     /// Adds (or revives) an endpoint. Returns whether callers' view of the
     /// service changed: a revived endpoint within its grace did not change.
-    pub fn register(&mut self, key: &ServiceKey, r: Registration) -> bool {
+    /// An address that another identity holds (for any service, draining or
+    /// not) is refused with its holder: overwriting it would hand its
+    /// callers to someone else, or downgrade them to plaintext.
+    pub fn register(&mut self, key: &ServiceKey, r: Registration) -> Result<bool, Held> {
+        if let Some(held) = self.holder(r.address, r.identity.as_deref()) {
+            return Err(held);
+        }
         let eps = self.services.entry(key.clone()).or_default();
         match eps.get_mut(&r.address) {
             Some(e) => {
@@ -65,7 +79,7 @@ impl Registry {
                 let changed = e.labels != r.labels || e.identity != r.identity;
                 e.labels = r.labels;
                 e.identity = r.identity;
-                changed
+                Ok(changed)
             }
             None => {
                 eps.insert(
@@ -77,9 +91,21 @@ impl Registry {
                         orphaned_at: None,
                     },
                 );
-                true
+                Ok(true)
             }
         }
+    }
+
+    /// The registration of `address` by an identity other than `identity`.
+    /// A scan over the services: registrations are rare next to snapshots.
+    fn holder(&self, address: SocketAddr, identity: Option<&str>) -> Option<Held> {
+        self.services.iter().find_map(|(key, eps)| {
+            let e = eps.get(&address)?;
+            (e.identity.as_deref() != identity).then(|| Held {
+                service: key.clone(),
+                identity: e.identity.clone(),
+            })
+        })
     }
 
     /// A stream that registered `address` ended. Returns when the endpoint
@@ -160,8 +186,8 @@ mod tests {
         let grace = Duration::from_secs(1);
         let mut r = Registry::new(grace);
         let t0 = Instant::now();
-        assert!(r.register(&pay(), reg("10.0.0.1:4143", "v1")));
-        assert!(r.register(&pay(), reg("10.0.0.2:4143", "v1")));
+        assert!(r.register(&pay(), reg("10.0.0.1:4143", "v1")).unwrap());
+        assert!(r.register(&pay(), reg("10.0.0.2:4143", "v1")).unwrap());
         let deadline = r
             .release(&pay(), "10.0.0.1:4143".parse().unwrap(), t0)
             .unwrap();
@@ -177,10 +203,10 @@ mod tests {
         let grace = Duration::from_secs(1);
         let mut r = Registry::new(grace);
         let t0 = Instant::now();
-        r.register(&pay(), reg("10.0.0.1:4143", "v1"));
+        r.register(&pay(), reg("10.0.0.1:4143", "v1")).unwrap();
         r.release(&pay(), "10.0.0.1:4143".parse().unwrap(), t0);
         // Same labels: callers see no change, so nobody gets a push.
-        assert!(!r.register(&pay(), reg("10.0.0.1:4143", "v1")));
+        assert!(!r.register(&pay(), reg("10.0.0.1:4143", "v1")).unwrap());
         assert!(r.expire(t0 + grace * 5).is_empty());
         assert_eq!(addrs(&r), vec!["10.0.0.1:4143"]);
     }
@@ -190,10 +216,10 @@ mod tests {
         let mut r = Registry::new(Duration::ZERO);
         let t0 = Instant::now();
         let a = "10.0.0.1:4143".parse().unwrap();
-        r.register(&pay(), reg("10.0.0.1:4143", "v1"));
+        r.register(&pay(), reg("10.0.0.1:4143", "v1")).unwrap();
         // A restarted sidecar re-registers before its old stream is noticed gone.
         assert!(
-            r.register(&pay(), reg("10.0.0.1:4143", "v2")),
+            r.register(&pay(), reg("10.0.0.1:4143", "v2")).unwrap(),
             "labels changed"
         );
         assert_eq!(r.release(&pay(), a, t0), None);
@@ -205,6 +231,44 @@ mod tests {
             "an empty service is forgotten"
         );
         assert_eq!(r.endpoint_count(), 0);
+    }
+
+    #[test]
+    fn another_identity_cannot_take_a_held_address() {
+        let mut r = Registry::new(Duration::from_secs(1));
+        let pay_id = Some("spiffe://cluster.local/ns/default/sa/pay".to_owned());
+        let held = Registration {
+            identity: pay_id.clone(),
+            ..reg("10.0.0.1:4143", "v1")
+        };
+        r.register(&pay(), held.clone()).unwrap();
+        let want = Held {
+            service: pay(),
+            identity: pay_id.clone(),
+        };
+        // Without identity (a downgrade to plaintext), or with another one,
+        // for the same service or another.
+        assert_eq!(
+            r.register(&pay(), reg("10.0.0.1:4143", "v1")),
+            Err(want.clone())
+        );
+        let order = ServiceKey::new("default", "order");
+        let other = Registration {
+            identity: Some("spiffe://cluster.local/ns/default/sa/order".to_owned()),
+            ..reg("10.0.0.1:4143", "v1")
+        };
+        assert_eq!(r.register(&order, other.clone()), Err(want.clone()));
+        // Still held while draining; the holder itself may come back.
+        let t0 = Instant::now();
+        r.release(&pay(), held.address, t0);
+        assert_eq!(r.register(&order, other.clone()), Err(want));
+        assert_eq!(r.register(&pay(), held), Ok(false));
+        let e = &r.endpoints(&pay()).unwrap()[&"10.0.0.1:4143".parse().unwrap()];
+        assert_eq!(e.identity, pay_id);
+        // Once it is gone, the address is free.
+        r.release(&pay(), "10.0.0.1:4143".parse().unwrap(), t0);
+        r.expire(t0 + Duration::from_secs(1));
+        assert_eq!(r.register(&order, other), Ok(true));
     }
 
     #[test]

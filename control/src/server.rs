@@ -4,10 +4,12 @@
 //!
 //! Who a sidecar is comes from its connection, not from what it says: over
 //! TLS with a client certificate, the certificate's verified SPIFFE id is the
-//! workload's identity and `Hello.identity` may only repeat it; without one,
-//! the workload has no identity and `Hello.identity` must be empty. (The
-//! Service rules — a declared identity must be the verified one, and only a
-//! workload with it registers endpoints — are in [`Mesh::subscribe`].)
+//! workload's identity and `Hello.identity` may only repeat it; without one
+//! the stream is refused, unless `--insecure-plaintext-subscribers` lets
+//! a workload without identity in (then `Hello.identity` must be empty). A
+//! registered address must be at the stream's peer IP. (Which identity a
+//! Service admits, and addresses held by others, are checked in
+//! [`Mesh::subscribe`]; the rules are in [`crate::admission`].)
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -18,6 +20,7 @@ use tern_proto::control::v1::sidecar_message::Kind;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::admission::{self, LogLimiter, Refusal};
 use crate::config::{names, ServiceKey};
 use crate::metrics::Metrics;
 use crate::session::{Session, SnapshotStream};
@@ -34,6 +37,11 @@ pub struct ControlPlane {
     pub mesh: Arc<Mesh>,
     pub metrics: Arc<Metrics>,
     pub shutdown: CancellationToken,
+    /// `--insecure-plaintext-subscribers`: sidecars without a client
+    /// certificate may subscribe (dev only).
+    pub insecure_plaintext: bool,
+    /// Bounds the log lines refused subscriptions write.
+    pub refusal_log: Arc<LogLimiter>,
 }
 
 impl ControlPlane {
@@ -50,7 +58,8 @@ impl ControlPlane {
             self.shutdown.clone(),
             conn,
             request.into_inner(),
-        );
+        )
+        .with_admission(self.insecure_plaintext, Arc::clone(&self.refusal_log));
         Response::new(session.into_stream())
     }
 }
@@ -115,41 +124,48 @@ pub(crate) fn handle(
 /// Checks a Hello and turns it into the workload and the services it calls.
 /// `verified` is the SPIFFE id of the connection's client certificate.
 /// A malformed field is INVALID_ARGUMENT naming it; an identity the
-/// connection does not prove is PERMISSION_DENIED.
+/// connection does not prove, or an address not at the peer's IP, is
+/// PERMISSION_DENIED.
 pub(crate) fn parse_hello(
     h: pb::Hello,
     peer: Option<SocketAddr>,
     verified: Option<&str>,
-) -> Result<(Workload, BTreeSet<ServiceKey>), Status> {
-    let (workload, calls) = parse_fields(h, peer).map_err(Status::invalid_argument)?;
+) -> Result<(Workload, BTreeSet<ServiceKey>), Refusal> {
+    let (workload, calls) = parse_fields(h, peer).map_err(Refusal::InvalidHello)?;
     let claimed = workload.identity.as_deref();
+    let mismatch = |m: String| Err(Refusal::IdentityMismatch(m));
     let identity = match (verified, claimed) {
         (Some(v), Some(c)) if v != c => {
-            return Err(Status::permission_denied(format!(
+            return mismatch(format!(
                 "Hello.identity `{c}` is not the identity of the client certificate, `{v}`"
-            )))
+            ))
         }
         (Some(v), _) => Some(v.to_owned()),
         (None, Some(c)) => {
-            return Err(Status::permission_denied(format!(
+            return mismatch(format!(
                 "Hello.identity `{c}`: an identity needs a client certificate (connect with TLS \
                  and the workload's certificate, or leave Hello.identity empty)"
-            )))
+            ))
         }
         (None, None) => None,
     };
     // A workload runs in its service account's namespace: a certificate
     // from one namespace does not register workloads in another.
     if let Some(v) = verified {
-        let namespace = tern_identity::SpiffeId::parse(v)
-            .map(|id| id.namespace().to_owned())
-            .map_err(|e| Status::permission_denied(format!("client certificate: {e}")))?;
+        let namespace = match tern_identity::SpiffeId::parse(v) {
+            Ok(id) => id.namespace().to_owned(),
+            Err(e) => return mismatch(format!("client certificate: {e}")),
+        };
         if namespace != workload.key.namespace {
-            return Err(Status::permission_denied(format!(
+            return mismatch(format!(
                 "Hello.namespace `{}`: the client certificate `{v}` is for namespace `{namespace}`",
                 workload.key.namespace
-            )));
+            ));
         }
+    }
+    // A workload registers only itself: what it dials from is where it is.
+    if let Some(address) = workload.address {
+        admission::check_address(address, peer)?;
     }
     Ok((
         Workload {
@@ -275,11 +291,11 @@ mod tests {
             let mut h = hello();
             h.address = "10.0.0.1:4143".into();
             mutate(&mut h);
-            let e = parse_hello(h, None, None).unwrap_err();
+            let e = parse_hello(h, None, None).unwrap_err().status();
             assert_eq!(e.code(), tonic::Code::InvalidArgument);
             assert!(e.message().starts_with(field), "{e}");
         }
-        let e = parse_hello(hello(), None, None).unwrap_err();
+        let e = parse_hello(hello(), None, None).unwrap_err().status();
         assert!(e.message().starts_with("Hello.address"), "{e}");
     }
 
@@ -297,14 +313,16 @@ mod tests {
         let (w, _) = parse_hello(h.clone(), Some(peer), Some(ORDER)).unwrap();
         assert_eq!(w.identity.as_deref(), Some(ORDER));
         // A Hello claiming another identity than the certificate's.
-        let e = parse_hello(h.clone(), Some(peer), Some(PAY)).unwrap_err();
+        let e = parse_hello(h.clone(), Some(peer), Some(PAY))
+            .unwrap_err()
+            .status();
         assert_eq!(e.code(), tonic::Code::PermissionDenied);
         assert!(
             e.message().contains(PAY) && e.message().contains(ORDER),
             "{e}"
         );
         // A claim without a certificate.
-        let e = parse_hello(h, Some(peer), None).unwrap_err();
+        let e = parse_hello(h, Some(peer), None).unwrap_err().status();
         assert_eq!(e.code(), tonic::Code::PermissionDenied);
         assert!(
             e.message()
@@ -317,8 +335,26 @@ mod tests {
         // A certificate does not register workloads outside its namespace.
         let mut h = hello();
         h.namespace = "prod".into();
-        let e = parse_hello(h, Some(peer), Some(ORDER)).unwrap_err();
+        let e = parse_hello(h, Some(peer), Some(ORDER))
+            .unwrap_err()
+            .status();
         assert_eq!(e.code(), tonic::Code::PermissionDenied);
         assert!(e.message().contains("namespace `default`"), "{e}");
+    }
+
+    #[test]
+    fn the_address_is_the_peers_ip() {
+        let peer: SocketAddr = "10.1.2.3:55000".parse().unwrap();
+        let mut h = hello();
+        h.address = "10.9.9.9:4143".into();
+        let e = parse_hello(h.clone(), Some(peer), Some(ORDER)).unwrap_err();
+        assert_eq!(e.reason(), "address_not_peer");
+        assert_eq!(e.status().code(), tonic::Code::PermissionDenied);
+        h.address = "10.1.2.3:4143".into();
+        let (w, _) = parse_hello(h.clone(), Some(peer), Some(ORDER)).unwrap();
+        assert_eq!(w.address, Some("10.1.2.3:4143".parse().unwrap()));
+        // No address, nothing to check: a caller that serves nothing.
+        h.address = String::new();
+        assert!(parse_hello(h, Some(peer), Some(ORDER)).is_ok());
     }
 }

@@ -21,6 +21,7 @@ use tern_proto::control::v1::sidecar_message::Kind;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::{Status, Streaming};
 
+use crate::admission::{self, LogLimiter, Refusal};
 use crate::metrics::Metrics;
 use crate::server::{handle, parse_hello};
 use crate::snapshot::Built;
@@ -38,6 +39,9 @@ pub struct Session {
     peer: Option<SocketAddr>,
     /// The verified SPIFFE id of the connection's client certificate.
     verified: Option<Arc<str>>,
+    /// Whether a connection without one may subscribe (dev only).
+    plaintext_allowed: bool,
+    refusal_log: Arc<LogLimiter>,
     inbound: Streaming<pb::SidecarMessage>,
     // Made once: every session waits on the same token, and re-registering
     // on each poll would make them all contend for its lock.
@@ -74,12 +78,22 @@ impl Session {
             metrics,
             peer: conn.remote,
             verified: conn.peer_identity,
+            plaintext_allowed: false,
+            refusal_log: Arc::new(LogLimiter::new()),
             inbound,
             stopping: Box::pin(shutdown.cancelled_owned()),
             state: State::AwaitingHello,
             last: None,
             dirty: false,
         }
+    }
+
+    /// Lets sidecars without a client certificate in when `plaintext_allowed`;
+    /// refusals are logged through `refusal_log`.
+    pub fn with_admission(mut self, plaintext_allowed: bool, refusal_log: Arc<LogLimiter>) -> Self {
+        self.plaintext_allowed = plaintext_allowed;
+        self.refusal_log = refusal_log;
+        self
     }
 
     pub fn into_stream(self) -> SnapshotStream {
@@ -167,17 +181,23 @@ impl Session {
             }
             Err(_) => return Err(Some(Status::deadline_exceeded("no Hello within 10s"))),
         };
-        let (workload, calls) = parse_hello(hello, self.peer, self.verified.as_deref())
-            .map_err(|status| {
-                if status.code() == tonic::Code::PermissionDenied {
-                    tracing::warn!(peer = ?self.peer, detail = status.message(), "subscription refused");
-                }
-                Some(status)
-            })?;
-        let mut sub = self.mesh.subscribe(workload, calls).map_err(|e| {
-            tracing::warn!(peer = ?self.peer, error = %e, "subscription refused");
-            Some(Status::permission_denied(e.to_string()))
-        })?;
+        let service = hello.service.clone();
+        let refuse = |r: Refusal| {
+            let log = &self.refusal_log;
+            Some(admission::refuse(
+                &r,
+                &self.metrics,
+                log,
+                self.peer,
+                &service,
+            ))
+        };
+        if self.verified.is_none() && !self.plaintext_allowed {
+            return Err(refuse(Refusal::NoClientCertificate));
+        }
+        let (workload, calls) =
+            parse_hello(hello, self.peer, self.verified.as_deref()).map_err(refuse)?;
+        let mut sub = self.mesh.subscribe(workload, calls).map_err(refuse)?;
         let w = &sub.subscriber.workload;
         tracing::info!(id = sub.subscriber.id, service = %w.key, identity = w.identity.as_deref().unwrap_or("-"), address = ?w.address, peer = ?self.peer, "sidecar subscribed");
         // Subscribing woke it; the first snapshot is due regardless.

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use tern_proto::control::v1 as pb;
 use tokio::sync::watch;
 
+use crate::admission::{self, Refusal};
 use crate::config::{Action, ConfigErrors, MeshConfig, ServiceKey};
 use crate::metrics::Metrics;
 use crate::registry::{Registration, Registry};
@@ -27,22 +28,6 @@ use crate::snapshot::{self, Built, InboundViews, Interest, View, Views};
 mod discovered;
 mod subscriber;
 pub use subscriber::{Delivery, NackRecord, Subscriber, Workload};
-
-/// Why a sidecar may not subscribe as the workload it says it is (PERMISSION_DENIED).
-#[derive(Debug, thiserror::Error)]
-pub enum SubscribeError {
-    #[error("identity `{verified}` may not register for Service `{service}`, which declares `{declared}`")]
-    IdentityMismatch {
-        verified: String,
-        service: ServiceKey,
-        declared: String,
-    },
-    #[error("Service `{service}` declares identity `{declared}`: registering an endpoint for it needs a client certificate for that identity")]
-    CertificateRequired {
-        service: ServiceKey,
-        declared: String,
-    },
-}
 
 pub struct Mesh {
     inner: Mutex<Inner>,
@@ -160,14 +145,16 @@ impl Mesh {
     /// wakes it for its first snapshot. It leaves when the returned
     /// [`Subscription`] is dropped.
     ///
-    /// `workload.identity` is the verified identity of its client certificate.
-    /// When its Service declares an identity, a verified identity must be
-    /// that one, and only a workload with one may register an endpoint.
+    /// `workload.identity` is the verified identity of its client certificate:
+    /// it must be the one its Service admits ([`admission::admitted`]). A
+    /// workload without one (only let in by `--insecure-plaintext-subscribers`)
+    /// registers no endpoint of a Service that declares an identity. An
+    /// address another identity holds is refused ([`Refusal::AddressHeld`]).
     pub fn subscribe(
         self: &Arc<Self>,
         workload: Workload,
         calls: BTreeSet<ServiceKey>,
-    ) -> Result<Subscription, SubscribeError> {
+    ) -> Result<Subscription, Refusal> {
         let now = Instant::now();
         let mut guard = lock(&self.inner);
         let inner = &mut *guard;
@@ -175,23 +162,8 @@ impl Mesh {
             .config
             .services
             .get(&workload.key)
-            .and_then(|s| s.identity.as_ref());
-        match (&workload.identity, declared) {
-            (Some(verified), Some(declared)) if verified != declared => {
-                return Err(SubscribeError::IdentityMismatch {
-                    verified: verified.clone(),
-                    service: workload.key.clone(),
-                    declared: declared.clone(),
-                });
-            }
-            (None, Some(declared)) if workload.address.is_some() => {
-                return Err(SubscribeError::CertificateRequired {
-                    service: workload.key.clone(),
-                    declared: declared.clone(),
-                });
-            }
-            _ => {}
-        }
+            .and_then(|s| s.identity.as_deref());
+        admit(&workload, declared)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (sub, woken) = Subscriber::new(id, workload);
         let key = &sub.workload.key;
@@ -201,7 +173,16 @@ impl Mesh {
                 labels: sub.workload.labels.clone(),
                 identity: sub.workload.identity.clone(),
             };
-            if inner.registry.register(key, registration) {
+            let changed = inner.registry.register(key, registration).map_err(|held| {
+                Refusal::AddressHeld {
+                    address,
+                    service: held.service,
+                    holder: held
+                        .identity
+                        .unwrap_or_else(|| "a workload without identity".into()),
+                }
+            })?;
+            if changed {
                 let changed =
                     snapshot::refresh(&mut inner.views, [key], &inner.config, &inner.registry);
                 for id in inner.interest.affected(&changed, &BTreeSet::new()) {
@@ -263,18 +244,23 @@ impl Mesh {
     pub fn build(&self, id: u64) -> Option<Built> {
         let inner = lock(&self.inner);
         let entry = inner.subscribers.get(&id)?;
-        let services = if entry.sub.workload.all_services {
-            // Snapshots list services sorted by namespace, then name.
-            let mut all: Vec<_> = inner.views.iter().collect();
-            all.sort_by(|a, b| a.0.cmp(b.0));
-            all.into_iter().map(|(_, v)| Arc::clone(v)).collect()
-        } else {
-            entry
-                .watching
-                .iter()
-                .filter_map(|k| inner.views.get(k).cloned())
-                .collect()
-        };
+        // What it names, and with all_services its own namespace and what
+        // the authorization policies let it call: a workload does not get to
+        // list the whole mesh. Sorted by namespace, then name.
+        let mut keys: BTreeSet<&ServiceKey> = entry.watching.iter().collect();
+        let workload = &entry.sub.workload;
+        if workload.all_services {
+            let own = &workload.key.namespace;
+            let caller = workload.identity.as_deref();
+            keys.extend(inner.views.keys().filter(|k| {
+                &k.namespace == own
+                    || admission::may_call(&inner.config, self.authz_default, caller, k)
+            }));
+        }
+        let services = keys
+            .into_iter()
+            .filter_map(|k| inner.views.get(k).cloned())
+            .collect();
         Some(Built {
             config_version: inner.config_version,
             services,
@@ -369,6 +355,32 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         self.mesh.leave(self.subscriber.id);
     }
+}
+
+/// Whether `workload` may subscribe as its Service, which declares `declared`.
+fn admit(workload: &Workload, declared: Option<&str>) -> Result<(), Refusal> {
+    let service = &workload.key;
+    match (&workload.identity, declared) {
+        (Some(verified), _) => {
+            let domain = admission::trust_domain(verified);
+            let admitted = admission::admitted(service, declared, domain);
+            if *verified != admitted {
+                return Err(Refusal::NotAdmitted {
+                    identity: verified.clone(),
+                    service: service.clone(),
+                    admitted,
+                });
+            }
+        }
+        (None, Some(declared)) if workload.address.is_some() => {
+            return Err(Refusal::CertificateRequired {
+                service: service.clone(),
+                admitted: declared.to_owned(),
+            });
+        }
+        (None, _) => {}
+    }
+    Ok(())
 }
 
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

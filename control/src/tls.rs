@@ -3,8 +3,9 @@
 //!
 //! A TLS connection gets the control plane's own certificate (for
 //! `--identity`, from its own CA) and may present a client certificate: a
-//! sidecar that holds one is then known by its verified SPIFFE id. A sidecar
-//! without identity keeps speaking plaintext h2c, as before certificates.
+//! sidecar that holds one is then known by its verified SPIFFE id. Plaintext
+//! h2c is still accepted here; what a connection without a certificate may
+//! do is decided per service (Certify and, by default, Subscribe refuse it).
 //! Each connection is detected and handshaken in its own task under a
 //! deadline, so a slow or silent client never holds up the accept loop; what
 //! comes out is handed to tonic as a [`Conn`] whose [`ConnInfo`] (remote
@@ -356,7 +357,7 @@ mod tests {
         let issued = ca.issue(&order, &public, Duration::from_secs(60)).unwrap();
         let store = CertStore::new();
         store.set(Credentials::new(issued.chain, &key.private_key_der()).unwrap());
-        let roots = Arc::new(ca.roots().unwrap());
+        let roots = tern_identity::TrustAnchors::from_pem(ca.anchor_pem().as_bytes()).unwrap();
         let connect = |expected: &str| {
             let config = tern_identity::tls::client_config(
                 Some(Arc::clone(&store)),

@@ -27,6 +27,7 @@ use crate::cli::TokenReview;
 use crate::files::{self, Mode};
 
 pub mod kube;
+pub mod revoked;
 
 /// How a Tern token starts (anything else, under `both`, is a Kubernetes token).
 pub const TERN_TOKEN_PREFIX: &str = "tern1.";
@@ -41,8 +42,12 @@ pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 pub struct Reviewed {
     pub namespace: String,
     pub service_account: String,
-    /// Names the token in logs without showing it (a Tern token's `jti`).
+    /// Names the token in logs without showing it (a Tern token's `jti`),
+    /// and in the revocation list.
     pub token_id: String,
+    /// Past its expiry: it proves its bearer only to renew a certificate the
+    /// caller already holds for that identity (see `identity`).
+    pub expired: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,9 +116,10 @@ impl LocalTokens {
         }
         let claims = self
             .key
-            .verify(token, SystemTime::now())
+            .open(token)
             .map_err(|e| ReviewError::Rejected(describe(&e).into()))?;
         Ok(Reviewed {
+            expired: claims.expired(SystemTime::now()),
             namespace: claims.namespace,
             service_account: claims.service_account,
             token_id: claims.id,
@@ -208,6 +214,15 @@ mod tests {
             (r.namespace.as_str(), r.service_account.as_str()),
             ("default", "pay")
         );
+        assert!(!r.expired);
+        // An expired token reviews, marked expired: Certify decides what it may do.
+        let old = key.sign(&Claims {
+            namespace: "default".into(),
+            service_account: "pay".into(),
+            expires: Some(1),
+            id: new_id(),
+        });
+        assert!(tokens.review(&old).await.unwrap().expired);
         // The same file again: the same key.
         let again = LocalTokens::load_or_generate(&path).unwrap();
         assert!(again.review(&token).await.is_ok());

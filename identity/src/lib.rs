@@ -3,8 +3,10 @@
 //! bootstrap tokens a workload proves itself with, a hot-swappable store for
 //! the current certificate, and the rustls configurations for mesh mTLS
 //! (TLS 1.3 only, chains checked against the mesh trust anchors, and the peer's
-//! SPIFFE id checked against the identity discovery expects).
+//! SPIFFE id checked against the identity discovery expects). The trust anchors
+//! are a bundle of roots that a running process replaces when its file changes.
 
+pub mod anchors;
 pub mod csr;
 pub mod pem;
 pub mod spiffe;
@@ -12,6 +14,7 @@ pub mod store;
 pub mod tls;
 pub mod token;
 
+pub use anchors::{AnchorsFile, Bundle, TrustAnchors};
 pub use spiffe::SpiffeId;
 pub use store::{CertStore, Credentials};
 

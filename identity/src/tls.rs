@@ -2,6 +2,9 @@
 //! chains checked against the mesh trust anchors, and on the client side the
 //! server's SPIFFE id checked against the identity discovery gave for the
 //! endpoint (instead of a DNS name: mesh certificates carry no DNS names).
+//!
+//! Both ends check chains against the [`TrustAnchors`] bundle in force at
+//! the handshake, so a configuration built once follows a rotated bundle.
 
 use std::fmt;
 use std::sync::{Arc, OnceLock};
@@ -10,12 +13,14 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::client::verify_server_cert_signed_by_trust_anchor;
 use rustls::crypto::{verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::ParsedCertificate;
 use rustls::{
-    AlertDescription, CertificateError, ClientConfig, DigitallySignedStruct, Error, OtherError,
-    RootCertStore, ServerConfig, SignatureScheme,
+    AlertDescription, CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName,
+    Error, OtherError, ServerConfig, SignatureScheme,
 };
 
+use crate::anchors::TrustAnchors;
 use crate::store::CertStore;
 
 pub const ALPN_H2: &[u8] = b"h2";
@@ -42,15 +47,13 @@ pub enum ClientAuth {
 /// (for sidecars' opaque TCP) tern.tcp/1.
 pub fn server_config(
     store: Arc<CertStore>,
-    roots: Arc<RootCertStore>,
+    anchors: Arc<TrustAnchors>,
     client_auth: ClientAuth,
 ) -> Result<Arc<ServerConfig>, Error> {
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider());
-    let verifier = match client_auth {
-        ClientAuth::Required => verifier.build(),
-        ClientAuth::Optional => verifier.allow_unauthenticated().build(),
-    }
-    .map_err(|e| Error::General(e.to_string()))?;
+    let verifier = Arc::new(AnchoredClientVerifier {
+        anchors,
+        auth: client_auth,
+    });
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -75,12 +78,12 @@ pub fn server_config(
 /// certificate when it holds one.
 pub fn client_config(
     store: Option<Arc<CertStore>>,
-    roots: Arc<RootCertStore>,
+    anchors: Arc<TrustAnchors>,
     expected: Arc<str>,
     alpn: &[&[u8]],
 ) -> Result<Arc<ClientConfig>, Error> {
     let verifier = Arc::new(SpiffeVerifier {
-        roots,
+        anchors,
         expected,
         provider: provider(),
     });
@@ -125,7 +128,7 @@ impl std::error::Error for WrongIdentity {}
 
 #[derive(Debug)]
 struct SpiffeVerifier {
-    roots: Arc<RootCertStore>,
+    anchors: Arc<TrustAnchors>,
     expected: Arc<str>,
     provider: Arc<CryptoProvider>,
 }
@@ -140,13 +143,15 @@ impl ServerCertVerifier for SpiffeVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
         let cert = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
+        self.anchors.with(|bundle| {
+            verify_server_cert_signed_by_trust_anchor(
+                &cert,
+                bundle.roots(),
+                intermediates,
+                now,
+                self.provider.signature_verification_algorithms.all,
+            )
+        })?;
         let presented = crate::spiffe::spiffe_id_of(end_entity).map_err(|e| {
             Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
         })?;
@@ -189,6 +194,71 @@ impl ServerCertVerifier for SpiffeVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Checks client certificates with the verifier of the bundle in force at
+/// each handshake (built once per bundle, so a handshake only loads a pointer).
+#[derive(Debug)]
+struct AnchoredClientVerifier {
+    anchors: Arc<TrustAnchors>,
+    auth: ClientAuth,
+}
+
+impl ClientCertVerifier for AnchoredClientVerifier {
+    fn client_auth_mandatory(&self) -> bool {
+        self.auth == ClientAuth::Required
+    }
+
+    /// No hints: they would have to outlive the bundle they came from, and
+    /// mesh clients present their one certificate whatever the hints say.
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        self.anchors.with(|bundle| {
+            bundle
+                .client_verifier(self.auth)
+                .verify_client_cert(end_entity, intermediates, now)
+        })
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        // Only TLS 1.3 is accepted.
+        Err(Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        provider()
             .signature_verification_algorithms
             .supported_schemes()
     }

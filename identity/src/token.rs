@@ -68,6 +68,16 @@ impl TokenKey {
 
     /// Checks the tag (in constant time) and expiry, and returns the claims.
     pub fn verify(&self, token: &str, now: SystemTime) -> Result<Claims, TokenError> {
+        let claims = self.open(token)?;
+        if claims.expired(now) {
+            return Err(TokenError::Expired);
+        }
+        Ok(claims)
+    }
+
+    /// Checks the tag (in constant time) and returns the claims, expired or
+    /// not: for a caller that decides what an expired token may still do.
+    pub fn open(&self, token: &str) -> Result<Claims, TokenError> {
         let rest = token
             .trim()
             .strip_prefix(PREFIX)
@@ -80,15 +90,18 @@ impl TokenKey {
         let json = URL_SAFE_NO_PAD
             .decode(body)
             .map_err(|_| TokenError::Malformed)?;
-        let claims: Claims = serde_json::from_slice(&json).map_err(|_| TokenError::Malformed)?;
+        serde_json::from_slice(&json).map_err(|_| TokenError::Malformed)
+    }
+}
+
+impl Claims {
+    /// Whether the token is past its expiry at `now`.
+    pub fn expired(&self, now: SystemTime) -> bool {
         let now = now
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        if claims.expires.is_some_and(|exp| now >= exp) {
-            return Err(TokenError::Expired);
-        }
-        Ok(claims)
+        self.expires.is_some_and(|exp| now >= exp)
     }
 }
 
@@ -124,7 +137,11 @@ mod tests {
             key.verify(&token, UNIX_EPOCH + Duration::from_secs(2_000_000_000)),
             Err(TokenError::Expired)
         );
+        let late = UNIX_EPOCH + Duration::from_secs(2_000_000_000);
+        let opened = key.open(&token).unwrap();
+        assert!(opened.expired(late) && !opened.expired(now));
         let other = TokenKey::new(&TokenKey::generate().unwrap());
+        assert_eq!(other.open(&token), Err(TokenError::BadSignature));
         assert_eq!(other.verify(&token, now), Err(TokenError::BadSignature));
         // Changing the claims (order → pay) breaks the tag.
         let (head, tag) = token.rsplit_once('.').unwrap();

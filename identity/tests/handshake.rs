@@ -10,7 +10,7 @@ use rcgen::{
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tern_identity::tls::{self, ClientAuth, ALPN_H2};
-use tern_identity::{CertStore, ConnTls, Credentials};
+use tern_identity::{Bundle, CertStore, ConnTls, Credentials, TrustAnchors};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 struct Ca {
@@ -49,10 +49,14 @@ fn credentials(ca: &Ca, id: &str) -> Credentials {
     Credentials::new(vec![cert.der().clone()], &der).unwrap()
 }
 
-fn roots(ca: &Ca) -> Arc<rustls::RootCertStore> {
-    let mut r = rustls::RootCertStore::empty();
-    r.add(ca.cert.clone()).unwrap();
-    Arc::new(r)
+fn roots(ca: &Ca) -> Arc<TrustAnchors> {
+    bundle(&[ca]).map(TrustAnchors::new).unwrap()
+}
+
+/// The roots of `cas` as one PEM bundle.
+fn bundle(cas: &[&Ca]) -> Result<Bundle, tern_identity::anchors::AnchorsError> {
+    let certs: Vec<CertificateDer<'static>> = cas.iter().map(|c| c.cert.clone()).collect();
+    Bundle::parse(tern_identity::pem::encode_certs(&certs).as_bytes())
 }
 
 const PAY: &str = "spiffe://cluster.local/ns/default/sa/pay";
@@ -63,9 +67,9 @@ const ORDER: &str = "spiffe://cluster.local/ns/default/sa/order";
 /// server saw of the client.
 async fn handshake(
     server: Arc<CertStore>,
-    server_roots: Arc<rustls::RootCertStore>,
+    server_roots: Arc<TrustAnchors>,
     client: Option<Arc<CertStore>>,
-    client_roots: Arc<rustls::RootCertStore>,
+    client_roots: Arc<TrustAnchors>,
     expected: &str,
 ) -> Result<ConnTls, (&'static str, Option<&'static str>)> {
     let (a, b) = tokio::io::duplex(64 * 1024);
@@ -175,5 +179,45 @@ async fn a_renewed_certificate_is_presented_by_the_next_handshake() {
     let ok = handshake(pay, roots(&mesh), Some(order), roots(&mesh), PAY)
         .await
         .unwrap();
+    assert_eq!(ok.peer_identity.as_deref(), Some(ORDER));
+}
+
+/// A root rotation as the sidecars see it: the same configs, built once, follow the bundle in
+/// force at each handshake. Old root, then old and new, then new only.
+#[tokio::test]
+async fn handshakes_follow_a_replaced_bundle() {
+    let old = ca();
+    let new = ca();
+    let server_anchors = roots(&old);
+    let client_anchors = roots(&old);
+    let pay_old = leaf(&old, PAY);
+    let order_new = leaf(&new, ORDER);
+    let try_with = |server: &Arc<CertStore>, client: &Arc<CertStore>| {
+        handshake(
+            Arc::clone(server),
+            Arc::clone(&server_anchors),
+            Some(Arc::clone(client)),
+            Arc::clone(&client_anchors),
+            PAY,
+        )
+    };
+    // Only the old root: a client certificate from the new one is refused.
+    let err = try_with(&pay_old, &order_new).await.unwrap_err();
+    assert_eq!(err.1, Some("unknown_ca"));
+
+    // Both roots: old and new certificates meet.
+    server_anchors.replace(bundle(&[&old, &new]).unwrap());
+    client_anchors.replace(bundle(&[&old, &new]).unwrap());
+    let ok = try_with(&pay_old, &order_new).await.unwrap();
+    assert_eq!(ok.peer_identity.as_deref(), Some(ORDER));
+
+    // Only the new root: the old server certificate is refused by the client, a renewed one
+    // from the new root is accepted.
+    server_anchors.replace(bundle(&[&new]).unwrap());
+    client_anchors.replace(bundle(&[&new]).unwrap());
+    let err = try_with(&pay_old, &order_new).await.unwrap_err();
+    assert_eq!(err.0, "unknown_ca");
+    let pay_new = leaf(&new, PAY);
+    let ok = try_with(&pay_new, &order_new).await.unwrap();
     assert_eq!(ok.peer_identity.as_deref(), Some(ORDER));
 }

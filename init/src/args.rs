@@ -1,7 +1,7 @@
 //! Flags and their `TERN_INIT_*` environment variables (an init container is
 //! usually configured through env), validated into [`Settings`].
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use clap::{Parser, ValueEnum};
 
@@ -35,7 +35,9 @@ pub struct Args {
     #[arg(long, env = "TERN_INIT_PROXY_ADMIN_PORT", default_value_t = 4191)]
     pub proxy_admin_port: u16,
 
-    /// Inbound ports to redirect, e.g. 8080,50051,9000-9010 [default: all TCP ports].
+    /// Inbound ports to redirect, e.g. 8080,50051,9000-9010 [default: all TCP ports]. Narrowing
+    /// it leaves every other port reachable around the sidecar, in plaintext and unauthorized;
+    /// prefer the default with --skip-inbound-ports for the few ports that must bypass it.
     #[arg(long, env = "TERN_INIT_INBOUND_PORTS", value_delimiter = ',')]
     pub inbound_ports: Vec<String>,
 
@@ -47,9 +49,15 @@ pub struct Args {
     #[arg(long, env = "TERN_INIT_SKIP_OUTBOUND_PORTS", value_delimiter = ',')]
     pub skip_outbound_ports: Vec<String>,
 
-    /// Outbound destinations never redirected, as IPv4 CIDRs (e.g. 169.254.169.254/32).
+    /// Outbound destinations never redirected, as IPv4 or IPv6 CIDRs (e.g. 169.254.169.254/32,
+    /// fd00:ec2::254/128); each goes to the rules of its address family.
     #[arg(long, env = "TERN_INIT_SKIP_OUTBOUND_CIDRS", value_delimiter = ',')]
     pub skip_outbound_cidrs: Vec<String>,
+
+    /// The same rules for IPv6 (ip6tables): auto installs them whenever the namespace has IPv6
+    /// at all (a link-local address is enough to reach the pod around the sidecar).
+    #[arg(long, env = "TERN_INIT_IPV6", value_enum, default_value_t = Ipv6::Auto)]
+    pub ipv6: Ipv6,
 
     /// Which iptables to drive: auto (the back end that already holds rules,
     /// else the system's `iptables`), nft (iptables-nft) or legacy (iptables-legacy).
@@ -60,6 +68,25 @@ pub struct Args {
     #[arg(long, env = "TERN_INIT_DRY_RUN", num_args = 0..=1, default_missing_value = "true")]
     #[arg(default_value_t = false)]
     pub dry_run: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Ipv6 {
+    Auto,
+    True,
+    False,
+}
+
+impl Ipv6 {
+    /// Whether to install the IPv6 rules: `auto` asks the kernel whether this namespace has
+    /// IPv6 (it lists its IPv6 addresses in /proc/net/if_inet6 only then).
+    pub fn wanted(self) -> bool {
+        match self {
+            Self::True => true,
+            Self::False => false,
+            Self::Auto => std::path::Path::new("/proc/net/if_inet6").exists(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -139,24 +166,29 @@ fn ports(flag: &'static str, items: &[String]) -> Result<Vec<PortRange>, ArgErro
     Ok(out)
 }
 
-/// IPv4 `a.b.c.d/n` or `a.b.c.d` (a /32); host bits must be zero.
+/// `a.b.c.d/n`, `a.b.c.d` (a /32), `x::y/n` or `x::y` (a /128); host bits must be zero.
 fn cidrs(items: &[String]) -> Result<Vec<Cidr>, ArgError> {
     let mut out = Vec::new();
     for item in items.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
         let bad = |why: &str| err("skip-outbound-cidrs", format!("{item:?} {why}"));
         let (ip, len) = match item.split_once('/') {
-            None => (item, "32"),
-            Some(parts) => parts,
+            None => (item, None),
+            Some((ip, len)) => (ip, Some(len)),
         };
-        let ip: Ipv4Addr = ip
+        let ip: IpAddr = ip
             .parse()
-            .map_err(|_| bad("is not an IPv4 address or CIDR"))?;
-        let len: u8 = match len.parse() {
-            Ok(n) if n <= 32 => n,
-            _ => return Err(bad("has a prefix length that is not 0-32")),
+            .map_err(|_| bad("is not an IP address or CIDR"))?;
+        let bits: u8 = if ip.is_ipv4() { 32 } else { 128 };
+        let len: u8 = match len.map(str::parse) {
+            None => bits,
+            Some(Ok(n)) if n <= bits => n,
+            _ => return Err(bad(&format!("has a prefix length that is not 0-{bits}"))),
         };
-        let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-        if u32::from(ip) & !mask != 0 {
+        let host_bits = match ip {
+            IpAddr::V4(v4) => u128::from(u32::from(v4)) & (u128::from(u32::MAX) >> len),
+            IpAddr::V6(v6) => u128::from(v6) & u128::MAX.checked_shr(u32::from(len)).unwrap_or(0),
+        };
+        if host_bits != 0 {
             return Err(bad("has host bits set (did you mean the network address?)"));
         }
         out.push(Cidr(ip, len));
@@ -195,7 +227,7 @@ mod tests {
             "--skip-outbound-ports",
             "25, 3306:3307",
             "--skip-outbound-cidrs",
-            "169.254.169.254,10.96.0.0/12",
+            "169.254.169.254,10.96.0.0/12,fd00:ec2::254,fd00::/8",
         ])
         .unwrap();
         assert_eq!(
@@ -211,7 +243,15 @@ mod tests {
             .iter()
             .map(|c| c.to_string())
             .collect();
-        assert_eq!(cidrs, ["169.254.169.254/32", "10.96.0.0/12"]);
+        assert_eq!(
+            cidrs,
+            [
+                "169.254.169.254/32",
+                "10.96.0.0/12",
+                "fd00:ec2::254/128",
+                "fd00::/8"
+            ]
+        );
         for (args, flag) in [
             (["--inbound-ports", "http"], "inbound-ports"),
             (["--skip-inbound-ports", "0"], "skip-inbound-ports"),
@@ -227,7 +267,18 @@ mod tests {
                 ["--skip-outbound-cidrs", "10.0.0.0/33"],
                 "skip-outbound-cidrs",
             ),
-            (["--skip-outbound-cidrs", "fd00::/8"], "skip-outbound-cidrs"),
+            (
+                ["--skip-outbound-cidrs", "fd00::1/8"],
+                "skip-outbound-cidrs",
+            ),
+            (
+                ["--skip-outbound-cidrs", "fd00::/129"],
+                "skip-outbound-cidrs",
+            ),
+            (
+                ["--skip-outbound-cidrs", "0.0.0.0/0x"],
+                "skip-outbound-cidrs",
+            ),
             (["--proxy-outbound-port", "4143"], "proxy-outbound-port"),
         ] {
             let e = parse(&args).unwrap_err();

@@ -3,15 +3,16 @@
 //! Both back ends can be present (`iptables-nft` and `iptables-legacy`), and
 //! rules must go where the kernel's other rules already are, or the two
 //! sets would be evaluated separately. `auto` counts the rules each back
-//! end's `-save` lists and picks the one holding more (the way kube-proxy's
-//! iptables wrapper decides); with none anywhere (a fresh pod) it uses the
-//! system's default `iptables`.
+//! end's `-save` lists, IPv4 and IPv6 together, and picks the one holding
+//! more (the way kube-proxy's iptables wrapper decides); with none anywhere
+//! (a fresh pod) it uses the system's default `iptables`. IPv4 and IPv6 use
+//! the same back end: `ip6tables-nft` goes with `iptables-nft`.
 
 use std::io;
 use std::process::{Command, Output};
 
 use crate::args::Mode;
-use crate::rules::Step;
+use crate::rules::{Family, Step};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -28,29 +29,52 @@ pub enum Error {
     },
 }
 
-/// The iptables binary `mode` names; `auto` looks at the rules in place.
-pub fn binary(mode: Mode) -> &'static str {
+/// An iptables back end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// Whatever `iptables` and `ip6tables` are on this system.
+    System,
+    Nft,
+    Legacy,
+}
+
+impl Backend {
+    /// The binary that drives `family` with this back end.
+    pub fn binary(self, family: Family) -> &'static str {
+        match (self, family) {
+            (Self::System, Family::V4) => "iptables",
+            (Self::System, Family::V6) => "ip6tables",
+            (Self::Nft, Family::V4) => "iptables-nft",
+            (Self::Nft, Family::V6) => "ip6tables-nft",
+            (Self::Legacy, Family::V4) => "iptables-legacy",
+            (Self::Legacy, Family::V6) => "ip6tables-legacy",
+        }
+    }
+}
+
+/// The back end `mode` names; `auto` looks at the rules in place.
+pub fn backend(mode: Mode) -> Backend {
     match mode {
-        Mode::Nft => "iptables-nft",
-        Mode::Legacy => "iptables-legacy",
+        Mode::Nft => Backend::Nft,
+        Mode::Legacy => Backend::Legacy,
         Mode::Auto => detect(),
     }
 }
 
-fn detect() -> &'static str {
-    let legacy = count_rules("iptables-legacy-save");
-    let nft = count_rules("iptables-nft-save");
+fn detect() -> Backend {
+    let legacy = count_rules("iptables-legacy-save") + count_rules("ip6tables-legacy-save");
+    let nft = count_rules("iptables-nft-save") + count_rules("ip6tables-nft-save");
     choose(legacy, nft)
 }
 
 /// Picks the back end from the number of rules each holds.
-pub fn choose(legacy: usize, nft: usize) -> &'static str {
+pub fn choose(legacy: usize, nft: usize) -> Backend {
     if legacy > nft {
-        "iptables-legacy"
+        Backend::Legacy
     } else if nft > 0 {
-        "iptables-nft"
+        Backend::Nft
     } else {
-        "iptables"
+        Backend::System
     }
 }
 
@@ -137,11 +161,13 @@ mod tests {
 
     #[test]
     fn auto_follows_the_rules_in_place() {
-        assert_eq!(choose(0, 0), "iptables");
-        assert_eq!(choose(12, 0), "iptables-legacy");
-        assert_eq!(choose(0, 3), "iptables-nft");
-        assert_eq!(choose(3, 12), "iptables-nft");
-        assert_eq!(binary(Mode::Legacy), "iptables-legacy");
-        assert_eq!(binary(Mode::Nft), "iptables-nft");
+        assert_eq!(choose(0, 0), Backend::System);
+        assert_eq!(choose(12, 0), Backend::Legacy);
+        assert_eq!(choose(0, 3), Backend::Nft);
+        assert_eq!(choose(3, 12), Backend::Nft);
+        assert_eq!(backend(Mode::Legacy), Backend::Legacy);
+        assert_eq!(backend(Mode::Nft).binary(Family::V6), "ip6tables-nft");
+        assert_eq!(Backend::System.binary(Family::V6), "ip6tables");
+        assert_eq!(Backend::Legacy.binary(Family::V4), "iptables-legacy");
     }
 }

@@ -17,9 +17,12 @@
 //! Tern's chains are created when missing and flushed before they are
 //! filled, and a jump is appended only when `-C` does not find it, so a
 //! second run leaves exactly the same rules.
+//!
+//! The plan is the same for IPv4 (`iptables`) and IPv6 (`ip6tables`), but
+//! for the skipped CIDRs, each of which goes to its own family's rules.
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 pub const INBOUND: &str = "TERN_INBOUND";
 pub const INBOUND_REDIRECT: &str = "TERN_INBOUND_REDIRECT";
@@ -43,9 +46,25 @@ impl fmt::Display for PortRange {
     }
 }
 
-/// An IPv4 network.
+/// An IPv4 or IPv6 network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cidr(pub Ipv4Addr, pub u8);
+pub struct Cidr(pub IpAddr, pub u8);
+
+/// Which iptables a plan is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn of(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(_) => Self::V4,
+            IpAddr::V6(_) => Self::V6,
+        }
+    }
+}
 
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -132,9 +151,9 @@ fn tcp_dport(range: PortRange, target: &str) -> Vec<String> {
     rule(&["-p", "tcp", "--dport", &range, "-j", target])
 }
 
-/// Every step, in order: chains first (filled while nothing jumps to them
-/// yet on a first run), the jumps from the built-in chains last.
-pub fn plan(s: &Settings) -> Vec<Step> {
+/// Every step for `family`, in order: chains first (filled while nothing
+/// jumps to them yet on a first run), the jumps from the built-in chains last.
+pub fn plan(s: &Settings, family: Family) -> Vec<Step> {
     let mut steps = Vec::new();
     for chain in CHAINS {
         steps.push(Step::EnsureChain(chain));
@@ -183,14 +202,18 @@ pub fn plan(s: &Settings) -> Vec<Step> {
             rule(&["-m", "owner", "--gid-owner", &gid, "-j", "RETURN"]),
         ));
     }
-    // Everything that stays in the pod leaves through lo: 127.0.0.1, and
-    // the app calling its own pod IP, which then reaches it directly.
+    // Everything that stays in the pod leaves through lo: 127.0.0.1 (::1),
+    // and the app calling its own pod IP, which then reaches it directly.
     steps.push(Step::Append(OUTBOUND, rule(&["-o", "lo", "-j", "RETURN"])));
     let admin = PortRange(s.admin_port, s.admin_port);
     for range in std::iter::once(&admin).chain(&s.skip_outbound_ports) {
         steps.push(Step::Append(OUTBOUND, tcp_dport(*range, "RETURN")));
     }
-    for cidr in &s.skip_outbound_cidrs {
+    let ours = s
+        .skip_outbound_cidrs
+        .iter()
+        .filter(|c| Family::of(c.0) == family);
+    for cidr in ours {
         let cidr = cidr.to_string();
         steps.push(Step::Append(OUTBOUND, rule(&["-d", &cidr, "-j", "RETURN"])));
     }
@@ -244,7 +267,7 @@ mod tests {
     #[test]
     fn default_rules_redirect_everything_but_the_sidecar() {
         assert_eq!(
-            rules(&plan(&defaults())),
+            rules(&plan(&defaults(), Family::V4)),
             [
                 "-A TERN_INBOUND_REDIRECT -p tcp -j REDIRECT --to-ports 4143",
                 "-A TERN_INBOUND -p tcp --dport 4143 -j RETURN",
@@ -263,7 +286,7 @@ mod tests {
 
     #[test]
     fn chains_are_made_and_flushed_before_anything_jumps_to_them() {
-        let steps = plan(&defaults());
+        let steps = plan(&defaults(), Family::V4);
         let first_jump = steps
             .iter()
             .position(|s| matches!(s, Step::EnsureRule(..)))
@@ -284,10 +307,22 @@ mod tests {
             inbound_ports: Some(vec![PortRange(8080, 8080), PortRange(9000, 9010)]),
             skip_inbound_ports: vec![PortRange(22, 22)],
             skip_outbound_ports: vec![PortRange(3306, 3307)],
-            skip_outbound_cidrs: vec![Cidr(Ipv4Addr::new(169, 254, 169, 254), 32)],
+            skip_outbound_cidrs: vec![
+                Cidr(IpAddr::from([169, 254, 169, 254]), 32),
+                Cidr(
+                    "fd00:ec2::254".parse().unwrap_or(IpAddr::from([0; 16])),
+                    128,
+                ),
+            ],
             ..defaults()
         };
-        let r = rules(&plan(&s));
+        let r = rules(&plan(&s, Family::V4));
+        let r6 = rules(&plan(&s, Family::V6));
+        // Each CIDR in its own family's rules; everything else the same.
+        let cidr6 = "-A TERN_OUTBOUND -d fd00:ec2::254/128 -j RETURN";
+        assert!(r6.iter().any(|l| l == cidr6), "{r6:#?}");
+        assert!(!r.iter().any(|l| l == cidr6) && !r6.iter().any(|l| l.contains("169.254")));
+        assert_eq!(r.len(), r6.len());
         for want in [
             "-A TERN_INBOUND -p tcp --dport 22 -j RETURN",
             "-A TERN_INBOUND -p tcp --dport 8080 -j TERN_INBOUND_REDIRECT",
@@ -309,7 +344,7 @@ mod tests {
 
     #[test]
     fn shell_lines_are_idempotent_commands() {
-        let steps = plan(&defaults());
+        let steps = plan(&defaults(), Family::V4);
         assert_eq!(
             steps[0].shell("iptables-nft"),
             "iptables-nft -w -t nat -n -L TERN_INBOUND_REDIRECT >/dev/null 2>&1 || \

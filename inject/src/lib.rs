@@ -7,8 +7,9 @@
 //!   IP through the downward API, the control plane, the mounted trust anchors, a projected
 //!   ServiceAccount token, the listeners), its ports, `/ready` and `/live` probes on the admin
 //!   port, resources, and a non-root, read-only, no-capability security context;
-//! - the `tern-init` init container, which installs the iptables redirects (the only container
-//!   with `NET_ADMIN` and `NET_RAW`);
+//! - the `tern-init` init container, which redirects every inbound TCP port but the skipped ones
+//!   and all outbound TCP to the proxy, for IPv4 and IPv6 (the only container with `NET_ADMIN`
+//!   and `NET_RAW`); the proxy forwards inbound only to the ports the app serves ([`ports`]);
 //! - the volumes those mount, the Prometheus scrape annotations (when the pod has none of its
 //!   own) and [`annotations::INJECTED`], which makes injecting twice the same as once.
 //!
@@ -26,6 +27,7 @@
 
 mod documents;
 mod pod;
+mod ports;
 mod sidecar;
 mod workload;
 
@@ -77,11 +79,16 @@ pub mod annotations {
     pub const APP_PORT: &str = "tern.dev/app-port";
     /// The inbound listener's mode: `strict`, `permissive` (default) or `off`.
     pub const INBOUND_TLS: &str = "tern.dev/inbound-tls";
-    /// Comma-separated ports (or ranges) tern-init does not redirect inbound.
+    /// Comma-separated ports (or ranges) the app serves besides the ones its containers
+    /// declare (and its probes name): the sidecar forwards inbound connections to these ports
+    /// and refuses every other one.
+    pub const INBOUND_PORTS: &str = "tern.dev/inbound-ports";
+    /// Comma-separated ports (or ranges) tern-init does not redirect inbound: they reach the
+    /// app directly, in plaintext, and never through the sidecar.
     pub const SKIP_INBOUND_PORTS: &str = "tern.dev/skip-inbound-ports";
     /// Comma-separated ports (or ranges) tern-init does not redirect outbound.
     pub const SKIP_OUTBOUND_PORTS: &str = "tern.dev/skip-outbound-ports";
-    /// Comma-separated IPv4 CIDRs (or addresses) tern-init does not redirect outbound.
+    /// Comma-separated IPv4 or IPv6 CIDRs (or addresses) tern-init does not redirect outbound.
     pub const SKIP_OUTBOUND_CIDRS: &str = "tern.dev/skip-outbound-cidrs";
 }
 

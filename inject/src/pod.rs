@@ -5,7 +5,7 @@
 //! annotations added go in beside what the user wrote, which stays as written.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::PodSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -13,6 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_yaml::{Mapping, Value};
 
+use crate::ports::{self, port_or_range};
 use crate::sidecar::{self, Facts, InboundTls, VOLUMES};
 use crate::workload::Workload;
 use crate::{annotations, invalid, Error, Options, ADMIN_PORT, INIT_CONTAINER, PROXY_CONTAINER};
@@ -111,7 +112,7 @@ fn read_facts(
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "default".to_owned());
 
-    let inbound_ports = tcp_ports(spec);
+    let declared = ports::declared(spec);
     let app_port = match annotation(annotations::APP_PORT) {
         Some((at, v)) => Some(
             v.trim()
@@ -120,7 +121,7 @@ fn read_facts(
                 .filter(|p| *p > 0)
                 .ok_or_else(|| invalid(at, format!("{v:?} is not a port number")))?,
         ),
-        None => inbound_ports.first().copied(),
+        None => declared.first().copied(),
     };
 
     let run_to_completion = matches!(workload.kind, "Job" | "CronJob")
@@ -155,15 +156,17 @@ fn read_facts(
         Ok((!items.is_empty()).then(|| items.join(",")))
     };
 
+    let extra_ports = list(annotations::INBOUND_PORTS, port_or_range)?;
+    let skip_inbound_ports = list(annotations::SKIP_INBOUND_PORTS, port_or_range)?;
     Ok(Facts {
         service_name,
         service_account,
         labels: workload_labels(&labels),
         app_port,
-        inbound_ports,
         native_sidecar,
         inbound_tls,
-        skip_inbound_ports: list(annotations::SKIP_INBOUND_PORTS, port_or_range)?,
+        served_ports: ports::served(spec, extra_ports.as_deref(), skip_inbound_ports.as_deref()),
+        skip_inbound_ports,
         skip_outbound_ports: list(annotations::SKIP_OUTBOUND_PORTS, port_or_range)?,
         skip_outbound_cidrs: list(annotations::SKIP_OUTBOUND_CIDRS, cidr)?,
     })
@@ -252,39 +255,25 @@ fn workload_labels(labels: &BTreeMap<String, String>) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The TCP ports the app's containers declare, in order, each once.
-fn tcp_ports(spec: &PodSpec) -> Vec<u16> {
-    let mut ports = Vec::new();
-    let declared = spec
-        .containers
-        .iter()
-        .flat_map(|c| c.ports.iter().flatten())
-        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
-        .filter_map(|p| u16::try_from(p.container_port).ok().filter(|p| *p > 0));
-    for port in declared {
-        if !ports.contains(&port) {
-            ports.push(port);
-        }
-    }
-    ports
-}
-
-fn port_or_range(s: &str) -> bool {
-    let port = |p: &str| p.parse::<u16>().ok().filter(|p| *p > 0);
-    match s.split_once('-') {
-        Some((a, b)) => matches!((port(a), port(b)), (Some(a), Some(b)) if a <= b),
-        None => port(s).is_some(),
-    }
-}
-
-/// An IPv4 address or network (host bits zero), as tern-init takes them.
+/// An IPv4 or IPv6 address or network (host bits zero), as tern-init takes them.
 fn cidr(s: &str) -> bool {
-    let (ip, len) = s.split_once('/').unwrap_or((s, "32"));
-    let (Ok(ip), Ok(len)) = (ip.parse::<Ipv4Addr>(), len.parse::<u32>()) else {
+    let (ip, len) = match s.split_once('/') {
+        Some((ip, len)) => (ip, Some(len)),
+        None => (s, None),
+    };
+    let Ok(ip) = ip.parse::<IpAddr>() else {
         return false;
     };
-    let mask = u32::MAX.checked_shl(32u32.saturating_sub(len)).unwrap_or(0);
-    len <= 32 && u32::from(ip) & !mask == 0
+    // IPv4 in the top 32 bits, so that a prefix length counts from the top either way.
+    let (bits, value) = match ip {
+        IpAddr::V4(v4) => (32, u128::from(u32::from(v4)) << 96),
+        IpAddr::V6(v6) => (128, u128::from(v6)),
+    };
+    match len.map(str::parse::<u32>) {
+        None => true,
+        Some(Ok(len)) if len <= bits => value & u128::MAX.checked_shr(len).unwrap_or(0) == 0,
+        Some(_) => false,
+    }
 }
 
 /// What injection adds must not collide with what the pod already has.

@@ -55,8 +55,8 @@ pub(crate) struct Facts {
     pub service_account: String,
     pub labels: Vec<(String, String)>,
     pub app_port: Option<u16>,
-    /// Every TCP port the app's containers declare: what tern-init redirects inbound.
-    pub inbound_ports: Vec<u16>,
+    /// The ports the app serves, as `TERN_INBOUND_PORTS` (see [`crate::ports`]).
+    pub served_ports: Option<String>,
     pub native_sidecar: bool,
     pub inbound_tls: InboundTls,
     pub skip_inbound_ports: Option<String>,
@@ -135,12 +135,17 @@ pub(crate) fn proxy_container(f: &Facts, options: &Options) -> Container {
         // The kubelet expands $(POD_IP) from the variable above.
         env("TERN_ADVERTISE", format!("$(POD_IP):{INBOUND_PORT}")),
         env("TERN_INBOUND_LISTEN", format!("0.0.0.0:{INBOUND_PORT}")),
-        // Connections tern-init redirected go to the app port they were sent to.
+        // Connections tern-init redirected go to the app port they were sent to, at the pod IP.
         env("TERN_INBOUND_TRANSPARENT", "true"),
     ];
-    // Mesh traffic sent to the inbound port itself goes to the app's (first) port.
+    // Only to a port the app serves: any other is refused.
+    if let Some(ports) = &f.served_ports {
+        vars.push(env("TERN_INBOUND_PORTS", ports));
+    }
+    // Mesh traffic sent to the inbound port itself goes to the app's (first) port, at the pod
+    // IP like the rest: a listener the app bound to 127.0.0.1 stays private.
     if let Some(port) = f.app_port {
-        vars.push(env("TERN_INBOUND_APP", format!("127.0.0.1:{port}")));
+        vars.push(env("TERN_INBOUND_APP", format!("$(POD_IP):{port}")));
     }
     vars.extend([
         env("TERN_OUTBOUND_LISTEN", format!("127.0.0.1:{OUTBOUND_PORT}")),
@@ -220,14 +225,14 @@ pub(crate) fn proxy_container(f: &Facts, options: &Options) -> Container {
     }
 }
 
-/// tern-init's flags (`init/src/args.rs`): the proxy's user and ports, which inbound ports to
-/// redirect, and what never to redirect.
+/// tern-init's flags (`init/src/args.rs`): the proxy's user and ports, and what never to
+/// redirect. Every other inbound port is redirected, declared or not: nothing reaches the app
+/// around the proxy, which then forwards only to the ports the app serves.
 pub(crate) mod init_flags {
     pub const PROXY_UID: &str = "--proxy-uid";
     pub const INBOUND_PORT: &str = "--proxy-inbound-port";
     pub const OUTBOUND_PORT: &str = "--proxy-outbound-port";
     pub const ADMIN_PORT: &str = "--proxy-admin-port";
-    pub const INBOUND_PORTS: &str = "--inbound-ports";
     pub const SKIP_INBOUND_PORTS: &str = "--skip-inbound-ports";
     pub const SKIP_OUTBOUND_PORTS: &str = "--skip-outbound-ports";
     pub const SKIP_OUTBOUND_CIDRS: &str = "--skip-outbound-cidrs";
@@ -244,13 +249,7 @@ pub(crate) fn init_container(f: &Facts, options: &Options) -> Container {
     .into_iter()
     .flat_map(|(flag, value)| [flag.to_owned(), value])
     .collect();
-    // The app's declared ports; a pod that declares none has every port redirected.
-    let inbound_ports = (!f.inbound_ports.is_empty()).then(|| {
-        let ports: Vec<String> = f.inbound_ports.iter().map(u16::to_string).collect();
-        ports.join(",")
-    });
     for (flag, value) in [
-        (init_flags::INBOUND_PORTS, &inbound_ports),
         (init_flags::SKIP_INBOUND_PORTS, &f.skip_inbound_ports),
         (init_flags::SKIP_OUTBOUND_PORTS, &f.skip_outbound_ports),
         (init_flags::SKIP_OUTBOUND_CIDRS, &f.skip_outbound_cidrs),

@@ -3,7 +3,11 @@
 //! Nothing here is writable except `/shutdown` (POST), which drains the
 //! proxy and exits so a Job's pod can finish. The admin port listens on the
 //! pod's network for probes and scraping, so `/shutdown` answers only peers
-//! on loopback (the pod's own containers); anyone else gets 403.
+//! on loopback (the pod's own containers); anyone else gets 403. `/config`
+//! shows every service, endpoint, identity and policy the sidecar knows,
+//! which is a map of the mesh for an attacker: it too answers loopback only,
+//! unless `--admin-expose-config` opens it (`kubectl port-forward` reaches it
+//! on loopback without that). `/metrics`, `/ready` and `/live` stay open.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -33,6 +37,8 @@ pub struct Admin {
     /// With an identity, an expired certificate makes the sidecar not ready:
     /// peers refuse it until the control plane renews it.
     pub identity: Option<Arc<crate::identity::Identity>>,
+    /// `--admin-expose-config`: `/config` answers any peer, not only loopback.
+    pub expose_config: bool,
 }
 
 impl tower::Service<Request<Incoming>> for Admin {
@@ -86,21 +92,15 @@ impl Admin {
                     )
                 }
             }
+            (&Method::GET, "/config") if !self.expose_config && !is_loopback(peer) => {
+                self.refuse_remote("/config", peer)
+            }
             (&Method::GET, "/config") => {
                 let body = serde_json::to_string_pretty(&(self.config)()).unwrap_or_default();
                 reply(StatusCode::OK, "application/json", body + "\n")
             }
-            (&Method::POST, "/shutdown") if !peer.is_some_and(|p| p.is_loopback()) => {
-                self.metrics
-                    .protocol_rejections
-                    .with_label_values(&["admin", "not_loopback"])
-                    .inc();
-                tracing::warn!(peer = ?peer.map(|p| p.0), "refused /shutdown from a peer not on loopback");
-                reply(
-                    StatusCode::FORBIDDEN,
-                    "text/plain",
-                    "/shutdown is only accepted from loopback\n".into(),
-                )
+            (&Method::POST, "/shutdown") if !is_loopback(peer) => {
+                self.refuse_remote("/shutdown", peer)
             }
             (&Method::POST, "/shutdown") => {
                 tracing::info!("shutdown requested on the admin port");
@@ -117,6 +117,27 @@ impl Admin {
     }
 }
 
+impl Admin {
+    /// 403 for a peer off loopback asking for a loopback-only path; counted and logged.
+    fn refuse_remote(&self, path: &str, peer: Option<ClientAddr>) -> Response<Full<Bytes>> {
+        self.metrics
+            .protocol_rejections
+            .with_label_values(&["admin", "not_loopback"])
+            .inc();
+        tracing::warn!(path, peer = ?peer.map(|p| p.0), "refused an admin request from a peer not on loopback");
+        reply(
+            StatusCode::FORBIDDEN,
+            "text/plain",
+            format!("{path} is only served to loopback (use kubectl port-forward)\n"),
+        )
+    }
+}
+
+/// A request with no known peer is treated as remote.
+fn is_loopback(peer: Option<ClientAddr>) -> bool {
+    peer.is_some_and(|p| p.is_loopback())
+}
+
 fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut rsp = Response::new(Full::new(Bytes::from(body)));
     *rsp.status_mut() = status;
@@ -125,4 +146,80 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
         header::HeaderValue::from_static(content_type),
     );
     rsp
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::net::SocketAddr;
+
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    fn admin(expose_config: bool) -> Admin {
+        Admin {
+            metrics: Arc::new(Metrics::new().unwrap()),
+            ready: Arc::new(AtomicBool::new(true)),
+            config: Arc::new(|| serde_json::json!({"service_name": "pay"})),
+            shutdown: CancellationToken::new(),
+            identity: None,
+            expose_config,
+        }
+    }
+
+    fn peer(addr: &str) -> Option<ClientAddr> {
+        Some(ClientAddr(addr.parse::<SocketAddr>().unwrap()))
+    }
+
+    fn refusals(a: &Admin) -> u64 {
+        a.metrics
+            .protocol_rejections
+            .with_label_values(&["admin", "not_loopback"])
+            .get()
+    }
+
+    async fn body(rsp: Response<Full<Bytes>>) -> String {
+        let bytes = rsp.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn config_answers_loopback_only_by_default() {
+        let a = admin(false);
+        for remote in [Some("10.0.0.7:5000"), Some("[fd00::7]:5000"), None] {
+            let rsp = a.respond(&Method::GET, "/config", remote.and_then(peer));
+            assert_eq!(rsp.status(), StatusCode::FORBIDDEN, "{remote:?}");
+        }
+        assert_eq!(refusals(&a), 3);
+        for local in ["127.0.0.1:5000", "[::1]:5000", "[::ffff:127.0.0.1]:5000"] {
+            let rsp = a.respond(&Method::GET, "/config", peer(local));
+            assert_eq!(rsp.status(), StatusCode::OK, "{local}");
+            assert!(body(rsp).await.contains("\"pay\""));
+        }
+        assert_eq!(refusals(&a), 3);
+    }
+
+    #[tokio::test]
+    async fn expose_config_opens_config_and_not_shutdown() {
+        let a = admin(true);
+        let rsp = a.respond(&Method::GET, "/config", peer("10.0.0.7:5000"));
+        assert_eq!(rsp.status(), StatusCode::OK);
+        assert!(body(rsp).await.contains("\"pay\""));
+        let rsp = a.respond(&Method::POST, "/shutdown", peer("10.0.0.7:5000"));
+        assert_eq!(rsp.status(), StatusCode::FORBIDDEN);
+        assert!(!a.shutdown.is_cancelled());
+        assert_eq!(refusals(&a), 1);
+    }
+
+    #[test]
+    fn probes_and_metrics_stay_open() {
+        let a = admin(false);
+        for path in ["/metrics", "/ready", "/live"] {
+            let rsp = a.respond(&Method::GET, path, peer("10.0.0.7:5000"));
+            assert_eq!(rsp.status(), StatusCode::OK, "{path}");
+        }
+        assert_eq!(refusals(&a), 0);
+    }
 }

@@ -2,7 +2,6 @@
 //! until SIGTERM (or `/shutdown`), then drains.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -19,6 +18,7 @@ use crate::config::{Config, FileConfig};
 use crate::identity::{issue::Issuer, tls::Inbound, Identity};
 use crate::metrics::{Direction, Metrics};
 use crate::router::{Selector, Target};
+use crate::serve::bind::{bind, bind_with_twin};
 use crate::serve::{accept_loop, ConnMetrics, Drain, Listener, Mode};
 use crate::targets::{Entry, Targets};
 use crate::{authz, control, inbound, intercept, outbound, stack, tcp};
@@ -59,8 +59,8 @@ pub async fn run(config: Config, file: FileConfig) -> anyhow::Result<()> {
     let loops = data_listeners(&config, &core, &life, &mut bound).await?;
     let issued = start_issuer(&config, &core);
     let (control_status, first_config) = start_control(&config, &core);
-    let admin_listener = bind("admin", config.admin_listen).await?;
-    bound.push(("admin", local(&admin_listener)));
+    let admin_listeners = bind_with_twin("admin", config.admin_listen).await?;
+    bound.push(("admin", local(&admin_listeners[0])));
     let admin = Admin {
         metrics: Arc::clone(&core.metrics),
         ready: Arc::clone(&life.ready),
@@ -73,29 +73,31 @@ pub async fn run(config: Config, file: FileConfig) -> anyhow::Result<()> {
         ),
         shutdown: life.shutdown.clone(),
         identity: core.identity.clone(),
+        expose_config: config.admin_expose_config,
     };
     // The admin port keeps answering during the drain (probes see not-ready),
     // so it stops only with the process.
     let admin_stop = CancellationToken::new();
     let admin_drain = Drain::default();
-    let admin_loop = accept_loop(
-        admin_listener,
-        Listener {
-            name: "admin",
-            svc: admin,
-            metrics: ConnMetrics {
-                open: prometheus::IntGauge::new("admin_open", "admin connections")?,
-                accepted: prometheus::IntCounter::new("admin_accepted", "admin connections")?,
-                rejections: core.metrics.protocol_rejections.clone(),
-            },
-            tls: None,
-            mode: Mode::Http,
-            limits: config.limits,
-            fd_budget: None,
+    let admin = Listener {
+        name: "admin",
+        svc: admin,
+        metrics: ConnMetrics {
+            open: prometheus::IntGauge::new("admin_open", "admin connections")?,
+            accepted: prometheus::IntCounter::new("admin_accepted", "admin connections")?,
+            rejections: core.metrics.protocol_rejections.clone(),
         },
-        &admin_drain,
-        admin_stop.clone(),
-    );
+        tls: None,
+        mode: Mode::Http,
+        limits: config.limits,
+        fd_budget: None,
+    };
+    let admin_loops = admin_listeners
+        .into_iter()
+        .map(|l| accept_loop(l, admin.clone(), &admin_drain, admin_stop.clone()));
+    let admin_loop = async {
+        futures::future::join_all(admin_loops).await;
+    };
     for (name, addr) in &bound {
         tracing::info!(listener = name, %addr, "listening");
     }
@@ -193,8 +195,8 @@ async fn data_listeners<'a>(
         limits: config.limits,
         fd_budget: Some(Arc::clone(&fd_budget)),
     };
-    let outbound_listener = bind("outbound", config.outbound_listen).await?;
-    bound.push(("outbound", local(&outbound_listener)));
+    let outbound_listeners = bind_with_twin("outbound", config.outbound_listen).await?;
+    bound.push(("outbound", local(&outbound_listeners[0])));
     let svc = core.stack(
         config,
         Direction::Outbound,
@@ -206,12 +208,16 @@ async fn data_listeners<'a>(
         opaque_ports: config.opaque_ports.clone(),
         tcp: Arc::clone(&core.tcp),
     }));
-    loops.push(Box::pin(accept_loop(
-        outbound_listener,
-        listener("outbound", svc, None, mode),
-        &life.drain,
-        life.stop_accepting.clone(),
-    )));
+    let outbound = listener("outbound", svc, None, mode);
+    for l in outbound_listeners {
+        let stop = life.stop_accepting.clone();
+        loops.push(Box::pin(accept_loop(
+            l,
+            outbound.clone(),
+            &life.drain,
+            stop,
+        )));
+    }
     for (addr, target) in &core.out.upstreams {
         let l = bind("upstream", *addr).await?;
         bound.push(("upstream", local(&l)));
@@ -229,13 +235,14 @@ async fn data_listeners<'a>(
         )));
     }
     if let Some(inb) = &config.inbound {
-        let l = bind("inbound", inb.listen).await?;
-        bound.push(("inbound", local(&l)));
+        let listeners = bind_with_twin("inbound", inb.listen).await?;
+        bound.push(("inbound", local(&listeners[0])));
         let ports = inbound::AppPorts::new(
             &config.service_name,
             config.client_limits(),
             Arc::clone(&core.metrics),
-            own_ports(config),
+            &inb.ports,
+            &own_ports(config),
             inb.app.zip(core.app.clone()),
         );
         let selector = Selector::Local {
@@ -263,12 +270,11 @@ async fn data_listeners<'a>(
             authz: Arc::clone(&core.inbound_authz),
             tcp: Arc::clone(&core.tcp),
         }));
-        loops.push(Box::pin(accept_loop(
-            l,
-            listener("inbound", svc, tls, mode),
-            &life.drain,
-            life.stop_accepting.clone(),
-        )));
+        let inbound = listener("inbound", svc, tls, mode);
+        for l in listeners {
+            let stop = life.stop_accepting.clone();
+            loops.push(Box::pin(accept_loop(l, inbound.clone(), &life.drain, stop)));
+        }
     }
     Ok(loops)
 }
@@ -278,6 +284,7 @@ async fn data_listeners<'a>(
 fn start_issuer(config: &Config, core: &Core) -> watch::Receiver<bool> {
     let (issued_tx, issued_rx) = watch::channel(core.identity.is_none());
     if let (Some(id), Some(c)) = (&core.identity, &config.identity) {
+        tokio::spawn(crate::identity::anchors::follow(Arc::clone(id)));
         tokio::spawn(
             Issuer {
                 identity: Arc::clone(id),
@@ -420,12 +427,6 @@ fn own_ports(config: &Config) -> Vec<u16> {
     );
     ports.retain(|p| *p != 0);
     ports
-}
-
-async fn bind(name: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the {name} listener on {addr}"))
 }
 
 fn local(l: &TcpListener) -> String {

@@ -2,7 +2,8 @@
 //!
 //! A gRPC caller gets a trailers-only response with `grpc-status` and
 //! `grpc-message`; an HTTP caller gets 502/503/504, or 403 for a call the
-//! inbound authorization policy denies. Either way the response
+//! inbound authorization policy denies or a port the app does not serve
+//! ([`ProxyError::PortNotServed`]). Either way the response
 //! carries `x-tern-proxy-error` so a caller can tell the proxy's failure from
 //! the application's.
 
@@ -93,6 +94,10 @@ pub enum ProxyError {
     /// (`authz.rs`); never retried.
     #[error("service {service}: permission denied: {detail}")]
     PermissionDenied { service: Arc<str>, detail: String },
+    /// The caller named (`tern-dst-port`) a port the app does not serve, or
+    /// one of the sidecar's own; never forwarded, never retried.
+    #[error("port {port} is not served here (not one of the app's ports)")]
+    PortNotServed { port: u16 },
 }
 
 /// gRPC status codes the proxy produces.
@@ -121,6 +126,7 @@ impl ProxyError {
             Self::DeadlineExceeded { .. } => "deadline_exceeded",
             Self::ResponseTimeout { .. } => "response_timeout",
             Self::PermissionDenied { .. } => "permission_denied",
+            Self::PortNotServed { .. } => "port_not_served",
             Self::InvalidGrpcTimeout { .. } => "invalid_grpc_timeout",
             Self::ResponseHeadersTooLarge { .. } => "response_header_list_size",
             Self::RequestHeadersTooLarge { .. } => "header_list_size",
@@ -170,7 +176,7 @@ impl ProxyError {
             | Self::Reset { .. }
             | Self::ResponseHeadersTooLarge { .. } => StatusCode::BAD_GATEWAY,
             Self::RequestHeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            Self::PermissionDenied { .. } => StatusCode::FORBIDDEN,
+            Self::PermissionDenied { .. } | Self::PortNotServed { .. } => StatusCode::FORBIDDEN,
             Self::InvalidGrpcTimeout { .. } | Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
         }
     }
@@ -180,7 +186,9 @@ impl ProxyError {
             Self::DeadlineExceeded { .. } | Self::ResponseTimeout { .. } => {
                 GrpcCode::DeadlineExceeded
             }
-            Self::PermissionDenied { .. } => GrpcCode::PermissionDenied,
+            Self::PermissionDenied { .. } | Self::PortNotServed { .. } => {
+                GrpcCode::PermissionDenied
+            }
             // What gRPC servers themselves answer to a malformed timeout.
             Self::InvalidGrpcTimeout { .. }
             | Self::ResponseHeadersTooLarge { .. }
@@ -309,13 +317,17 @@ where
                 Ok(rsp) => Ok(rsp),
                 Err(e) => {
                     let service = service.as_deref().unwrap_or("unknown");
-                    tracing::warn!(
-                        direction = layer.direction.as_str(),
-                        service,
-                        reason = e.reason(),
-                        error = %e,
-                        "request failed in proxy"
-                    );
+                    // A refused port was logged, rate-limited, where it was
+                    // refused (`AppPorts::refuse`): any caller can cause it.
+                    if !matches!(e, ProxyError::PortNotServed { .. }) {
+                        tracing::warn!(
+                            direction = layer.direction.as_str(),
+                            service,
+                            reason = e.reason(),
+                            error = %e,
+                            "request failed in proxy"
+                        );
+                    }
                     layer
                         .metrics
                         .proxy_errors
@@ -408,6 +420,21 @@ mod tests {
             e.to_response(false).status(),
             StatusCode::SERVICE_UNAVAILABLE
         );
+    }
+
+    #[test]
+    fn an_unserved_port_is_forbidden_and_says_which() {
+        let e = ProxyError::PortNotServed { port: 6060 };
+        let http = e.to_response(false);
+        assert_eq!(http.status(), StatusCode::FORBIDDEN);
+        let header = http.headers()[PROXY_ERROR_HEADER]
+            .to_str()
+            .unwrap_or_default();
+        assert!(header.contains("port 6060 is not served"), "{header}");
+        let grpc = e.to_response(true);
+        assert_eq!(grpc.headers()["grpc-status"], "7");
+        assert!(!e.is_retryable());
+        assert_eq!(e.reason(), "port_not_served");
     }
 
     #[test]

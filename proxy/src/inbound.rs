@@ -6,22 +6,31 @@
 //! one attempt and never ejects the app.
 //!
 //! With transparent interception the app may listen on several ports: a
-//! connection iptables redirected here, or a request whose caller named the
-//! port it dialed ([`crate::router::DST_PORT`]), goes to
-//! `127.0.0.1:<that port>` ([`AppPorts`]); the sidecar's own ports are never
-//! such a destination.
+//! connection iptables redirected here, a request whose caller named the
+//! port it dialed ([`crate::router::DST_PORT`]) or an opaque connection's
+//! header names the port. [`AppPorts`] forwards only to the ports the app
+//! serves (`--inbound-ports` and `--inbound-app`'s) and refuses the others,
+//! the sidecar's own among them; and it forwards to the address the
+//! connection came in on (the pod IP), never to loopback, so that a listener
+//! the app bound to 127.0.0.1 (a debug or admin server) stays private, as it
+//! is without the mesh. `--inbound-app` is the one exception: its port goes
+//! where it says.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+
+use prometheus::IntCounter;
 
 use crate::balance::{Balancer, ClientParams};
 use crate::config::limits::ClientLimits;
 use crate::config::policy::ServicePolicy;
+use crate::config::ports::PortSet;
 use crate::discovery;
 use crate::metrics::Metrics;
 use crate::router::Target;
 use crate::routes::Routes;
+use crate::warn_limit::WarnLimiter;
 
 /// The local app at `addr`, as a target.
 pub fn app_target(
@@ -51,52 +60,94 @@ pub struct AppPorts {
     service_name: String,
     client: ClientLimits,
     metrics: Arc<Metrics>,
-    /// The sidecar's own listener ports: never forwarded to (no loops).
-    reserved: Vec<u16>,
-    targets: Mutex<HashMap<u16, Arc<Target>>>,
+    /// The ports the app serves, less the sidecar's own (no loops).
+    served: PortSet,
+    /// `--inbound-app`: its port goes there, whatever address was dialed.
+    app: Option<(SocketAddr, Arc<Target>)>,
+    /// By address: at most the served ports on each of the pod's IPs.
+    targets: Mutex<HashMap<SocketAddr, Arc<Target>>>,
+    refused: IntCounter,
+    warn: WarnLimiter,
 }
 
 impl AppPorts {
-    /// `app`: the `--inbound-app` target, reused for its port on loopback.
+    /// `served`: the ports the app serves (`--inbound-app`'s included);
+    /// `reserved`: the sidecar's own ports, never forwarded to whatever
+    /// `served` says.
     pub fn new(
         service_name: &str,
         client: ClientLimits,
         metrics: Arc<Metrics>,
-        reserved: Vec<u16>,
+        served: &PortSet,
+        reserved: &[u16],
         app: Option<(SocketAddr, Arc<Target>)>,
     ) -> Arc<Self> {
-        let mut targets = HashMap::new();
-        if let Some((addr, target)) = app.filter(|(a, _)| a.ip().is_loopback()) {
-            targets.insert(addr.port(), target);
+        let mut served = served.clone();
+        for port in reserved {
+            served.remove(*port);
         }
+        let refused = metrics
+            .protocol_rejections
+            .with_label_values(&["inbound", "port_not_served"]);
         Arc::new(Self {
             service_name: service_name.to_string(),
             client,
             metrics,
-            reserved,
-            targets: Mutex::new(targets),
+            served,
+            app,
+            targets: Mutex::new(HashMap::new()),
+            refused,
+            warn: WarnLimiter::default(),
         })
     }
 
-    /// Whether `port` may be forwarded to: not 0, not one of the sidecar's.
-    pub fn allowed(&self, port: u16) -> bool {
-        port != 0 && !self.reserved.contains(&port)
+    /// Whether `port` is one the app serves (and not one of the sidecar's).
+    pub fn serves(&self, port: u16) -> bool {
+        self.served.contains(port)
     }
 
-    /// The app on `127.0.0.1:port`; `None` for a port that is not allowed.
-    pub fn get(&self, port: u16) -> Option<Arc<Target>> {
-        if !self.allowed(port) {
+    /// Where a connection to `dialed` (the address it came in on, with the
+    /// port it names) goes: `--inbound-app` for its port, else `dialed`
+    /// itself (an IPv4-mapped address as IPv4).
+    pub fn address(&self, dialed: SocketAddr) -> SocketAddr {
+        match &self.app {
+            Some((app, _)) if app.port() == dialed.port() => *app,
+            _ => SocketAddr::new(dialed.ip().to_canonical(), dialed.port()),
+        }
+    }
+
+    /// The app at [`AppPorts::address`]`(dialed)`; `None` for a port the app
+    /// does not serve (the caller refuses it with [`AppPorts::refuse`]).
+    pub fn get(&self, dialed: SocketAddr) -> Option<Arc<Target>> {
+        if !self.serves(dialed.port()) {
             return None;
         }
+        let addr = self.address(dialed);
+        if let Some((app, target)) = &self.app {
+            if *app == addr {
+                return Some(Arc::clone(target));
+            }
+        }
         let mut targets = self.targets.lock().unwrap_or_else(|p| p.into_inner());
-        let target = targets.entry(port).or_insert_with(|| {
-            app_target(
-                &self.service_name,
-                SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-                self.client,
-                &self.metrics,
-            )
-        });
+        let target = targets
+            .entry(addr)
+            .or_insert_with(|| app_target(&self.service_name, addr, self.client, &self.metrics));
         Some(Arc::clone(target))
+    }
+
+    /// Counts a refused `port` and says so, at most once a second: anyone
+    /// who reaches the inbound port can cause this at will. `how`: what
+    /// named the port.
+    pub fn refuse(&self, peer: SocketAddr, port: u16, how: &'static str) {
+        self.refused.inc();
+        if let Some(suppressed) = self.warn.allow() {
+            tracing::warn!(
+                %peer,
+                port,
+                named_by = how,
+                suppressed,
+                "refused: port not served (not the app's, see --inbound-ports)"
+            );
+        }
     }
 }

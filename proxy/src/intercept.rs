@@ -16,8 +16,10 @@
 //! listener itself) is served as it always was.
 //!
 //! Inbound (with `--inbound-transparent`), a redirected connection is for the
-//! app on `127.0.0.1:<original port>`. In strict mode it must be mTLS like
-//! any other; otherwise a plaintext connection to an opaque port, or one that
+//! app at its original destination (the pod IP and the port dialed), if the
+//! app serves that port ([`AppPorts`]); any other port is refused with a
+//! reset, as a closed port would be. In strict mode it must be mTLS like any
+//! other; otherwise a plaintext connection to an opaque port, or one that
 //! does not start like HTTP, is carried as bytes to the app.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
@@ -43,6 +45,9 @@ pub const DETECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// redirected (or the kernel has no NAT record of it).
 pub fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
     let local = stream.local_addr().ok()?;
+    // An IPv4 connection on a dual-stack IPv6 socket (`--inbound-listen
+    // [::]:4143`) shows IPv4-mapped addresses, but its NAT record is IPv4.
+    let local = SocketAddr::new(local.ip().to_canonical(), local.port());
     let orig = match local {
         SocketAddr::V4(_) => {
             let sin = getsockopt(stream, sockopt::OriginalDst).ok()?;
@@ -126,7 +131,7 @@ pub enum InboundConn {
     Http(Destination),
     /// Bytes straight to the app's port.
     Opaque,
-    /// A port the sidecar does not forward to.
+    /// A port the app does not serve (or one of the sidecar's own).
     Refused,
 }
 
@@ -149,7 +154,7 @@ impl Inbound {
 
     pub async fn classify(&self, stream: &TcpStream, dst: SocketAddr) -> InboundConn {
         let port = dst.port();
-        if !self.ports.allowed(port) {
+        if !self.ports.serves(port) {
             return InboundConn::Refused;
         }
         // Strict takes mTLS only: the accept that follows refuses the rest.
@@ -158,7 +163,7 @@ impl Inbound {
         {
             return InboundConn::Opaque;
         }
-        match self.ports.get(port) {
+        match self.ports.get(dst) {
             Some(target) => InboundConn::Http(Destination {
                 target,
                 endpoint: None,
@@ -168,9 +173,11 @@ impl Inbound {
         }
     }
 
-    pub fn app(&self) -> crate::tcp::InboundApp<'_> {
+    /// What an opaque connection that came in on `local` is checked against.
+    pub fn app(&self, local: SocketAddr) -> crate::tcp::InboundApp<'_> {
         crate::tcp::InboundApp {
             service: &self.service,
+            local,
             ports: &self.ports,
             authz: &self.authz,
         }

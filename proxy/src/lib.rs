@@ -31,3 +31,4 @@ pub mod stack;
 pub mod targets;
 pub mod tcp;
 pub mod trace_context;
+pub mod warn_limit;

@@ -236,7 +236,7 @@ impl Metrics {
         let protocol_rejections = IntCounterVec::new(
             Opts::new(
                 "tern_protocol_rejections_total",
-                "Connections and requests refused or cut off by a protocol limit, by listener and reason (max_connections, fd_reserve, handshake_timeout, idle_timeout, client_resets, header_list_size, response_header_list_size, accept_error).",
+                "Connections and requests refused or cut off by a protocol limit, by listener and reason (max_connections, fd_reserve, handshake_timeout, idle_timeout, client_resets, header_list_size, response_header_list_size, accept_error, port_not_served: inbound to a port the app does not serve).",
             ),
             &["listener", "reason"],
         )?;

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -27,8 +27,8 @@ use crate::inbound::AppPorts;
 use crate::routes::Routes;
 
 /// The port an intercepted request was sent to, told by the calling sidecar
-/// to the receiving one, whose transparent inbound forwards it to
-/// `127.0.0.1:<port>` (an app may listen on several). Never reaches the app.
+/// to the receiving one, whose transparent inbound forwards it to that port
+/// of the app if the app serves it ([`AppPorts`]). Never reaches the app.
 pub const DST_PORT: HeaderName = HeaderName::from_static("tern-dst-port");
 
 /// Where an intercepted connection was going, in each of its requests.
@@ -40,6 +40,19 @@ pub struct Destination {
     /// The port the app dialed (outbound), sent on as [`DST_PORT`].
     pub port: Option<u16>,
 }
+
+/// The two ends of the connection a request came on, in its extensions.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnAddrs {
+    /// The address the client dialed (on the inbound port: the pod IP).
+    pub local: SocketAddr,
+    pub peer: SocketAddr,
+}
+
+/// The request named a port ([`DST_PORT`]) the app does not serve:
+/// [`Forward`] answers it with [`ProxyError::PortNotServed`].
+#[derive(Clone, Copy, Debug)]
+pub struct UnservedPort(pub u16);
 
 /// Every attempt of the request goes to this endpoint (see [`Destination`]).
 #[derive(Clone, Copy, Debug)]
@@ -210,10 +223,10 @@ where
             }
             Selector::Local { app, ports } => {
                 let named = dst_port.and_then(|v| v.to_str().ok()?.parse::<u16>().ok());
-                let dest = req.extensions().get::<Destination>().map(|d| &d.target);
-                match (dest, named, ports) {
-                    (Some(t), _, _) => Some(Arc::clone(t)),
-                    (None, Some(port), Some(ports)) => ports.get(port),
+                let dest = req.extensions().get::<Destination>();
+                match (dest.map(|d| Arc::clone(&d.target)), named, ports) {
+                    (Some(t), _, _) => Some(t),
+                    (None, Some(port), Some(ports)) => named_port(&mut req, ports, port),
                     _ => app.clone(),
                 }
             }
@@ -223,6 +236,21 @@ where
         }
         self.inner.call(req)
     }
+}
+
+/// The app's `port` at the address the request's connection came in on,
+/// or, for a port the app does not serve, none (and the request is marked
+/// [`UnservedPort`]).
+fn named_port<B>(req: &mut Request<B>, ports: &AppPorts, port: u16) -> Option<Arc<Target>> {
+    let conn = req.extensions().get::<ConnAddrs>().copied();
+    let local = conn.map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |c| c.local.ip());
+    let target = ports.get(SocketAddr::new(local, port));
+    if target.is_none() {
+        let peer = conn.map_or(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)), |c| c.peer);
+        ports.refuse(peer, port, "tern-dst-port");
+        req.extensions_mut().insert(UnservedPort(port));
+    }
+    target
 }
 
 /// The target of an intercepted connection's request; pins the endpoint the
@@ -260,9 +288,12 @@ impl tower::Service<Request<Body>> for Forward {
                 (Some(ep), t) => (ep, t.map(|t| t.balancer.algorithm()).unwrap_or_default()),
                 (None, Some(t)) => (t.balancer.pick(None, None)?, t.balancer.algorithm()),
                 (None, None) => {
+                    if let Some(UnservedPort(port)) = req.extensions().get::<UnservedPort>() {
+                        return Err(ProxyError::PortNotServed { port: *port });
+                    }
                     return Err(ProxyError::NoRoute {
                         authority: authority(&req).to_string(),
-                    })
+                    });
                 }
             };
             // Load-aware balancers need requests in flight counted until the
@@ -356,25 +387,49 @@ mod tests {
         assert_eq!(eps.unwrap(), [addr("10.1.0.9:4143")]);
         assert_eq!((pinned, port), (None, None));
 
+        let served = crate::config::ports::PortSet::parse(&[crate::config::ports::PortItem::Text(
+            "8080,9000,4191".into(),
+        )])
+        .unwrap();
+        let app = target("pay", "127.0.0.1:8080");
         let ports = crate::inbound::AppPorts::new(
             "pay",
             Default::default(),
             Arc::clone(&metrics),
-            vec![4143, 4191],
-            None,
+            &served,
+            &[4143, 4191],
+            Some((addr("127.0.0.1:8080"), Arc::clone(&app))),
         );
         let inbound = Selector::Local {
-            app: Some(target("pay", "127.0.0.1:8080")),
+            app: Some(app),
             ports: Some(ports),
         };
-        let named = |port: &str| Request::builder().header(DST_PORT, port).body(()).unwrap();
+        let named = |port: &str| {
+            let mut req = Request::builder().header(DST_PORT, port).body(()).unwrap();
+            req.extensions_mut().insert(ConnAddrs {
+                local: addr("10.1.0.7:4143"),
+                peer: addr("10.1.0.9:40000"),
+            });
+            req
+        };
+        // A served port, at the pod IP the connection came in on.
         let (eps, _, port) = route(&inbound, named("9000")).await;
-        assert_eq!(eps.unwrap(), [addr("127.0.0.1:9000")]);
+        assert_eq!(eps.unwrap(), [addr("10.1.0.7:9000")]);
         assert_eq!(port, None, "the header never reaches the app");
+        // --inbound-app's port goes where it says.
+        let (eps, ..) = route(&inbound, named("8080")).await;
+        assert_eq!(eps.unwrap(), [addr("127.0.0.1:8080")]);
         let (eps, ..) = route(&inbound, Request::new(())).await;
         assert_eq!(eps.unwrap(), [addr("127.0.0.1:8080")]);
-        // The sidecar's own ports are not a destination.
+        // A port the app does not serve, and the sidecar's own ports even when
+        // listed, are not a destination.
+        assert_eq!(route(&inbound, named("6060")).await.0, None);
         assert_eq!(route(&inbound, named("4191")).await.0, None);
+        let refused = metrics
+            .protocol_rejections
+            .with_label_values(&["inbound", "port_not_served"])
+            .get();
+        assert_eq!(refused, 2);
     }
 
     #[test]

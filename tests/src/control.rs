@@ -14,6 +14,11 @@ use crate::http1;
 use crate::process::{binary, repo_root, Proc, START_TIMEOUT};
 
 const CONTROL_READY: &str = "tern-control ready: ";
+
+/// The dev-only flag that lets sidecars without a client certificate subscribe: for the tests
+/// about routing, policies and faults, whose sidecars speak plaintext. Who may subscribe is
+/// tested in `tests/zero_trust.rs`, without it.
+pub const INSECURE_PLAINTEXT: &str = "--insecure-plaintext-subscribers";
 /// How long a SIGKILLed control plane may take to be gone.
 const KILL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -27,7 +32,8 @@ impl ConfigDir {
     /// Creates `parent/mesh/` holding a copy of the demo's `services.yaml` (the `pay` and
     /// `order` Services, no policies) without their declared identities: tern-control lets only
     /// a sidecar with a client certificate for a Service's declared identity register an
-    /// endpoint for it, and the sidecars these tests start have none.
+    /// endpoint for it, and the sidecars these tests start have none (they subscribe in
+    /// plaintext, under [`INSECURE_PLAINTEXT`]).
     pub fn with_demo_services(parent: &Path) -> Result<Self> {
         let text = demo_services()?;
         let text: Vec<&str> = text
@@ -129,8 +135,8 @@ impl Control {
         extra_args: &[String],
         env: &[(&str, String)],
     ) -> Result<Self> {
-        let state_dir = match state_dir_arg(extra_args) {
-            Some(given) => given,
+        let state_dir = match arg_value(extra_args, "--state-dir") {
+            Some(given) => PathBuf::from(given),
             None => dir.join("control-state"),
         };
         let mut args = vec![
@@ -138,12 +144,14 @@ impl Control {
             config_dir.path().display().to_string(),
             "--grpc-listen".to_string(),
             grpc.to_string(),
-            "--admin-listen".to_string(),
-            "127.0.0.1:0".to_string(),
             "--worker-threads".to_string(),
             "1".to_string(),
         ];
-        if state_dir_arg(extra_args).is_none() {
+        if arg_value(extra_args, "--admin-listen").is_none() {
+            args.push("--admin-listen".to_string());
+            args.push("127.0.0.1:0".to_string());
+        }
+        if arg_value(extra_args, "--state-dir").is_none() {
             args.push("--state-dir".to_string());
             args.push(state_dir.display().to_string());
         }
@@ -213,15 +221,15 @@ impl Control {
     }
 }
 
-/// The value of a `--state-dir DIR` or `--state-dir=DIR` among `args`.
-fn state_dir_arg(args: &[String]) -> Option<PathBuf> {
+/// The value of a `FLAG VALUE` or `FLAG=VALUE` among `args`.
+fn arg_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
     let mut it = args.iter();
     while let Some(a) = it.next() {
-        if a == "--state-dir" {
-            return it.next().map(PathBuf::from);
+        if a == flag {
+            return it.next().map(String::as_str);
         }
-        if let Some(v) = a.strip_prefix("--state-dir=") {
-            return Some(PathBuf::from(v));
+        if let Some(v) = a.strip_prefix(flag).and_then(|v| v.strip_prefix('=')) {
+            return Some(v);
         }
     }
     None
@@ -349,15 +357,11 @@ mod tests {
     #[test]
     fn finds_a_given_state_dir() {
         let args = |a: &[&str]| a.iter().map(ToString::to_string).collect::<Vec<_>>();
-        assert_eq!(state_dir_arg(&args(&["--x", "1"])), None);
-        assert_eq!(
-            state_dir_arg(&args(&["--state-dir", "/s"])),
-            Some(PathBuf::from("/s"))
-        );
-        assert_eq!(
-            state_dir_arg(&args(&["--state-dir=/t"])),
-            Some(PathBuf::from("/t"))
-        );
+        let flag = "--state-dir";
+        assert_eq!(arg_value(&args(&["--x", "1"]), flag), None);
+        assert_eq!(arg_value(&args(&["--state-dir", "/s"]), flag), Some("/s"));
+        assert_eq!(arg_value(&args(&["--state-dir=/t"]), flag), Some("/t"));
+        assert_eq!(arg_value(&args(&["--state-dirx=/t"]), flag), None);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The pay topology run by the control plane: `tern-control` watching a config directory, pay
 //! replicas each behind a sidecar that registers them (with a `version` label), and a client
 //! sidecar whose `--upstream` port for `pay` has no endpoints of its own: they come only from
-//! the control plane.
+//! the control plane. The sidecars have no identity and subscribe in plaintext, which
+//! tern-control allows only with [`INSECURE_PLAINTEXT`].
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 use nix::sys::signal::Signal;
 
-use crate::control::{ConfigDir, Control, SidecarView};
+use crate::control::{ConfigDir, Control, SidecarView, INSECURE_PLAINTEXT};
 use crate::demo::{Pay, PAY_SERVICE, PAY_STOP};
 use crate::metrics;
 use crate::process::{free_addr, TestDir};
@@ -81,8 +82,10 @@ impl ControlMesh {
     pub async fn start(label: &str, replicas: &[Replica<'_>], setup: &Setup<'_>) -> Result<Self> {
         let dir = TestDir::new(label)?;
         let config = ConfigDir::with_demo_services(dir.path())?;
-        let control =
-            Control::start(dir.path(), "tern-control", &config, setup.control_args).await?;
+        // The sidecars here have no identity: these tests are about routing and faults.
+        let mut control_args = vec![INSECURE_PLAINTEXT];
+        control_args.extend_from_slice(setup.control_args);
+        let control = Control::start(dir.path(), "tern-control", &config, &control_args).await?;
         let relays = match setup.relays {
             true => Some(Relays {
                 replicas: Relay::start(control.grpc).await?,

@@ -13,7 +13,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use hyper_util::rt::TokioIo;
 use tern_identity::csr::WorkloadKey;
 use tern_identity::tls::{client_config, server_config, server_name, ClientAuth, ALPN_H2};
-use tern_identity::{CertStore, Credentials, SpiffeId};
+use tern_identity::{CertStore, Credentials, SpiffeId, TrustAnchors};
 use tern_proto::identity::v1::identity_client::IdentityClient;
 use tern_proto::identity::v1::CertifyRequest;
 use tokio::net::TcpStream;
@@ -48,16 +48,25 @@ pub async fn start_control(
 
 /// Runs the real `ternctl token create ARGS...` (no `TERN_*` variable inherited).
 pub fn token_create(args: &[&str]) -> Result<Output> {
+    ternctl_token("create", args)
+}
+
+/// Runs the real `ternctl token revoke ARGS...` (no `TERN_*` variable inherited).
+pub fn token_revoke(args: &[&str]) -> Result<Output> {
+    ternctl_token("revoke", args)
+}
+
+fn ternctl_token(command: &str, args: &[&str]) -> Result<Output> {
     let ternctl = binary("ternctl")?;
     let mut cmd = Command::new(&ternctl);
-    cmd.args(["token", "create"]).args(args);
+    cmd.args(["token", command]).args(args);
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("TERN_") {
             cmd.env_remove(key);
         }
     }
     cmd.output()
-        .with_context(|| format!("running {} token create", ternctl.display()))
+        .with_context(|| format!("running {} token {command}", ternctl.display()))
 }
 
 /// A bootstrap token for `namespace`/`service_account`, signed with the key in `state_dir`.
@@ -94,7 +103,7 @@ pub async fn tls_channel(
     control_identity: &str,
     client: Option<(&str, &str)>,
 ) -> Result<Channel> {
-    let roots = Arc::new(tern_identity::pem::roots(anchors_pem.as_bytes())?);
+    let roots = TrustAnchors::from_pem(anchors_pem.as_bytes())?;
     let store = match client {
         None => None,
         Some((chain, key)) => {
@@ -131,6 +140,19 @@ pub async fn certify(
     identity: &str,
     token: &str,
 ) -> Result<(String, String), tonic::Status> {
+    certify_with(grpc, anchors_pem, control_identity, identity, token, None).await
+}
+
+/// Like [`certify`], presenting `client` (chain PEM, key PEM) on the TLS connection when given:
+/// a renewal, as a sidecar that holds a certificate makes it.
+pub async fn certify_with(
+    grpc: SocketAddr,
+    anchors_pem: &str,
+    control_identity: &str,
+    identity: &str,
+    token: &str,
+    client: Option<(&str, &str)>,
+) -> Result<(String, String), tonic::Status> {
     let key = WorkloadKey::generate().map_err(|e| tonic::Status::internal(e.to_string()))?;
     let csr = match SpiffeId::parse(identity) {
         Ok(id) => key
@@ -139,7 +161,7 @@ pub async fn certify(
         // Still ask: the control plane is the one to refuse it.
         Err(_) => String::new(),
     };
-    let channel = tls_channel(grpc, anchors_pem, control_identity, None)
+    let channel = tls_channel(grpc, anchors_pem, control_identity, client)
         .await
         .map_err(|e| tonic::Status::unavailable(format!("{e:#}")))?;
     let request = CertifyRequest {
@@ -185,7 +207,7 @@ pub async fn verify_chain(
     key_pem: &str,
     identity: &str,
 ) -> Result<()> {
-    let roots = Arc::new(tern_identity::pem::roots(anchors_pem.as_bytes())?);
+    let roots = TrustAnchors::from_pem(anchors_pem.as_bytes())?;
     let store = CertStore::new();
     store.set(credentials(chain_pem, key_pem)?);
     let server = server_config(store, Arc::clone(&roots), ClientAuth::Optional)?;

@@ -37,6 +37,8 @@ pub mod proxy;
 pub mod python;
 pub mod raw_grpc;
 pub mod relay;
+pub mod roots;
+pub mod subscribe;
 
 use std::future::Future;
 use std::time::Duration;

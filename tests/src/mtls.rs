@@ -40,6 +40,18 @@ impl MeshCa {
         Self::with_control(dir, control, anchors)
     }
 
+    /// tern-control over an empty mesh config with `extra_args` that give it its CA as files
+    /// (`--ca-anchor`, `--ca-issuer-cert`, `--ca-issuer-key`); sidecars trust `anchors`.
+    pub async fn start_with_ca_files(
+        dir: &Path,
+        extra_args: &[&str],
+        anchors: PathBuf,
+    ) -> Result<Self> {
+        let config = ConfigDir::with_services(dir, "# No Service documents.\n")?;
+        let control = Control::start(dir, "tern-control", &config, extra_args).await?;
+        Self::with_control(dir, control, anchors)
+    }
+
     /// Like [`MeshCa::start_with`], the gRPC port listening on `grpc` (an address other
     /// network namespaces reach, say).
     pub async fn start_on(dir: &Path, config: &ConfigDir, grpc: SocketAddr) -> Result<Self> {

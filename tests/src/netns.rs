@@ -7,8 +7,11 @@
 //! its own IP and a default route via the gateway; its processes run through `ip netns exec`,
 //! the sidecar as UID [`PROXY_UID`] through `setpriv`, as a kubelet would run an injected pod.
 //! Dropping the network deletes every namespace it made (and with them their interfaces).
+//!
+//! The network is dual-stack: besides its IPv4 /24, a /64 of IPv6 unique local addresses
+//! (fd74:6e::/32), with the gateway at `::1` and each pod at `::<n>` as well.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -40,6 +43,9 @@ pub fn missing_prerequisite() -> Option<String> {
         "iptables",
         "iptables-save",
         "iptables-legacy",
+        "ip6tables",
+        "ip6tables-save",
+        "ip6tables-legacy",
         "setpriv",
     ] {
         let found = Command::new(tool).arg("--version").output().is_ok();
@@ -107,8 +113,24 @@ impl Network {
         )?;
         let gateway = format!("{}/24", net.gateway());
         run("ip", &["addr", "add", &gateway, "dev", &root_if])?;
+        let gateway6 = format!("{}/64", net.gateway6());
+        run(
+            "ip",
+            &["-6", "addr", "add", &gateway6, "dev", &root_if, "nodad"],
+        )?;
         run("ip", &["link", "set", &root_if, "up"])?;
         Ok(net)
+    }
+
+    /// The root namespace's IPv6 address on the network.
+    pub fn gateway6(&self) -> Ipv6Addr {
+        self.ip6(1)
+    }
+
+    /// `fd74:6e:X:Y::n`, X and Y the bytes that make the IPv4 /24 unique.
+    fn ip6(&self, n: u16) -> Ipv6Addr {
+        let [_, b, c] = self.prefix;
+        Ipv6Addr::new(0xfd74, 0x6e, b.into(), c.into(), 0, 0, 0, n)
     }
 
     /// The root namespace's address on the network (where tern-control listens).
@@ -126,8 +148,18 @@ impl Network {
         Ok(name)
     }
 
-    /// A pod on the bridge, with the next free address.
+    /// A pod on the bridge, with the next free addresses (IPv4 and IPv6).
     pub fn pod(&mut self, name: &str) -> Result<Pod> {
+        self.pod_with(name, true)
+    }
+
+    /// A pod with an IPv6 address only (its `ip` is unspecified), like a pod in an IPv6-only
+    /// cluster: IPv4 exists only on its loopback.
+    pub fn pod_ipv6_only(&mut self, name: &str) -> Result<Pod> {
+        self.pod_with(name, false)
+    }
+
+    fn pod_with(&mut self, name: &str, ipv4: bool) -> Result<Pod> {
         self.pods += 1;
         let k = self.pods;
         let ns = self.netns(name)?;
@@ -145,19 +177,36 @@ impl Network {
         )?;
         run("ip", &["link", "set", &veth, "netns", &ns])?;
         run("ip", &["-n", &ns, "link", "set", &veth, "name", "eth0"])?;
-        let [a, b, c] = self.prefix;
-        let ip = Ipv4Addr::new(a, b, c, 1 + k);
-        run(
-            "ip",
-            &["-n", &ns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"],
-        )?;
         run("ip", &["-n", &ns, "link", "set", "eth0", "up"])?;
-        let gateway = self.gateway().to_string();
+        let [a, b, c] = self.prefix;
+        let ip = match ipv4 {
+            true => Ipv4Addr::new(a, b, c, 1 + k),
+            false => Ipv4Addr::UNSPECIFIED,
+        };
+        if ipv4 {
+            let cidr = format!("{ip}/24");
+            run("ip", &["-n", &ns, "addr", "add", &cidr, "dev", "eth0"])?;
+            let gateway = self.gateway().to_string();
+            run(
+                "ip",
+                &["-n", &ns, "route", "add", "default", "via", &gateway],
+            )?;
+        }
+        // IPv6 too, without duplicate address detection (it would delay the address).
+        let ip6 = self.ip6(u16::from(1 + k));
+        let cidr6 = format!("{ip6}/64");
         run(
             "ip",
-            &["-n", &ns, "route", "add", "default", "via", &gateway],
+            &[
+                "-n", &ns, "-6", "addr", "add", &cidr6, "dev", "eth0", "nodad",
+            ],
         )?;
-        Ok(Pod { ns, ip })
+        let gateway6 = self.gateway6().to_string();
+        run(
+            "ip",
+            &["-n", &ns, "-6", "route", "add", "default", "via", &gateway6],
+        )?;
+        Ok(Pod { ns, ip, ip6 })
     }
 }
 
@@ -170,16 +219,21 @@ impl Drop for Network {
     }
 }
 
-/// One pod: a network namespace and its IP.
+/// One pod: a network namespace and its IPv4 and IPv6 addresses.
 #[derive(Clone, Debug)]
 pub struct Pod {
     pub ns: String,
     pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
 }
 
 impl Pod {
     pub fn addr(&self, port: u16) -> SocketAddr {
         SocketAddr::from((self.ip, port))
+    }
+
+    pub fn addr6(&self, port: u16) -> SocketAddr {
+        SocketAddr::from((self.ip6, port))
     }
 
     /// Runs `program args...` in the pod (as root) and waits for it.
@@ -208,8 +262,8 @@ impl Pod {
         self.exec("setpriv", &all)
     }
 
-    /// `iptables-save` of the nat table without comments and counters: equal after an
-    /// idempotent rerun.
+    /// `iptables-save` (or `ip6tables-save`...) of the nat table without comments and counters:
+    /// equal after an idempotent rerun.
     pub fn nat_rules(&self, save: &str) -> Result<String> {
         let out = self.exec(save, &["-t", "nat"])?;
         if !out.status.success() {
@@ -346,9 +400,33 @@ impl Pod {
         .await
     }
 
+    /// The sidecar's `GET /config`, asked from the pod's own loopback: the only peer it answers
+    /// without `--admin-expose-config`.
+    pub async fn local_config(&self) -> Result<String> {
+        let url = "http://127.0.0.1:4191/config";
+        let out = self.exec("curl", &["-sS", "--fail", "--max-time", "5", url])?;
+        if !out.status.success() {
+            return Err(anyhow!(
+                "curl {url} in {}: {}",
+                self.ns,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The sidecar's admin port (4191), on the pod's IPv4 address, or its IPv6 one in an
+    /// IPv6-only pod.
+    pub fn admin(&self) -> SocketAddr {
+        match self.ip.is_unspecified() {
+            true => self.addr6(4191),
+            false => self.addr(4191),
+        }
+    }
+
     /// The sum of the samples of `name` with `labels` on the sidecar's admin port (4191).
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
-        let text = crate::http1::get(self.addr(4191), "/metrics").await?.text();
+        let text = crate::http1::get(self.admin(), "/metrics").await?.text();
         Ok(crate::metrics::sum(
             &crate::metrics::parse(&text)?,
             name,

@@ -195,8 +195,6 @@ impl Mesh {
                 &init_image,
                 "--proxy-uid",
                 "2102",
-                "--inbound-ports",
-                spec.ports,
             ])
             .await?;
         ensure!(ok, "tern-init in {} failed:\n{out}\n{err}", spec.name);
@@ -214,6 +212,8 @@ impl Mesh {
             ),
             "TERN_INBOUND_LISTEN=0.0.0.0:4143".into(),
             "TERN_INBOUND_TRANSPARENT=true".into(),
+            // tern-init redirects every port; the sidecar forwards to these only.
+            format!("TERN_INBOUND_PORTS={}", spec.ports),
             // Mesh connections arrive at the inbound port itself; redirected ones keep their port.
             format!(
                 "TERN_INBOUND_APP=127.0.0.1:{}",

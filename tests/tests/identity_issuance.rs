@@ -199,70 +199,58 @@ async fn the_control_plane_presents_its_own_identity() {
         .unwrap();
 }
 
-/// A sidecar with no identity still subscribes over plaintext `http://`. Without a client
-/// certificate a Hello may not claim an identity, nor register an endpoint of a Service that
-/// declares one; with pay's certificate the pay endpoint registers and callers see it with
-/// pay's identity, unless the Hello claims another identity than the certificate's.
+/// Registration is decided by the client certificate, not the Hello: without one a Subscribe is
+/// refused (whatever it claims); with pay's certificate the pay endpoint registers and callers see
+/// it with pay's identity, unless the Hello claims another identity than the certificate's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registration_follows_the_client_certificate() {
     let cp = start("identity-registration").await;
     let grpc = cp.control.grpc;
 
-    let (snapshot, _order) = subscribe(
-        plaintext(&cp).await,
+    for h in [
         hello("order", "", "127.0.0.1:7002", &["pay"]),
-    )
-    .await
-    .unwrap();
-    assert!(snapshot.version > 0);
-
-    let e = subscribe(
-        plaintext(&cp).await,
         hello("pay", "", "127.0.0.1:7001", &[]),
-    )
-    .await
-    .unwrap_err();
-    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
-    let e = subscribe(plaintext(&cp).await, hello("order", ORDER, "", &[]))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
-    assert!(
-        e.message()
-            .contains("an identity needs a client certificate"),
-        "{e:?}"
-    );
+        hello("order", ORDER, "", &[]),
+    ] {
+        let e = subscribe(plaintext(&cp).await, h).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+        assert!(e.message().contains("client certificate"), "{e:?}");
+    }
 
-    let token = mint_token(&cp.control.state_dir, "default", "pay").must();
-    let (chain, key) = certify(grpc, &cp.anchors, CONTROL_IDENTITY, PAY, &token)
-        .await
-        .unwrap();
-    let with_cert = || {
-        tls_channel(
-            grpc,
-            &cp.anchors,
-            CONTROL_IDENTITY,
-            Some((chain.as_str(), key.as_str())),
-        )
+    let certificate = |sa: &'static str, id: &'static str| {
+        let cp = &cp;
+        async move {
+            let token = mint_token(&cp.control.state_dir, "default", sa).must();
+            let (chain, key) = certify(grpc, &cp.anchors, CONTROL_IDENTITY, id, &token)
+                .await
+                .unwrap();
+            let client = Some((chain.as_str(), key.as_str()));
+            tls_channel(grpc, &cp.anchors, CONTROL_IDENTITY, client)
+                .await
+                .must()
+        }
     };
     let e = subscribe(
-        with_cert().await.must(),
+        certificate("pay", PAY).await,
         hello("pay", ORDER, "127.0.0.1:7001", &[]),
     )
     .await
     .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     let _pay = subscribe(
-        with_cert().await.must(),
+        certificate("pay", PAY).await,
         hello("pay", "", "127.0.0.1:7001", &[]),
     )
     .await
     .unwrap();
 
     // A caller subscribing now sees the endpoint with the identity the certificate proved.
-    let (snapshot, _caller) = subscribe(plaintext(&cp).await, hello("order", "", "", &["pay"]))
-        .await
-        .unwrap();
+    let (snapshot, _caller) = subscribe(
+        certificate("order", ORDER).await,
+        hello("order", "", "", &["pay"]),
+    )
+    .await
+    .unwrap();
     let pay = snapshot.services.iter().find(|s| s.name == "pay").unwrap();
     let endpoints: Vec<(&str, &str)> = pay
         .endpoints

@@ -203,7 +203,13 @@ async fn pods_reach_each_other_through_both_sidecars() {
     let ca = MeshCa::start_on(dir.path(), &config, SocketAddr::from((net.gateway(), 0)))
         .await
         .must();
-    let echo_extra = ["--inbound-app", "127.0.0.1:50051", "--inbound-transparent"];
+    let echo_extra = [
+        "--inbound-app",
+        "127.0.0.1:50051",
+        "--inbound-transparent",
+        "--inbound-ports",
+        "7000-7002",
+    ];
     let _proxy_b = b.sidecar(dir.path(), &ca, "echo", &echo_extra).await.must();
     let client_extra = ["--virtual-ip", "echo=10.96.77.10", "--opaque-ports", "7001"];
     let _proxy_a = a
@@ -212,7 +218,7 @@ async fn pods_reach_each_other_through_both_sidecars() {
         .must();
     // Pod A learns B's endpoint from the control plane.
     eventually(Duration::from_secs(10), || async {
-        let config = http1::get(a.addr(4191), "/config").await?.text();
+        let config = a.local_config().await?;
         let seen = config.contains(&b.addr(4143).to_string());
         Ok((!seen).then_some(config))
     })
@@ -381,7 +387,7 @@ async fn pods_reach_each_other_through_both_sidecars() {
     // and no TCP connection of it.
     config.write("authz.yaml", ECHO_CALLERS).must();
     eventually(Duration::from_secs(10), || async {
-        let config = http1::get(b.addr(4191), "/config").await?.text();
+        let config = b.local_config().await?;
         Ok((!config.contains("echo-callers")).then_some(config))
     })
     .await
@@ -410,7 +416,7 @@ async fn pods_reach_each_other_through_both_sidecars() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn transparent_inbound_reaches_every_app_port() {
+async fn transparent_inbound_reaches_every_port_the_app_serves() {
     if let Some(skip) = prerequisites() {
         return skip.must();
     }
@@ -441,11 +447,14 @@ async fn transparent_inbound_reaches_every_app_port() {
         .wait_for_line("tcp-greeter listening on", START_TIMEOUT)
         .await
         .must();
-    // No identity (inbound plaintext), no --inbound-app: every port is the one dialed.
+    // No identity (inbound plaintext), no --inbound-app: every port is the one dialed, if the
+    // app serves it.
     let proxy_args = [
         "--service-name",
         "plain",
         "--inbound-transparent",
+        "--inbound-ports",
+        "50051,7000-7001",
         "--opaque-ports",
         "7000",
         "--admin-listen",

@@ -289,6 +289,17 @@ impl Ca {
         &self.issuer_facts
     }
 
+    /// Whether `anchors` may replace the bundle in force: each is a CA certificate valid now,
+    /// and the issuer chains to one of them (a bundle without the issuer's root would make
+    /// every certificate this CA signs untrusted).
+    pub fn check_anchors(&self, anchors: &[CertificateDer<'_>]) -> anyhow::Result<()> {
+        let now = SystemTime::now();
+        for a in anchors {
+            ca_facts(a, "trust anchor", now)?;
+        }
+        verify_path(&self.issuer_chain, anchors)
+    }
+
     /// The trust anchors as rustls roots.
     pub fn roots(&self) -> anyhow::Result<RootCertStore> {
         tern_identity::pem::roots(self.anchor_pem.as_bytes()).context("trust anchor")

@@ -297,7 +297,7 @@ fn csrs_must_be_signed_and_name_exactly_the_identity() {
 async fn issued_chains_pass_a_mesh_handshake() {
     let tmp = tempfile::tempdir().unwrap();
     let ca = state_ca(tmp.path());
-    let roots = Arc::new(ca.roots().unwrap());
+    let roots = tern_identity::TrustAnchors::from_pem(ca.anchor_pem().as_bytes()).unwrap();
     let server_store = CertStore::new();
     server_store.set(credentials(&ca, "pay"));
     let client_store = CertStore::new();
@@ -345,4 +345,26 @@ async fn issued_chains_pass_a_mesh_handshake() {
     server_store.set(credentials(&state_ca(other.path()), "pay"));
     let (_, client_ok) = handshake("spiffe://cluster.local/ns/default/sa/pay").await;
     assert!(!client_ok);
+}
+
+/// During a root rotation the anchor file may gain a root, but never lose the one the issuer
+/// chains to, and it holds CA certificates only.
+#[test]
+fn a_new_anchor_bundle_must_keep_the_issuers_root() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ca = state_ca(a.path());
+    let other = state_ca(b.path());
+    let certs = |pem: &str| tern_identity::pem::certs(pem.as_bytes()).unwrap();
+    let own = certs(ca.anchor_pem());
+    let foreign = certs(other.anchor_pem());
+    ca.check_anchors(&own).unwrap();
+    ca.check_anchors(&[own.clone(), foreign.clone()].concat())
+        .unwrap();
+    ca.check_anchors(&[foreign.clone(), own.clone()].concat())
+        .unwrap();
+    let err = ca.check_anchors(&foreign).unwrap_err().to_string();
+    assert!(err.contains("not signed by the trust anchor"), "{err}");
+    let leaf = credentials(&ca, "pay").chain()[0].clone();
+    let err = ca.check_anchors(&[own, vec![leaf]].concat()).unwrap_err();
+    assert!(err.to_string().contains("not a CA"), "{err}");
 }

@@ -9,6 +9,7 @@ use tern_proto::identity::v1::identity_server::Identity as _;
 use tonic::Code;
 
 use super::*;
+use crate::tokens::revoked::RevocationList;
 use crate::tokens::LocalTokens;
 
 const PAY: &str = "spiffe://cluster.local/ns/default/sa/pay";
@@ -18,6 +19,7 @@ struct Fixture {
     service: IdentityService,
     key: TokenKey,
     metrics: Arc<Metrics>,
+    revoked: std::path::PathBuf,
 }
 
 fn fixture() -> Fixture {
@@ -33,7 +35,9 @@ fn fixture() -> Fixture {
             Arc::new(tokens),
             Duration::from_secs(3600),
             Arc::clone(&metrics),
-        ),
+        )
+        .with_revocation_list(RevocationList::new(dir.path().join("revoked-tokens"))),
+        revoked: dir.path().join("revoked-tokens"),
         metrics,
         _dir: dir,
     }
@@ -59,7 +63,7 @@ impl Fixture {
             .unwrap()
             .csr_pem(&SpiffeId::parse(csr_for).unwrap())
             .unwrap();
-        self.call(identity, token, csr, true).await
+        self.call_as(identity, token, csr, None).await
     }
 
     async fn call(
@@ -69,16 +73,43 @@ impl Fixture {
         csr_pem: String,
         tls: bool,
     ) -> Result<pb::CertifyResponse, Status> {
+        let conn = ConnInfo {
+            remote: Some("127.0.0.1:40000".parse().unwrap()),
+            tls,
+            peer_identity: None,
+        };
+        self.call_with(identity, token, csr_pem, conn).await
+    }
+
+    /// Over TLS, presenting a client certificate for `peer` when given.
+    async fn call_as(
+        &self,
+        identity: &str,
+        token: &str,
+        csr_pem: String,
+        peer: Option<&str>,
+    ) -> Result<pb::CertifyResponse, Status> {
+        let conn = ConnInfo {
+            remote: Some("127.0.0.1:40000".parse().unwrap()),
+            tls: true,
+            peer_identity: peer.map(Arc::from),
+        };
+        self.call_with(identity, token, csr_pem, conn).await
+    }
+
+    async fn call_with(
+        &self,
+        identity: &str,
+        token: &str,
+        csr_pem: String,
+        conn: ConnInfo,
+    ) -> Result<pb::CertifyResponse, Status> {
         let mut request = Request::new(pb::CertifyRequest {
             identity: identity.into(),
             token: token.into(),
             csr_pem,
         });
-        request.extensions_mut().insert(ConnInfo {
-            remote: Some("127.0.0.1:40000".parse().unwrap()),
-            tls,
-            peer_identity: None,
-        });
+        request.extensions_mut().insert(conn);
         self.service
             .certify(request)
             .await
@@ -222,4 +253,55 @@ fn setup_issues_the_control_planes_own_certificate() {
     assert_eq!(json["control_plane_identity"], own.identity.as_str());
     assert_eq!(json["trust_domain"], "cluster.local");
     assert_eq!(json["workload_certificate_lifetime"], "1day");
+}
+
+fn csr(identity: &str) -> String {
+    WorkloadKey::generate()
+        .unwrap()
+        .csr_pem(&SpiffeId::parse(identity).unwrap())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_expired_token_renews_only_a_live_certificate_of_its_identity() {
+    let f = fixture();
+    let expired = f.key.sign(&Claims {
+        namespace: "default".into(),
+        service_account: "pay".into(),
+        expires: Some(1),
+        id: new_id(),
+    });
+    let order = "spiffe://cluster.local/ns/default/sa/order";
+    for peer in [None, Some(order)] {
+        let e = f.call_as(PAY, &expired, csr(PAY), peer).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{peer:?}");
+        assert!(e.message().contains("expired"), "{e:?}");
+    }
+    f.call_as(PAY, &expired, csr(PAY), Some(PAY)).await.unwrap();
+    assert_eq!(f.metrics.certificates_issued.get(), 1);
+}
+
+#[tokio::test]
+async fn a_revoked_token_is_refused_at_once() {
+    let f = fixture();
+    let token = f.token("pay");
+    f.certify(PAY, &token, PAY).await.unwrap();
+    let id = f.key.open(&token).unwrap().id;
+    std::fs::write(&f.revoked, format!("someone-else\n{id}  # leaked\n")).unwrap();
+    for peer in [None, Some(PAY)] {
+        let e = f.call_as(PAY, &token, csr(PAY), peer).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated);
+        assert!(
+            e.message().contains(&format!("token {id} is revoked")),
+            "{e:?}"
+        );
+    }
+    assert_eq!(f.refusals("revoked"), 2);
+    // Another token for the same identity still works.
+    f.certify(PAY, &f.token("pay"), PAY).await.unwrap();
+    // A list that cannot be read fails closed.
+    std::fs::remove_file(&f.revoked).unwrap();
+    std::fs::create_dir(&f.revoked).unwrap();
+    let e = f.certify(PAY, &f.token("pay"), PAY).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
 }

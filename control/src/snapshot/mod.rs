@@ -299,7 +299,9 @@ impl Interest {
     ) -> BTreeSet<u64> {
         let watching = views.iter().filter_map(|k| self.watchers.get(k));
         let owning = inbound.iter().filter_map(|k| self.owners.get(k));
-        let all = (!views.is_empty()).then_some(&self.all);
+        // A policy change can change which services an all_services
+        // subscriber may call, and so what it is sent.
+        let all = (!views.is_empty() || !inbound.is_empty()).then_some(&self.all);
         watching
             .chain(owning)
             .chain(all)

@@ -50,6 +50,7 @@ fn register(r: &mut Registry, name: &str, addr: &str, version: &str) -> bool {
             identity: None,
         },
     )
+    .unwrap()
 }
 
 #[test]

@@ -181,14 +181,11 @@ async fn registration_follows_the_verified_identity() {
     let mut w = workload("pay", Some("127.0.0.1:7001"));
     w.identity = Some("spiffe://cluster.local/ns/default/sa/order".into());
     let e = m.subscribe(w.clone(), calls(&[])).err().unwrap();
-    assert!(matches!(e, SubscribeError::IdentityMismatch { .. }), "{e}");
+    assert!(matches!(e, Refusal::NotAdmitted { .. }), "{e}");
     // No certificate: no endpoint for a Service that declares an identity...
     w.identity = None;
     let e = m.subscribe(w.clone(), calls(&[])).err().unwrap();
-    assert!(
-        matches!(e, SubscribeError::CertificateRequired { .. }),
-        "{e}"
-    );
+    assert!(matches!(e, Refusal::CertificateRequired { .. }), "{e}");
     assert!(e.to_string().contains("client certificate"), "{e}");
     // ...but it may still call others without registering one.
     w.address = None;
@@ -296,4 +293,79 @@ fn a_subscriber_watching_all_services_hears_of_every_one() {
         .unwrap();
     assert!(sub.woken.has_changed().unwrap());
     assert_eq!(names(&m), ["inventory", "ledger", "pay"]);
+}
+
+#[test]
+fn all_services_shows_its_namespace_and_what_it_may_call() {
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let grace = Duration::from_secs(1);
+    let ledger = ServiceKey::new("finance", "ledger");
+    let all = Workload {
+        all_services: true,
+        ..workload("order", None)
+    };
+    for (authz_default, want) in [
+        (Action::Deny, vec!["default/inventory", "default/pay"]),
+        (
+            Action::Allow,
+            vec!["default/inventory", "default/pay", "finance/ledger"],
+        ),
+    ] {
+        let m = Mesh::with_authz_default(config(MESH), grace, Arc::clone(&metrics), authz_default);
+        let w = Workload {
+            key: ledger.clone(),
+            ..workload("ledger", Some("127.0.0.1:7101"))
+        };
+        let _ledger = m.subscribe(w, calls(&[])).unwrap();
+        let names = |calls: BTreeSet<ServiceKey>| -> Vec<String> {
+            let sub = m.subscribe(all.clone(), calls).unwrap();
+            let built = m.build(sub.subscriber.id).unwrap();
+            let name = |s: &Arc<View<pb::ServiceConfig>>| {
+                format!("{}/{}", s.message.namespace, s.message.name)
+            };
+            built.services.iter().map(name).collect()
+        };
+        assert_eq!(names(calls(&[])), want, "{authz_default:?}");
+        // Named, another namespace's service is sent whatever the policy.
+        let named = names([ledger.clone()].into());
+        assert!(named.contains(&"finance/ledger".to_owned()), "{named:?}");
+    }
+}
+
+#[test]
+fn a_verified_identity_subscribes_only_as_the_service_it_is_admitted_to() {
+    let m = mesh(Duration::from_secs(1));
+    let order_id = "spiffe://cluster.local/ns/default/sa/order";
+    // inventory declares no identity: it admits default's `inventory` account only.
+    for address in [Some("127.0.0.1:7003"), None] {
+        let mut w = workload("inventory", address);
+        w.identity = Some(order_id.into());
+        let e = m.subscribe(w, calls(&[])).err().unwrap();
+        assert_eq!(e.reason(), "not_admitted");
+        assert!(
+            e.to_string()
+                .contains("spiffe://cluster.local/ns/default/sa/inventory"),
+            "{e}"
+        );
+    }
+    let mut w = workload("order", Some("127.0.0.1:7002"));
+    w.identity = Some(order_id.into());
+    assert!(m.subscribe(w, calls(&[])).is_ok());
+}
+
+#[test]
+fn an_address_held_by_another_identity_is_refused() {
+    let m = mesh(Duration::from_secs(1));
+    let _pay = m
+        .subscribe(workload("pay", Some("127.0.0.1:7001")), calls(&[]))
+        .unwrap();
+    let e = m
+        .subscribe(workload("inventory", Some("127.0.0.1:7001")), calls(&[]))
+        .err()
+        .unwrap();
+    assert_eq!(e.reason(), "address_held");
+    assert_eq!(e.status().code(), tonic::Code::AlreadyExists);
+    assert!(e.to_string().contains(PAY_ID), "{e}");
+    let state = m.state();
+    assert_eq!(state["subscribers"].as_array().unwrap().len(), 1, "{state}");
 }

@@ -345,10 +345,12 @@ pub fn interpret(status: StatusCode, body: &[u8], token: &str) -> Result<Reviewe
         .or(user.uid.map(|uid| format!("uid:{uid}")))
         .map(|id| truncate(&scrub(&id, token), 128).to_owned())
         .unwrap_or_else(|| "kubernetes".into());
+    // The API server refuses expired ServiceAccount tokens itself.
     Ok(Reviewed {
         namespace: namespace.to_owned(),
         service_account: service_account.to_owned(),
         token_id,
+        expired: false,
     })
 }
 

@@ -30,6 +30,9 @@ impl ControlPlane {
     /// Starts `bin` on ports chosen by the OS and waits for its ready line.
     /// Its output goes to `log_dir/control.{stdout,stderr}`; its CA and token
     /// key are generated in `log_dir/state` (unless `extra` names a `--state-dir`).
+    /// The fake sidecars speak plaintext, so it runs with
+    /// `--insecure-plaintext-subscribers`: these tests are about the push
+    /// protocol; who may subscribe is tested in `tests/tests/zero_trust.rs`.
     pub async fn start(
         bin: &Path,
         config_dir: &Path,
@@ -43,6 +46,7 @@ impl ControlPlane {
             "127.0.0.1:0".to_owned(),
             "--admin-listen".to_owned(),
             "127.0.0.1:0".to_owned(),
+            "--insecure-plaintext-subscribers".to_owned(),
         ];
         if !extra.iter().any(|a| a.starts_with("--state-dir")) {
             args.push("--state-dir".to_owned());

@@ -18,7 +18,8 @@ fn the_proxy_gets_its_environment() {
         ("TERN_ADVERTISE", "$(POD_IP):4143"),
         ("TERN_INBOUND_LISTEN", "0.0.0.0:4143"),
         ("TERN_INBOUND_TRANSPARENT", "true"),
-        ("TERN_INBOUND_APP", "127.0.0.1:50051"),
+        ("TERN_INBOUND_PORTS", "50051"),
+        ("TERN_INBOUND_APP", "$(POD_IP):50051"),
         ("TERN_OUTBOUND_LISTEN", "127.0.0.1:4140"),
         ("TERN_ADMIN_LISTEN", "0.0.0.0:4191"),
         ("TERN_CONTROL_PLANE", "https://tern-control.tern.svc:8090"),
@@ -162,8 +163,6 @@ fn the_init_container_alone_gets_net_admin() {
             "4140",
             "--proxy-admin-port",
             "4191",
-            "--inbound-ports",
-            "50051"
         ]
     );
     let sc = &init["securityContext"];
@@ -184,11 +183,34 @@ fn the_init_container_alone_gets_net_admin() {
 }
 
 #[test]
+fn every_inbound_port_is_redirected_and_the_proxy_forwards_to_the_served_ones() {
+    let text = DEPLOYMENT.replace(
+        "  namespace: default\n",
+        "  namespace: default\n  annotations:\n    tern.dev/inbound-ports: \"9000-9002\"\n    \
+         tern.dev/skip-inbound-ports: \"9001\"\n",
+    );
+    let spec = injected_spec(&text);
+    let proxy = container(&spec, "containers", PROXY_CONTAINER).unwrap();
+    let vars = env(proxy);
+    let ports = vars.iter().find(|(k, _)| k == "TERN_INBOUND_PORTS");
+    assert_eq!(ports.map(|(_, v)| v.as_str()), Some("9000,9002,50051"));
+    let init = container(&spec, "initContainers", INIT_CONTAINER).unwrap();
+    let args: Vec<&str> = init["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(!args.contains(&"--inbound-ports"), "{args:?}");
+    assert_eq!(args[8..], ["--skip-inbound-ports", "9001"]);
+}
+
+#[test]
 fn skip_annotations_become_init_flags() {
     let text = DEPLOYMENT.replace(
         "  namespace: default\n",
         "  namespace: default\n  annotations:\n    tern.dev/skip-inbound-ports: \"9000, 9100-9200\"\n    \
-         tern.dev/skip-outbound-ports: \"5432\"\n    tern.dev/skip-outbound-cidrs: 10.0.0.0/8,169.254.169.254\n",
+         tern.dev/skip-outbound-ports: \"5432\"\n    tern.dev/skip-outbound-cidrs: 10.0.0.0/8,169.254.169.254,fd00:ec2::254\n",
     );
     let spec = injected_spec(&text);
     let init = container(&spec, "initContainers", INIT_CONTAINER).unwrap();
@@ -199,22 +221,24 @@ fn skip_annotations_become_init_flags() {
         .map(|a| a.as_str().unwrap())
         .collect();
     assert_eq!(
-        args[10..],
+        args[8..],
         [
             "--skip-inbound-ports",
             "9000,9100-9200",
             "--skip-outbound-ports",
             "5432",
             "--skip-outbound-cidrs",
-            "10.0.0.0/8,169.254.169.254"
+            "10.0.0.0/8,169.254.169.254,fd00:ec2::254"
         ]
     );
     for (key, bad) in [
         ("tern.dev/skip-inbound-ports", "80,http"),
+        ("tern.dev/inbound-ports", "9000-"),
         ("tern.dev/skip-outbound-ports", "9-3"),
         ("tern.dev/skip-outbound-cidrs", "10.0.0.0/33"),
         ("tern.dev/skip-outbound-cidrs", "10.0.0.1/8"),
-        ("tern.dev/skip-outbound-cidrs", "fd00::/8"),
+        ("tern.dev/skip-outbound-cidrs", "fd00::1/8"),
+        ("tern.dev/skip-outbound-cidrs", "fd00::/129"),
         ("tern.dev/app-port", "0"),
         ("tern.dev/inbound-tls", "sometimes"),
         ("tern.dev/native-sidecar", "yes"),
@@ -316,7 +340,7 @@ fn the_app_port_is_the_first_tcp_port_or_the_annotated_one() {
     let proxy = container(&spec, "containers", PROXY_CONTAINER).unwrap();
     assert_eq!(
         env_of(proxy, "TERN_INBOUND_APP").as_deref(),
-        Some("127.0.0.1:50051")
+        Some("$(POD_IP):50051")
     );
     let annotated = DEPLOYMENT.replace(
         "  namespace: default\n",
@@ -326,7 +350,7 @@ fn the_app_port_is_the_first_tcp_port_or_the_annotated_one() {
     let proxy = container(&spec, "containers", PROXY_CONTAINER).unwrap();
     assert_eq!(
         env_of(proxy, "TERN_INBOUND_APP").as_deref(),
-        Some("127.0.0.1:8080")
+        Some("$(POD_IP):8080")
     );
     assert_eq!(env_of(proxy, "TERN_INBOUND_TLS").as_deref(), Some("strict"));
     // No port at all: no inbound listener.

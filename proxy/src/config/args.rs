@@ -56,9 +56,15 @@ pub struct Args {
     pub watch_all_services: Option<bool>,
 
     /// Transparent inbound: connections iptables redirected to the inbound
-    /// listener go to 127.0.0.1:<the port they were sent to> [default: false].
+    /// listener go to the app on <the IP and port they were sent to> (the pod
+    /// IP, never loopback), if it is a port the app serves [default: false].
     #[arg(long, env = "TERN_INBOUND_TRANSPARENT", num_args = 0..=1, default_missing_value = "true")]
     pub inbound_transparent: Option<bool>,
+
+    /// Ports the app serves besides --inbound-app's (e.g. 8080,9000-9010): the only ones
+    /// transparent inbound forwards to; any other port is refused [default: none].
+    #[arg(long, env = "TERN_INBOUND_PORTS", value_delimiter = ',')]
+    pub inbound_ports: Vec<String>,
 
     /// Ports carried as opaque TCP, no protocol detection (e.g. 3306,6379,7000-7010).
     #[arg(long, env = "TERN_OPAQUE_PORTS", value_delimiter = ',')]
@@ -76,6 +82,11 @@ pub struct Args {
     /// Admin listener: /metrics, /ready, /live, /config, /shutdown [default: 127.0.0.1:4191].
     #[arg(long, env = "TERN_ADMIN_LISTEN")]
     pub admin_listen: Option<String>,
+
+    /// Serve /config to any peer, not only loopback (it maps the mesh: services, endpoints,
+    /// identities, policies); `kubectl port-forward` reaches it without this [default: false].
+    #[arg(long, env = "TERN_ADMIN_EXPOSE_CONFIG", num_args = 0..=1, default_missing_value = "true")]
+    pub admin_expose_config: Option<bool>,
 
     /// NAME=ADDR: an explicit outbound port; every request accepted on ADDR goes to service NAME.
     #[arg(long = "upstream", env = "TERN_UPSTREAMS", value_delimiter = ';')]
@@ -249,15 +260,17 @@ impl Args {
         if self.inbound_transparent.is_some() {
             f.inbound.transparent = self.inbound_transparent;
         }
+        if !self.inbound_ports.is_empty() {
+            f.inbound.ports = port_items(&self.inbound_ports);
+        }
         if !self.opaque_ports.is_empty() {
-            f.opaque_ports = self
-                .opaque_ports
-                .iter()
-                .map(|p| super::ports::PortItem::Text(p.clone()))
-                .collect();
+            f.opaque_ports = port_items(&self.opaque_ports);
         }
         set(&mut f.outbound.listen, &self.outbound_listen);
         set(&mut f.admin.listen, &self.admin_listen);
+        if self.admin_expose_config.is_some() {
+            f.admin.expose_config = self.admin_expose_config;
+        }
         set(&mut f.dns.nameserver, &self.dns_nameserver);
         set(&mut f.access_log, &self.access_log);
         set(&mut f.drain_grace, &self.drain_grace);
@@ -341,6 +354,12 @@ impl Args {
         set(&mut l.max_connections, &self.max_connections);
         set(&mut l.response_timeout, &self.response_timeout);
     }
+}
+
+fn port_items(list: &[String]) -> Vec<super::ports::PortItem> {
+    list.iter()
+        .map(|p| super::ports::PortItem::Text(p.clone()))
+        .collect()
 }
 
 fn split_pair<'a>(flag: &str, value: &'a str) -> Result<(&'a str, &'a str), ConfigError> {

@@ -7,6 +7,7 @@
 
 pub mod args;
 pub mod identity;
+pub mod inbound;
 pub mod limits;
 pub mod policy;
 pub mod ports;
@@ -19,6 +20,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use identity::{IdentityConfig, IdentityFile, InboundTls};
+pub use inbound::{InboundConfig, InboundFile};
 use limits::{ClientLimits, Limits, LimitsFile};
 use policy::{PolicyFile, ServicePolicy};
 use ports::{PortItem, PortSet};
@@ -69,16 +71,6 @@ pub struct FileConfig {
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct InboundFile {
-    pub listen: Option<String>,
-    pub app: Option<String>,
-    /// Connections redirected here by iptables go to the app on
-    /// `127.0.0.1:<the port they were sent to>`.
-    pub transparent: Option<bool>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
 pub struct OutboundFile {
     pub listen: Option<String>,
 }
@@ -87,6 +79,8 @@ pub struct OutboundFile {
 #[serde(deny_unknown_fields)]
 pub struct AdminFile {
     pub listen: Option<String>,
+    /// Serve `/config` to peers off loopback too (default: loopback only).
+    pub expose_config: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -128,6 +122,8 @@ pub struct Config {
     pub inbound: Option<InboundConfig>,
     pub outbound_listen: SocketAddr,
     pub admin_listen: SocketAddr,
+    /// `/config` answers any peer, not only loopback.
+    pub admin_expose_config: bool,
     pub dns_nameserver: Option<SocketAddr>,
     pub access_log: AccessLogTarget,
     #[serde(with = "humantime_serde_compat")]
@@ -152,16 +148,6 @@ impl Config {
             max_header_list_size: self.limits.max_header_list_size,
         }
     }
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct InboundConfig {
-    pub listen: SocketAddr,
-    /// Where HTTP from other sidecars goes when nothing names another port.
-    pub app: Option<SocketAddr>,
-    /// Redirected connections (and requests naming a port) go to
-    /// `127.0.0.1:<port>`.
-    pub transparent: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -213,10 +199,21 @@ fn err(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
 }
 
 fn addr(field: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    let value = value.trim();
     value
-        .trim()
         .parse()
-        .map_err(|_| err(field, format!("{value:?} is not an IP:port address")))
+        .ok()
+        .or_else(|| bare_ipv6(value))
+        .ok_or_else(|| err(field, format!("{value:?} is not an IP:port address")))
+}
+
+/// `fd00::5:4143`: an IPv6 address and a port without the brackets, which
+/// is what Kubernetes makes of `$(POD_IP):4143` in an IPv6 pod. A port is
+/// always expected here, so the last group is it.
+fn bare_ipv6(value: &str) -> Option<SocketAddr> {
+    let (ip, port) = value.rsplit_once(':')?;
+    let ip: std::net::Ipv6Addr = ip.parse().ok()?;
+    Some(SocketAddr::from((ip, port.parse::<u16>().ok()?)))
 }
 
 fn duration(field: &str, value: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
@@ -254,18 +251,6 @@ impl FileConfig {
                 format!("{namespace:?} is not a DNS label"),
             ));
         }
-        let transparent = self.inbound.transparent.unwrap_or(false);
-        let inbound = match (&self.inbound.app, transparent) {
-            (None, false) => None,
-            (app, _) => Some(InboundConfig {
-                listen: addr(
-                    "inbound.listen",
-                    self.inbound.listen.as_deref().unwrap_or("0.0.0.0:4143"),
-                )?,
-                app: app.as_deref().map(|a| addr("inbound.app", a)).transpose()?,
-                transparent,
-            }),
-        };
         let opaque_ports =
             PortSet::parse(&self.opaque_ports).map_err(|e| err("opaque_ports", e))?;
         let outbound_listen = addr(
@@ -276,6 +261,9 @@ impl FileConfig {
             "admin.listen",
             self.admin.listen.as_deref().unwrap_or("127.0.0.1:4191"),
         )?;
+        let inbound = self
+            .inbound
+            .validate(&[outbound_listen.port(), admin_listen.port()])?;
         let dns_nameserver = match self.dns.nameserver.as_deref() {
             None | Some("") | Some("system") => None,
             Some(v) => Some(addr("dns.nameserver", v)?),
@@ -479,6 +467,7 @@ impl FileConfig {
             inbound,
             outbound_listen,
             admin_listen,
+            admin_expose_config: self.admin.expose_config.unwrap_or(false),
             dns_nameserver,
             access_log,
             drain_grace,

@@ -37,6 +37,10 @@ impl PortSet {
         self.bits[usize::from(port / 64)] |= 1 << (port % 64);
     }
 
+    pub fn remove(&mut self, port: u16) {
+        self.bits[usize::from(port / 64)] &= !(1 << (port % 64));
+    }
+
     pub fn is_empty(&self) -> bool {
         self.bits.iter().all(|w| *w == 0)
     }

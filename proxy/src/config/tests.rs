@@ -263,3 +263,77 @@ fn yaml_takes_opaque_ports_as_numbers_or_ranges() {
         Some("10.96.0.20".parse().unwrap())
     );
 }
+
+#[test]
+fn admin_config_is_loopback_only_unless_exposed() {
+    let c = parse(&["--service-name", "pay"]).unwrap();
+    assert!(!c.admin_expose_config);
+    let c = parse(&["--service-name", "pay", "--admin-expose-config"]).unwrap();
+    assert!(c.admin_expose_config);
+    let c = parse(&["--service-name", "pay", "--admin-expose-config=false"]).unwrap();
+    assert!(!c.admin_expose_config);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tern.yaml");
+    std::fs::write(&path, "service_name: pay\nadmin:\n  expose_config: true\n").unwrap();
+    let c = parse(&["--config", path.to_str().unwrap()]).unwrap();
+    assert!(c.admin_expose_config);
+}
+
+#[test]
+fn inbound_ports_are_the_apps_and_never_the_sidecars() {
+    let c = parse(&[
+        "--inbound-transparent",
+        "--inbound-app",
+        "127.0.0.1:8080",
+        "--inbound-ports",
+        "9000-9002,7000",
+    ])
+    .unwrap();
+    let ports = c.inbound.unwrap().ports;
+    assert_eq!(ports.to_string(), "7000,8080,9000-9002");
+    // Without --inbound-ports, transparent inbound serves the app's port alone.
+    let c = parse(&["--inbound-transparent"]).unwrap();
+    assert!(c.inbound.unwrap().ports.is_empty());
+    for (args, why) in [
+        (
+            ["--inbound-transparent", "--inbound-ports", "4143"],
+            "sidecar's own",
+        ),
+        (
+            ["--inbound-transparent", "--inbound-ports", "4191"],
+            "sidecar's own",
+        ),
+        (
+            ["--inbound-transparent", "--inbound-ports", "http"],
+            "not a port",
+        ),
+        (
+            ["--inbound-transparent=false", "--inbound-ports", "8080"],
+            "needs inbound.transparent",
+        ),
+    ] {
+        let e = parse(&args).unwrap_err();
+        assert_eq!(e.field, "inbound.ports", "{e}");
+        assert!(e.reason.contains(why), "{e}");
+    }
+}
+
+#[test]
+fn ipv6_addresses_may_come_without_brackets() {
+    // What Kubernetes makes of `$(POD_IP):4143` in an IPv6 pod.
+    let c = parse(&[
+        "--advertise",
+        "fd00:10:1::5:4143",
+        "--inbound-app",
+        "[fd00:10:1::5]:8080",
+    ])
+    .unwrap();
+    assert_eq!(c.advertise, Some("[fd00:10:1::5]:4143".parse().unwrap()));
+    assert_eq!(
+        c.inbound.unwrap().app,
+        Some("[fd00:10:1::5]:8080".parse().unwrap())
+    );
+    for bad in ["fd00::1", "fd00::1:http", "10.0.0.1"] {
+        assert_eq!(parse(&["--advertise", bad]).unwrap_err().field, "advertise");
+    }
+}

@@ -25,7 +25,7 @@ pub async fn connect(url: &str, identity: Option<&Arc<Identity>>) -> Result<Chan
     let plain = url.replacen("https://", "http://", 1);
     let config = tern_identity::tls::client_config(
         Some(Arc::clone(&identity.store)),
-        Arc::clone(&identity.roots),
+        Arc::clone(&identity.anchors),
         Arc::clone(&identity.control_plane_identity),
         &[ALPN_H2],
     )

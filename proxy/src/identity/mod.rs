@@ -7,8 +7,11 @@
 //! handshake time, so a renewal changes what new handshakes present without
 //! touching open connections. [`tls`] holds the two ends: dialing an
 //! endpoint with its expected identity checked, and accepting on the inbound
-//! port in strict or permissive mode.
+//! port in strict or permissive mode. The trust anchors are a bundle that
+//! [`anchors`] reloads when its file changes (a ConfigMap update during a
+//! root rotation); every handshake checks against the bundle in force.
 
+pub mod anchors;
 pub mod issue;
 pub mod tls;
 
@@ -16,10 +19,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
-use prometheus::{Gauge, IntCounterVec};
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use prometheus::{Gauge, IntCounterVec, IntGauge};
+use rustls::{ClientConfig, ServerConfig};
 use tern_identity::tls::{ClientAuth, ALPN_H2, ALPN_HTTP1, ALPN_TERN_TCP};
-use tern_identity::{CertStore, SpiffeId};
+use tern_identity::{CertStore, SpiffeId, TrustAnchors};
 
 use crate::config::identity::IdentityConfig;
 use crate::metrics::Metrics;
@@ -57,7 +60,9 @@ impl Alpn {
 pub struct Identity {
     pub id: SpiffeId,
     pub store: Arc<CertStore>,
-    pub roots: Arc<RootCertStore>,
+    /// The bundle in force, replaced by [`anchors::follow`].
+    pub anchors: Arc<TrustAnchors>,
+    pub anchors_file: std::path::PathBuf,
     /// Inbound: a mesh client certificate is always required on TLS connections.
     pub server: Arc<ServerConfig>,
     pub control_plane_identity: Arc<str>,
@@ -72,6 +77,8 @@ pub struct TlsMetrics {
     pub handshakes: IntCounterVec,
     pub cert_expiry: Gauge,
     pub renewals: IntCounterVec,
+    pub anchor_reloads: IntCounterVec,
+    pub anchors_in_force: IntGauge,
 }
 
 impl TlsMetrics {
@@ -101,6 +108,27 @@ impl TlsMetrics {
             ),
             &["result"],
         )?;
+        let anchor_reloads = IntCounterVec::new(
+            prometheus::Opts::new(
+                "tern_identity_trust_anchor_reloads_total",
+                "Changes of the trust-anchor bundle file, by result: ok (in force) or rejected (unreadable, empty or unparsable; the last good bundle stays).",
+            ),
+            &["result"],
+        )?;
+        let anchors_in_force = IntGauge::new(
+            "tern_identity_trust_anchors",
+            "Roots in the trust-anchor bundle in force.",
+        )?;
+        // Both results exist from the start, so a refusal shows as 0 → 1, not as a new series.
+        for result in ["ok", "rejected"] {
+            anchor_reloads.with_label_values(&[result]);
+        }
+        metrics
+            .registry
+            .register(Box::new(anchor_reloads.clone()))?;
+        metrics
+            .registry
+            .register(Box::new(anchors_in_force.clone()))?;
         metrics
             .registry
             .register(Box::new(handshake_failures.clone()))?;
@@ -112,34 +140,38 @@ impl TlsMetrics {
             handshakes,
             cert_expiry,
             renewals,
+            anchor_reloads,
+            anchors_in_force,
         })
     }
 }
 
 impl Identity {
-    /// Reads the trust anchors; the certificate itself arrives later from [`issue`].
+    /// Reads the trust anchors (a bad bundle at start is fatal: there is no last good one);
+    /// the certificate itself arrives later from [`issue`].
     pub fn load(config: &IdentityConfig, metrics: &Metrics) -> anyhow::Result<Arc<Self>> {
-        let pem = std::fs::read(&config.trust_anchors)
-            .with_context(|| format!("reading trust anchors {}", config.trust_anchors.display()))?;
-        let roots = Arc::new(
-            tern_identity::pem::roots(&pem)
-                .with_context(|| format!("trust anchors {}", config.trust_anchors.display()))?,
-        );
+        let path = &config.trust_anchors;
+        let file = tern_identity::AnchorsFile::open(path)
+            .with_context(|| format!("trust anchors {}", path.display()))?;
+        let anchors = Arc::clone(file.anchors());
         let store = CertStore::new();
         let server = tern_identity::tls::server_config(
             Arc::clone(&store),
-            Arc::clone(&roots),
+            Arc::clone(&anchors),
             ClientAuth::Required,
         )
         .context("inbound TLS config")?;
+        let metrics = TlsMetrics::register(metrics).context("TLS metrics")?;
+        metrics.anchors_in_force.set(gauge(anchors.current().len()));
         Ok(Arc::new(Self {
             id: config.id.clone(),
             store,
-            roots,
+            anchors,
+            anchors_file: path.clone(),
             server,
             control_plane_identity: Arc::clone(&config.control_plane_identity),
             clients: Mutex::new(HashMap::new()),
-            metrics: TlsMetrics::register(metrics).context("TLS metrics")?,
+            metrics,
         }))
     }
 
@@ -157,7 +189,7 @@ impl Identity {
         }
         let config = tern_identity::tls::client_config(
             Some(Arc::clone(&self.store)),
-            Arc::clone(&self.roots),
+            Arc::clone(&self.anchors),
             Arc::clone(expected),
             &[alpn.id()],
         )?;
@@ -169,4 +201,8 @@ impl Identity {
     pub fn is_ready(&self) -> bool {
         self.store.is_valid()
     }
+}
+
+fn gauge(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }

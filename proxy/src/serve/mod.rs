@@ -16,12 +16,12 @@
 //! destination outside the mesh, or opaque TCP (ALPN `tern.tcp/1` from
 //! another sidecar); those go to [`crate::tcp`].
 
+pub mod bind;
 pub mod conn_state;
 pub mod fd_budget;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -44,9 +44,11 @@ use crate::config::limits::Limits;
 use crate::identity::tls::{Accepted, Inbound};
 use crate::intercept::{self, InboundConn, OutboundConn};
 use crate::limits::hard_header_list_size;
-use crate::router::Destination;
+use crate::router::{ConnAddrs, Destination};
+use crate::warn_limit::WarnLimiter;
 use conn_state::{ConnState, Tracked};
 
+#[derive(Clone)]
 pub struct ConnMetrics {
     pub open: IntGauge,
     pub accepted: IntCounter,
@@ -91,34 +93,8 @@ pub fn server_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     b
 }
 
-/// At most one warning per second for a kind of event an attacker can make
-/// happen at will (failed accepts, failed handshakes); the rest are counted
-/// and their number given with the next line that is written.
-#[derive(Default)]
-pub struct WarnLimiter {
-    next_ms: AtomicU64,
-    suppressed: AtomicU64,
-}
-
-impl WarnLimiter {
-    /// `Some(n)`: write the line now, mentioning `n` suppressed since the last.
-    pub fn allow(&self) -> Option<u64> {
-        let now = crate::accrual::now_ms();
-        let next = self.next_ms.load(Ordering::Relaxed);
-        if now >= next
-            && self
-                .next_ms
-                .compare_exchange(next, now + 1000, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            return Some(self.suppressed.swap(0, Ordering::Relaxed));
-        }
-        self.suppressed.fetch_add(1, Ordering::Relaxed);
-        None
-    }
-}
-
 /// What a listener does with each connection besides serving HTTP.
+#[derive(Clone)]
 pub enum Mode {
     /// Every connection is HTTP (admin, explicit upstream ports).
     Http,
@@ -131,6 +107,7 @@ pub enum Mode {
 }
 
 /// One listener: its name (logs), its HTTP stack, and how it treats connections.
+#[derive(Clone)]
 pub struct Listener<S> {
     pub name: &'static str,
     pub svc: S,
@@ -230,6 +207,7 @@ struct Ctx<S> {
 struct ConnInfo {
     tls: Option<ConnTls>,
     dest: Option<Destination>,
+    addrs: Option<ConnAddrs>,
 }
 
 impl<S, B> Ctx<S>
@@ -245,7 +223,13 @@ where
 {
     async fn connection(&self, stream: TcpStream, peer: SocketAddr) {
         let name = self.l.name;
-        let mut info = ConnInfo::default();
+        let Ok(local) = stream.local_addr() else {
+            return; // the connection is already gone
+        };
+        let mut info = ConnInfo {
+            addrs: Some(ConnAddrs { local, peer }),
+            ..ConnInfo::default()
+        };
         match &self.l.mode {
             Mode::Outbound(out) => {
                 if let Some(dst) = intercept::original_dst(&stream) {
@@ -265,12 +249,11 @@ where
                     match inb.classify(&stream, dst).await {
                         InboundConn::Http(dest) => info.dest = Some(dest),
                         InboundConn::Opaque => {
-                            return inb.tcp.to_app(stream, peer, dst.port(), inb.app()).await
+                            return inb.tcp.to_app(stream, peer, inb.app(dst)).await
                         }
                         InboundConn::Refused => {
-                            let why = "a redirected connection to one of the sidecar's ports";
-                            tracing::warn!(listener = name, %peer, %dst, "refused {why}");
-                            return;
+                            inb.ports.refuse(peer, dst.port(), "redirected connection");
+                            return crate::tcp::reset(stream);
                         }
                     }
                 }
@@ -296,7 +279,10 @@ where
             Ok(Accepted::Tls(stream, conn_tls)) => {
                 let opaque = stream.get_ref().1.alpn_protocol() == Some(ALPN_TERN_TCP);
                 if let (true, Mode::Inbound(inb)) = (opaque, &self.l.mode) {
-                    return inb.tcp.from_mesh(stream, peer, conn_tls, inb.app()).await;
+                    return inb
+                        .tcp
+                        .from_mesh(stream, peer, conn_tls, inb.app(local))
+                        .await;
                 }
                 info.tls = Some(conn_tls);
                 self.http(stream, peer, info).await
@@ -392,6 +378,9 @@ where
         }
         if let Some(dest) = &self.info.dest {
             req.extensions_mut().insert(dest.clone());
+        }
+        if let Some(addrs) = self.info.addrs {
+            req.extensions_mut().insert(addrs);
         }
         Tracked::new(self.inner.call(req), &self.state)
     }

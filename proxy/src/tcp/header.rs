@@ -11,8 +11,8 @@
 //! +------+---------+-----------+-----------+
 //! ```
 //!
-//! The peer checks it, authorizes the caller's identity and connects to
-//! `127.0.0.1:<port>`, then answers with one status byte ([`Status`]): `0`
+//! The peer checks it (a port the app serves), authorizes the caller's
+//! identity and connects to the app's port, then answers with one status byte ([`Status`]): `0`
 //! and the connection carries the two apps' bytes from then on, unchanged in
 //! both directions (a half-close is passed on); anything else, and the peer
 //! closes the connection. The status comes before any byte of the app, so a
@@ -38,7 +38,7 @@ pub enum Status {
     AppRefused = 1,
     /// The inbound authorization policy does not allow the caller.
     Denied = 2,
-    /// The port is one of the sidecar's own.
+    /// The app does not serve the port (or it is one of the sidecar's own).
     PortNotAllowed = 3,
     BadHeader = 4,
 }

@@ -1,7 +1,7 @@
 //! Inbound opaque TCP: from another sidecar (`tern.tcp/1`), or redirected
 //! plaintext for an opaque port of the app.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 
 use tern_identity::ConnTls;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -17,14 +17,16 @@ use crate::metrics::Direction;
 pub struct InboundApp<'a> {
     /// The local service (metric labels, logs).
     pub service: &'a str,
+    /// The address the connection came in on: the app is reached at its IP.
+    pub local: SocketAddr,
     pub ports: &'a AppPorts,
     pub authz: &'a SharedPolicy,
 }
 
 impl Tcp {
     /// A sidecar's `tern.tcp/1` connection (already through mTLS, `tls`):
-    /// reads the header, checks the port and the caller, connects to the
-    /// app on loopback, answers, then carries the bytes.
+    /// reads the header, checks the port (one the app serves) and the
+    /// caller, connects to the app, answers, then carries the bytes.
     pub async fn from_mesh<S>(
         &self,
         mut conn: S,
@@ -49,10 +51,11 @@ impl Tcp {
                 return self.finish(&r);
             }
         };
-        let local = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let local = app.ports.address(SocketAddr::new(app.local.ip(), port));
         r.original_dst = Some(local);
         let peer_identity = r.tls.peer_identity.clone();
-        let refused = if !app.ports.allowed(port) {
+        let refused = if !app.ports.serves(port) {
+            app.ports.refuse(peer, port, "tern.tcp/1 header");
             Some(Status::PortNotAllowed)
         } else if !app.authz.load().allows(peer_identity.as_deref(), None) {
             self.authz_denied
@@ -64,7 +67,10 @@ impl Tcp {
         };
         if let Some(status) = refused {
             let caller = peer_identity.as_deref().unwrap_or("");
-            tracing::warn!(%peer, port, caller, ?status, "refused an opaque TCP connection");
+            // A refused port was logged by `refuse`, rate-limited.
+            if status != Status::PortNotAllowed {
+                tracing::warn!(%peer, port, caller, ?status, "refused an opaque TCP connection");
+            }
             let _ = header::answer(&mut conn, status).await;
             r.failed(status.outcome(), format!("{status:?}"));
             return self.finish(&r);
@@ -86,20 +92,15 @@ impl Tcp {
         self.finish(&r);
     }
 
-    /// A redirected plaintext connection for the app's `port` (opaque, or
-    /// not HTTP): straight to `127.0.0.1:port`, if the policy lets callers
-    /// without an identity in.
-    pub async fn to_app(
-        &self,
-        mut client: TcpStream,
-        peer: SocketAddr,
-        port: u16,
-        app: InboundApp<'_>,
-    ) {
+    /// A redirected plaintext connection for a port the app serves (opaque,
+    /// or not HTTP): straight to the app at the address it was sent to
+    /// (`app.local`), if the policy lets callers without an identity in.
+    pub async fn to_app(&self, mut client: TcpStream, peer: SocketAddr, app: InboundApp<'_>) {
         let _live = self.enter();
         let mut r = Record::new(Direction::Inbound, app.service, peer);
-        let local = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        r.original_dst = Some(local);
+        let port = app.local.port();
+        let local = app.ports.address(app.local);
+        r.original_dst = Some(app.local);
         if !app.authz.load().allows(None, None) {
             self.authz_denied
                 .with_label_values(&[app.service, ""])

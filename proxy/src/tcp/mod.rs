@@ -9,7 +9,7 @@
 //!   endpoints, over mTLS with the [`header`] when both sides have an
 //!   identity ([`outbound`]);
 //! - inbound: a sidecar's `tern.tcp/1` connection (header, authorization,
-//!   then the app on loopback), or a redirected plaintext connection to an
+//!   then the app, at the pod IP), or a redirected plaintext connection to an
 //!   opaque port of the app ([`inbound`]).
 //!
 //! Each connection counts in `tern_tcp_connections_total{direction, service,
@@ -242,7 +242,7 @@ struct Line<'a> {
 
 /// Closes a client connection with a reset: the closest an accepted
 /// connection can come to "connection refused".
-fn reset(client: TcpStream) {
+pub(crate) fn reset(client: TcpStream) {
     let _ = client.set_zero_linger();
     drop(client);
 }

@@ -44,6 +44,9 @@ enum Cmd {
         /// The :authority to send instead of the target address.
         #[arg(long)]
         authority: Option<String>,
+        /// KEY=VALUE request metadata sent with every call (repeatable).
+        #[arg(long)]
+        metadata: Vec<String>,
     },
     Tcp {
         #[arg(long)]
@@ -71,7 +74,8 @@ async fn main() {
             target,
             calls,
             authority,
-        } => grpc(target, calls, authority).await,
+            metadata,
+        } => grpc(target, calls, authority, &metadata).await,
         Cmd::Tcp {
             target,
             greeting,
@@ -96,6 +100,7 @@ async fn grpc(
     target: SocketAddr,
     calls: u32,
     authority: Option<String>,
+    extra: &[String],
 ) -> Result<(serde_json::Value, bool)> {
     let mut endpoint = tonic::transport::Endpoint::from_shared(format!("http://{target}"))?
         .connect_timeout(TIMEOUT)
@@ -113,10 +118,17 @@ async fn grpc(
     let mut first_error = None;
     let mut metadata = Vec::new();
     for i in 0..calls {
-        let request = EchoRequest {
+        let mut request = tonic::Request::new(EchoRequest {
             message: format!("call {i}"),
             ..Default::default()
-        };
+        });
+        for pair in extra {
+            let (key, value) = pair
+                .split_once('=')
+                .ok_or_else(|| anyhow!("--metadata {pair:?} is not KEY=VALUE"))?;
+            let key: tonic::metadata::AsciiMetadataKey = key.parse()?;
+            request.metadata_mut().insert(key, value.parse()?);
+        }
         match client.unary(request).await {
             Ok(reply) => {
                 let reply = reply.into_inner();

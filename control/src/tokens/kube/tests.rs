@@ -69,6 +69,7 @@ fn authenticated_service_account_is_reviewed() {
             namespace: "default".into(),
             service_account: "pay".into(),
             token_id: "7a1c-jti".into(),
+            expired: false,
         }
     );
     // No audiences in the answer (an older API server): still accepted; no
