@@ -34,11 +34,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     // Watch first, then load: a change made in between is then seen twice
     // (harmless) rather than never.
+    let options = args.load_options();
     let watching = Watching::start(dir)
-        .with_context(|| format!("watching the config directory {}", dir.display()))?;
+        .with_context(|| format!("watching the config directory {}", dir.display()))?
+        .with_options(options);
     // No last good config exists yet, so a bad one at start is fatal: better
     // a clear crash than serving an empty mesh.
-    let config = config::load_dir(dir).map_err(|e| anyhow::anyhow!("invalid mesh config:\n{e}"))?;
+    let config = config::load_dir_with(dir, options)
+        .map_err(|e| anyhow::anyhow!("invalid mesh config:\n{e}"))?;
     tracing::info!(
         dir = %dir.display(),
         services = config.services.len(),
@@ -75,6 +78,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Arc::clone(&metrics),
         shutdown.clone(),
     ));
+    let listed = crate::discovery::start(
+        args.discovery,
+        args.trust_domain()?,
+        Arc::clone(&mesh),
+        Arc::clone(&metrics.discovery),
+        shutdown.clone(),
+    )
+    .await?;
     tokio::spawn(admin::serve(
         admin_listener,
         Admin {
@@ -158,7 +169,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .map(|a| format!(" webhook={a}"))
         .unwrap_or_default();
     println!("tern-control ready: grpc={grpc_addr} admin={admin_addr}{webhook_field}");
-    ready.store(true, Ordering::Release);
+    mark_ready(&ready, listed, shutdown.clone());
 
     tokio::pin!(server);
     tokio::select! {
@@ -177,6 +188,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     admin_stop.cancel();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// `/ready` turns 200 now, or once discovery has listed the cluster (unless
+/// shutdown began meanwhile).
+fn mark_ready(
+    ready: &Arc<AtomicBool>,
+    mut listed: tokio::sync::watch::Receiver<bool>,
+    shutdown: CancellationToken,
+) {
+    if *listed.borrow() {
+        ready.store(true, Ordering::Release);
+        return;
+    }
+    let ready = Arc::clone(ready);
+    tokio::spawn(async move {
+        if listed.wait_for(|l| *l).await.is_ok() && !shutdown.is_cancelled() {
+            ready.store(true, Ordering::Release);
+        }
+    });
 }
 
 async fn wait_for_signal() {

@@ -18,6 +18,17 @@ pub struct Args {
     #[arg(long, env = "TERN_CONTROL_CONFIG_DIR")]
     pub config_dir: PathBuf,
 
+    /// Where services come from besides the config directory and self-registration: `config`
+    /// (nowhere else) or `kubernetes` (also the cluster's Services, EndpointSlices and Pods,
+    /// through KUBECONFIG or the in-cluster service account).
+    #[arg(
+        long,
+        env = "TERN_CONTROL_DISCOVERY",
+        value_enum,
+        default_value = "config"
+    )]
+    pub discovery: crate::discovery::Discovery,
+
     /// Listener for the sidecars' gRPC Subscribe streams (port 0: any free port).
     #[arg(
         long,
@@ -203,6 +214,13 @@ impl Args {
         Ok(id)
     }
 
+    /// How the config directory is read under `--discovery`.
+    pub fn load_options(&self) -> crate::config::LoadOptions {
+        crate::config::LoadOptions {
+            services_elsewhere: self.discovery.services_elsewhere(),
+        }
+    }
+
     /// The revocation list: `--revoked-tokens-file`, or `revoked-tokens` in the state directory.
     pub fn revoked_tokens_path(&self) -> PathBuf {
         self.revoked_tokens_file
@@ -238,6 +256,11 @@ mod tests {
         assert_eq!(a.admin_listen, "127.0.0.1:9990".parse().unwrap());
         assert_eq!(a.registration_grace, Duration::from_secs(1));
         assert_eq!(a.debounce, Duration::from_millis(100));
+        assert_eq!(a.discovery, crate::discovery::Discovery::Config);
+        assert!(!a.load_options().services_elsewhere);
+        let k = Args::try_parse_from(["tern-control", "--config-dir=/x", "--discovery=kubernetes"])
+            .unwrap();
+        assert!(k.load_options().services_elsewhere);
         let a = Args::try_parse_from([
             "tern-control",
             "--config-dir=/x",

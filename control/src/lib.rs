@@ -14,6 +14,10 @@
 //! certificate is what its subscription and registration are checked against
 //! ([`admission`]).
 //!
+//! Discovery: with `--discovery kubernetes`, [`discovery`] also watches the
+//! cluster's Services, EndpointSlices and Pods and lays them over the
+//! directory's documents by name.
+//!
 //! Kubernetes: [`webhook`] serves the mutating admission webhook that injects
 //! the sidecar into new Pods (`tern_inject`, as `ternctl inject` does).
 #![forbid(unsafe_code)]
@@ -24,6 +28,7 @@ pub mod app;
 pub mod ca;
 pub mod cli;
 pub mod config;
+pub mod discovery;
 pub mod files;
 pub mod identity;
 pub mod metrics;

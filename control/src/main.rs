@@ -37,7 +37,7 @@ fn main() {
 
 /// `--check`: validate the directory once, for CI on config repositories.
 fn check(args: &Args) -> i32 {
-    match tern_control::config::load_dir(&args.config_dir) {
+    match tern_control::config::load_dir_with(&args.config_dir, args.load_options()) {
         Ok(c) => {
             println!(
                 "{}: valid (services: {}, traffic policies: {}, authorization policies: {}, services with static endpoints: {})",

@@ -34,6 +34,8 @@ pub struct Metrics {
     /// Admission reviews answered by the webhook, by `result`: injected, unchanged, denied,
     /// bad_request.
     pub webhook_reviews: IntCounterVec,
+    /// The Kubernetes discovery source's (`--discovery kubernetes`).
+    pub discovery: std::sync::Arc<crate::discovery::metrics::DiscoveryMetrics>,
     /// Changes of the trust-anchor bundle file, by `result`: ok, rejected.
     pub trust_anchor_reloads: IntCounterVec,
     /// Roots in the trust-anchor bundle in force.
@@ -145,6 +147,9 @@ impl Metrics {
                 "registered_endpoints",
                 "Endpoints registered by sidecars, including those within their grace period.",
             )?,
+            discovery: std::sync::Arc::new(
+                crate::discovery::metrics::DiscoveryMetrics::register(&registry)?,
+            ),
             resident_memory: gauge(
                 "resident_memory_bytes",
                 "Resident set size of the control plane process.",

@@ -25,6 +25,7 @@ use crate::metrics::Metrics;
 use crate::registry::{Registration, Registry};
 use crate::snapshot::{self, Built, InboundViews, Interest, View, Views};
 
+mod discovered;
 mod subscriber;
 pub use subscriber::{Delivery, NackRecord, Subscriber, Workload};
 
@@ -47,6 +48,8 @@ struct Inner {
     inbound: InboundViews,
     interest: Interest,
     subscribers: HashMap<u64, Entry>,
+    /// Services from a discovery source, laid over the directory's in `config`.
+    discovered: crate::discovery::Overlay,
 }
 
 struct Entry {
@@ -85,6 +88,7 @@ impl Mesh {
                 inbound,
                 interest: Interest::default(),
                 subscribers: HashMap::new(),
+                discovered: Default::default(),
             }),
             no_policy: Arc::new(View::new(snapshot::no_policy(authz_default))),
             authz_default,
@@ -103,10 +107,11 @@ impl Mesh {
     /// Puts `config` in force and wakes the subscribers it affects. Returns
     /// the new config version, or `None` when nothing changed (a touched
     /// file, a save without edits).
-    pub fn apply_config(&self, config: MeshConfig, since: Instant) -> Option<u64> {
+    pub fn apply_config(&self, mut config: MeshConfig, since: Instant) -> Option<u64> {
         let mut guard = lock(&self.inner);
         let inner = &mut *guard;
         inner.last_error = None;
+        inner.discovered.apply(&mut config);
         if inner.config == config {
             return None;
         }

@@ -40,6 +40,7 @@ pub struct Watching {
     // Dropping the watcher stops the events.
     _watcher: RecommendedWatcher,
     events: mpsc::UnboundedReceiver<Notice>,
+    options: config::LoadOptions,
 }
 
 impl Watching {
@@ -55,7 +56,14 @@ impl Watching {
             dir: dir.to_path_buf(),
             _watcher: watcher,
             events,
+            options: config::LoadOptions::default(),
         })
+    }
+
+    /// Reads the directory with `options` (see [`config::LoadOptions`]).
+    pub fn with_options(mut self, options: config::LoadOptions) -> Self {
+        self.options = options;
+        self
     }
 
     /// Reloads after each burst of changes until `stop` fires.
@@ -91,7 +99,9 @@ impl Watching {
                 }
             }
             let dir = self.dir.clone();
-            let loaded = match tokio::task::spawn_blocking(move || config::load_dir(&dir)).await {
+            let options = self.options;
+            let load = move || config::load_dir_with(&dir, options);
+            let loaded = match tokio::task::spawn_blocking(load).await {
                 Ok(l) => l,
                 Err(e) => {
                     tracing::error!(error = %e, "config reload task failed");

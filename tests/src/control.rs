@@ -123,6 +123,18 @@ impl Control {
         grpc: SocketAddr,
         extra_args: &[String],
     ) -> Result<Self> {
+        Self::start_with_env(dir, label, config_dir, grpc, extra_args, &[]).await
+    }
+
+    /// Like [`Control::start_on`], with `env` set in its environment (`KUBECONFIG`, say).
+    pub async fn start_with_env(
+        dir: &Path,
+        label: &str,
+        config_dir: &ConfigDir,
+        grpc: SocketAddr,
+        extra_args: &[String],
+        env: &[(&str, String)],
+    ) -> Result<Self> {
         let state_dir = match arg_value(extra_args, "--state-dir") {
             Some(given) => PathBuf::from(given),
             None => dir.join("control-state"),
@@ -144,7 +156,7 @@ impl Control {
             args.push(state_dir.display().to_string());
         }
         args.extend(extra_args.iter().cloned());
-        let mut proc = Proc::spawn(dir, label, &binary("tern-control")?, &args)?;
+        let mut proc = Proc::spawn_with_env(dir, label, &binary("tern-control")?, &args, env)?;
         let rest = proc.wait_for_line(CONTROL_READY, START_TIMEOUT).await?;
         let (grpc, admin) =
             parse_ready(&rest).with_context(|| format!("{label} ready line {rest:?}"))?;

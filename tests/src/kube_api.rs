@@ -120,7 +120,7 @@ impl Drop for KubeApiStandIn {
 }
 
 /// A CA, and a server config presenting a certificate it signed.
-fn tls_config() -> Result<(String, Arc<rustls::ServerConfig>)> {
+pub(crate) fn tls_config() -> Result<(String, Arc<rustls::ServerConfig>)> {
     let ca_key = KeyPair::generate()?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);

@@ -25,6 +25,7 @@ pub mod http1;
 pub mod identity;
 pub mod k8s;
 pub mod kube_api;
+pub mod kube_watch;
 pub mod load;
 pub mod mesh;
 pub mod metrics;

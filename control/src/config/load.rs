@@ -14,16 +14,29 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use super::validate::{self, At, Kind, Parsed, Spec};
-use super::{names, raw, ConfigError, ConfigErrors, MeshConfig, API_VERSION};
+use super::{names, raw, ConfigError, ConfigErrors, LoadOptions, MeshConfig, API_VERSION};
 
 /// Reads and validates every config file in `dir`.
 pub fn load_dir(dir: &Path) -> Result<MeshConfig, ConfigErrors> {
+    load_dir_with(dir, LoadOptions::default())
+}
+
+/// [`load_dir`] with `options`.
+pub fn load_dir_with(dir: &Path, options: LoadOptions) -> Result<MeshConfig, ConfigErrors> {
     let files = read_dir(dir).map_err(|e| ConfigErrors(vec![e]))?;
-    parse_files(&files)
+    parse_files_with(&files, options)
 }
 
 /// Validates files already read: `(path, contents)` in the order given.
 pub fn parse_files(files: &[(PathBuf, String)]) -> Result<MeshConfig, ConfigErrors> {
+    parse_files_with(files, LoadOptions::default())
+}
+
+/// [`parse_files`] with `options`.
+pub fn parse_files_with(
+    files: &[(PathBuf, String)],
+    options: LoadOptions,
+) -> Result<MeshConfig, ConfigErrors> {
     let mut docs = Vec::new();
     let mut errors = Vec::new();
     for (path, text) in files {
@@ -34,7 +47,7 @@ pub fn parse_files(files: &[(PathBuf, String)]) -> Result<MeshConfig, ConfigErro
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }
-    validate::build(docs).map_err(ConfigErrors)
+    validate::build(docs, options).map_err(ConfigErrors)
 }
 
 fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, String)>, ConfigError> {

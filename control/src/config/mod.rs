@@ -24,7 +24,16 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-pub use load::{load_dir, parse_files};
+pub use load::{load_dir, load_dir_with, parse_files, parse_files_with};
+
+/// How the directory is read beyond its own documents.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Services also come from elsewhere (`--discovery kubernetes`): a policy or
+    /// `Endpoints` document may name a service no Service document declares, and a
+    /// Service document may list no ports (it extends a discovered service).
+    pub services_elsewhere: bool,
+}
 
 /// The only `apiVersion` this control plane reads.
 pub const API_VERSION: &str = "tern.dev/v1alpha1";

@@ -10,8 +10,8 @@ use std::path::PathBuf;
 
 use super::{names, raw, traffic};
 use super::{
-    Action, AuthorizationPolicy, AuthorizationRule, ConfigError, IdentityMatch, MeshConfig, Port,
-    Protocol, Service, ServiceKey, StaticEndpoint,
+    Action, AuthorizationPolicy, AuthorizationRule, ConfigError, IdentityMatch, LoadOptions,
+    MeshConfig, Port, Protocol, Service, ServiceKey, StaticEndpoint,
 };
 
 /// Where a document is: every error carries it.
@@ -85,7 +85,7 @@ pub struct Parsed {
     pub spec: Spec,
 }
 
-pub fn build(docs: Vec<Parsed>) -> Result<MeshConfig, Vec<ConfigError>> {
+pub fn build(docs: Vec<Parsed>, options: LoadOptions) -> Result<MeshConfig, Vec<ConfigError>> {
     let mut errors = Vec::new();
     let mut seen: HashMap<(Kind, String, String), At> = HashMap::new();
     let mut duplicates = BTreeSet::new();
@@ -114,6 +114,10 @@ pub fn build(docs: Vec<Parsed>) -> Result<MeshConfig, Vec<ConfigError>> {
         .filter(|d| d.kind == Kind::Service)
         .map(|d| ServiceKey::new(&d.namespace, &d.name))
         .collect();
+    let declared = Declared {
+        here: declared,
+        elsewhere: options.services_elsewhere,
+    };
 
     let mut config = MeshConfig::default();
     let mut traffic_at: HashMap<ServiceKey, At> = HashMap::new();
@@ -124,7 +128,7 @@ pub fn build(docs: Vec<Parsed>) -> Result<MeshConfig, Vec<ConfigError>> {
             continue;
         }
         let result = match &d.spec {
-            Spec::Service(spec) => service(&d.at, spec).map(|s| {
+            Spec::Service(spec) => service(&d.at, spec, options).map(|s| {
                 config
                     .services
                     .insert(ServiceKey::new(&d.namespace, &d.name), s);
@@ -163,18 +167,25 @@ pub fn build(docs: Vec<Parsed>) -> Result<MeshConfig, Vec<ConfigError>> {
     }
 }
 
+/// The services documents may refer to: those declared here, and any at
+/// all when services also come from elsewhere (a discovery source).
+struct Declared {
+    here: BTreeSet<ServiceKey>,
+    elsewhere: bool,
+}
+
 /// Resolves `spec.service` in the document's namespace and claims it in
 /// `claimed`, so that two policies of one kind cannot target one service.
 fn target(
     d: &Parsed,
     service: Option<&str>,
-    declared: &BTreeSet<ServiceKey>,
+    declared: &Declared,
     claimed: &mut HashMap<ServiceKey, At>,
 ) -> Result<ServiceKey, ConfigError> {
     let name = service.ok_or_else(|| d.at.err("spec.service", "is required"))?;
     names::dns_label(name).map_err(|m| d.at.err("spec.service", m))?;
     let key = ServiceKey::new(&d.namespace, name);
-    if !declared.contains(&key) {
+    if !declared.here.contains(&key) && !declared.elsewhere {
         return Err(d.at.err(
             "spec.service",
             format!("unknown Service `{key}`: no Service document declares it"),
@@ -193,8 +204,9 @@ fn target(
     Ok(key)
 }
 
-fn service(at: &At, spec: &raw::ServiceSpec) -> Result<Service, ConfigError> {
-    if spec.ports.is_empty() {
+fn service(at: &At, spec: &raw::ServiceSpec, options: LoadOptions) -> Result<Service, ConfigError> {
+    // A document extending a discovered service may leave the ports to it.
+    if spec.ports.is_empty() && !options.services_elsewhere {
         return Err(at.err("spec.ports", "at least one port is required"));
     }
     let mut ports = Vec::with_capacity(spec.ports.len());

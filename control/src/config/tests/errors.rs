@@ -362,3 +362,28 @@ fn every_error_is_reported_and_yaml_errors_name_the_file() {
         "{e}"
     );
 }
+
+#[test]
+fn with_services_elsewhere_documents_may_name_undeclared_services() {
+    let elsewhere = crate::config::LoadOptions {
+        services_elsewhere: true,
+    };
+    let policy = edit(
+        POLICY,
+        "  service: pay\n  loadBalancer",
+        "  service: payy\n  loadBalancer",
+    );
+    let portless = "\
+apiVersion: tern.dev/v1alpha1
+kind: Service
+metadata: {name: ledger}
+spec: {protocol: http}
+";
+    let docs = files(&[("policy.yaml", &policy), ("ledger.yaml", portless)]);
+    assert!(parse_files(&docs).is_err(), "strict by default");
+    let c = crate::config::parse_files_with(&docs, elsewhere).unwrap();
+    assert!(c.traffic.contains_key(&ServiceKey::new("default", "payy")));
+    assert!(c.services[&ServiceKey::new("default", "ledger")]
+        .ports
+        .is_empty());
+}
