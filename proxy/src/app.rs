@@ -36,6 +36,8 @@ struct Core {
     /// The local app (`--inbound-app`).
     app: Option<Arc<Target>>,
     tcp: Arc<tcp::Tcp>,
+    /// Where sampled requests' spans go (`--trace-collector`); `None` when tracing is off.
+    tracer: Option<Arc<crate::telemetry::Tracer>>,
 }
 
 /// When to stop accepting, how to drain, and whether `/ready` says yes.
@@ -129,6 +131,18 @@ impl Core {
         });
         let tcp =
             tcp::Tcp::new(&metrics, log.clone(), config.connect_timeout).context("TCP metrics")?;
+        let tracer = match &config.tracing {
+            Some(t) => Some(
+                crate::telemetry::Tracer::start(
+                    t,
+                    &config.service_name,
+                    &config.namespace,
+                    &metrics.registry,
+                )
+                .context("trace export")?,
+            ),
+            None => None,
+        };
         Ok(Self {
             metrics,
             log,
@@ -137,6 +151,7 @@ impl Core {
             inbound_authz: authz::Policy::shared(),
             app,
             tcp,
+            tracer,
         })
     }
 
@@ -154,6 +169,7 @@ impl Core {
             self.log.clone(),
             authz.then(|| Arc::clone(&self.inbound_authz)),
             &config.limits,
+            self.tracer.clone(),
         )
     }
 }

@@ -30,4 +30,5 @@ pub mod serve;
 pub mod stack;
 pub mod targets;
 pub mod tcp;
+pub mod telemetry;
 pub mod trace_context;

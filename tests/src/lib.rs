@@ -30,6 +30,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod mtls;
 pub mod netns;
+pub mod otlp;
 pub mod pay_mesh;
 pub mod process;
 pub mod proxy;

@@ -10,6 +10,7 @@ pub mod identity;
 pub mod limits;
 pub mod policy;
 pub mod ports;
+pub mod tracing;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -22,6 +23,7 @@ use identity::{IdentityConfig, IdentityFile, InboundTls};
 use limits::{ClientLimits, Limits, LimitsFile};
 use policy::{PolicyFile, ServicePolicy};
 use ports::{PortItem, PortSet};
+use tracing::{TracingConfig, TracingFile};
 
 /// The bootstrap document as written in YAML (and as filled from flags).
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -57,6 +59,9 @@ pub struct FileConfig {
     pub identity: IdentityFile,
     /// Subscribe to every service the control plane knows (transparent interception).
     pub watch_all_services: Option<bool>,
+    /// Span export over OTLP (off without a collector).
+    #[serde(default)]
+    pub tracing: TracingFile,
     /// Ports whose traffic is opaque TCP (no HTTP detection), e.g. `[3306, "7000-7010"]`.
     #[serde(default)]
     pub opaque_ports: Vec<PortItem>,
@@ -146,6 +151,8 @@ pub struct Config {
     pub opaque_ports: PortSet,
     pub services: Vec<ServiceConfig>,
     pub limits: Limits,
+    /// Span export; `None` when off.
+    pub tracing: Option<TracingConfig>,
 }
 
 impl Config {
@@ -495,6 +502,7 @@ impl FileConfig {
             opaque_ports,
             services,
             limits: self.limits.validate()?,
+            tracing: self.tracing.validate()?,
         })
     }
 }
