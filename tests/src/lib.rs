@@ -33,6 +33,7 @@ pub mod netns;
 pub mod otlp;
 pub mod pay_mesh;
 pub mod process;
+pub mod prometheus;
 pub mod proxy;
 pub mod python;
 pub mod raw_grpc;
