@@ -189,7 +189,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<i32> {
 
     let sink = match args.trace_sample_rate {
         Some(rate) => {
-            let sink = crate::trace_sink::TraceSink::start().context("the trace receiver")?;
+            let sink = crate::trace_sink::TraceSink::start(false).context("the trace receiver")?;
             paths::set_trace(sink.addr, rate);
             Some(sink)
         }

@@ -291,3 +291,60 @@ async fn a_collector_down_or_stuck_fails_no_call_and_counts_dropped_spans() {
         .must();
     }
 }
+
+/// `ternctl demo --trace --faults`: the demo prints one sampled call's spans as a tree across
+/// order's and pay's sidecars, from a receiver ternctl runs itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ternctl_demo_prints_a_trace_tree() {
+    let dir = TestDir::new("demo-trace").must();
+    let logs = dir.path().join("logs").display().to_string();
+    let args: Vec<String> = [
+        "demo",
+        "--duration",
+        "6",
+        "--faults",
+        "--trace",
+        "--log-dir",
+        &logs,
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    // Without CARGO in its environment ternctl runs the binaries beside it instead of building.
+    let program = tern_tests::binary("ternctl").must();
+    let mut demo = tern_tests::Proc::spawn_with_env_removed(
+        dir.path(),
+        "ternctl",
+        &program,
+        &args,
+        &[],
+        &["CARGO"],
+    )
+    .must();
+    demo.wait_exit(Duration::from_secs(60)).await.must();
+    let stdout = demo.stdout();
+    let tree: Vec<&str> = stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("trace "))
+        .take_while(|l| !l.trim().is_empty())
+        .collect();
+    let at = |depth: usize, prefix: &str| {
+        let want = format!("{}{prefix}", "  ".repeat(depth));
+        tree.iter().any(|l| l.starts_with(&want))
+    };
+    assert!(
+        at(1, &format!("order-proxy server {CREATE_ORDER}"))
+            && at(2, &format!("order-proxy client {PAY}"))
+            && at(3, &format!("pay-proxy server {PAY}")),
+        "no order → pay tree in the demo's output:\n{stdout}\n{}",
+        demo.diagnostics()
+    );
+    let pay_hop = tree
+        .iter()
+        .find(|l| l.contains("pay-proxy server"))
+        .expect("pay's span");
+    assert!(
+        pay_hop.contains(&format!("peer={}", spiffe("order"))),
+        "{pay_hop}"
+    );
+}

@@ -40,6 +40,7 @@ pub(super) fn spawn(
         resource,
         batch_delay: config.batch_delay,
         failed: dropped.with_label_values(&["export_failed"]),
+        failing: false,
         rejected: dropped.with_label_values(&["rejected"]),
         exported,
     };
@@ -54,6 +55,8 @@ struct Exporter {
     failed: IntCounter,
     rejected: IntCounter,
     exported: IntCounter,
+    /// The last export failed: warn once per outage, not once per batch.
+    failing: bool,
 }
 
 impl Exporter {
@@ -95,10 +98,15 @@ impl Exporter {
                     .min(n);
                 self.rejected.inc_by(rejected);
                 self.exported.inc_by(n - rejected);
+                if std::mem::take(&mut self.failing) {
+                    tracing::info!("trace export works again");
+                }
             }
             Err(status) => {
                 self.failed.inc_by(n);
-                tracing::debug!(%status, spans = n, "trace export failed; spans dropped");
+                if !std::mem::replace(&mut self.failing, true) {
+                    tracing::warn!(%status, "trace export failed; spans are dropped and counted until it works again");
+                }
             }
         }
     }
