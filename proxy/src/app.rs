@@ -131,18 +131,7 @@ impl Core {
         });
         let tcp =
             tcp::Tcp::new(&metrics, log.clone(), config.connect_timeout).context("TCP metrics")?;
-        let tracer = match &config.tracing {
-            Some(t) => Some(
-                crate::telemetry::Tracer::start(
-                    t,
-                    &config.service_name,
-                    &config.namespace,
-                    &metrics.registry,
-                )
-                .context("trace export")?,
-            ),
-            None => None,
-        };
+        let tracer = crate::telemetry::Tracer::configured(config, &metrics.registry)?;
         Ok(Self {
             metrics,
             log,

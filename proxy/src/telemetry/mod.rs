@@ -25,6 +25,7 @@ use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use tokio::sync::mpsc;
 
 use crate::config::tracing::TracingConfig;
+use crate::config::Config;
 use crate::metrics::Direction;
 use crate::retry::RetryEvent;
 use crate::trace_context::{self, TRACEPARENT, TRACESTATE};
@@ -76,6 +77,16 @@ pub struct FinishedSpan {
 }
 
 impl Tracer {
+    /// The sidecar's tracer, or `None` when the configuration names no collector.
+    pub fn configured(config: &Config, registry: &Registry) -> anyhow::Result<Option<Arc<Self>>> {
+        let Some(t) = &config.tracing else {
+            return Ok(None);
+        };
+        let tracer = Self::start(t, &config.service_name, &config.namespace, registry)
+            .context("trace export")?;
+        Ok(Some(tracer))
+    }
+
     /// Registers the span counters and starts the export task (needs a Tokio runtime).
     pub fn start(
         config: &TracingConfig,
