@@ -1,4 +1,5 @@
-//! OTLP spans from the sidecars, received by a stand-in collector on the official protos:
+//! OTLP spans from the sidecars, received by a stand-in collector on the official protos (and a
+//! grpcio client through two mTLS sidecars, the issue's own shape):
 //! loadgen's sidecar → order's sidecar → order → order's sidecar → pay's sidecar → pay, every
 //! hop mTLS. A sampled call yields the client and server span of both hops in the caller's
 //! trace, parented hop by hop; an unsampled one yields none; a collector that is down or hangs
@@ -347,4 +348,69 @@ async fn ternctl_demo_prints_a_trace_tree() {
         pay_hop.contains(&format!("peer={}", spiffe("order"))),
         "{pay_hop}"
     );
+}
+
+/// The issue's own shape: a grpcio (Python) client sends a sampled `traceparent` through a
+/// client sidecar =mTLS=> a server sidecar → echo server; the collector gets the client span
+/// (child of the Python caller's span) and the server span (child of the client span).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpcio_client_s_trace_continues_through_both_sidecars() {
+    use tern_tests::python;
+    if !python::grpcio_installed().await {
+        return tern_tests::missing("python grpcio (python3 -m pip install grpcio grpcio-tools)")
+            .must();
+    }
+    let dir = TestDir::new("tracing-grpcio").must();
+    let collector = Collector::start().await.must();
+    let trace = ["--trace-collector".to_string(), collector.addr.to_string()];
+    let trace: Vec<&str> = trace.iter().map(String::as_str).collect();
+    let ca = MeshCa::start(dir.path(), &[]).await.must();
+    let echo = tern_tests::App::echo_server(dir.path(), "echo-1")
+        .await
+        .must();
+    let spec = ProxySpec::new("echo-sidecar", "echo")
+        .inbound(echo.addr)
+        .args(&trace);
+    let server = Proxy::start(dir.path(), ca.sidecar(spec, "echo").must())
+        .await
+        .must();
+    let target = free_addr().must();
+    let echo_identity = format!("echo={}", spiffe("echo"));
+    let spec = ProxySpec::new("client-sidecar", "client")
+        .upstream("echo", target)
+        .endpoints("echo", &[server.inbound])
+        .args(&["--endpoint-identity", &echo_identity])
+        .args(&trace);
+    let _client = Proxy::start(dir.path(), ca.sidecar(spec, "client").must())
+        .await
+        .must();
+
+    let stubs = python::generate_stubs(dir.path()).await.must();
+    let trace_id = 0x0af7_6519_16cd_43dd_8448_eb21_1c80_319c_u128;
+    let args = [
+        "-u".to_string(),
+        python::script("traced_call.py").display().to_string(),
+        "--target".to_string(),
+        target.to_string(),
+        "--traceparent".to_string(),
+        traceparent(trace_id, true),
+        "--tracestate".to_string(),
+        "tern-test=1".to_string(),
+    ];
+    let env = [("PYTHONPATH", stubs.display().to_string())];
+    let program = std::path::PathBuf::from(python::python());
+    let mut call =
+        tern_tests::Proc::spawn_with_env(dir.path(), "traced_call.py", &program, &args, &env)
+            .must();
+    let status = call.wait_exit(Duration::from_secs(30)).await.must();
+    assert!(status.success(), "{}", call.diagnostics());
+
+    let spans = spans_of(&collector, trace_id, 2).await;
+    assert_eq!(spans.len(), 2, "{spans:#?}");
+    let out = find(&spans, "client", SpanKind::Client);
+    let inb = find(&spans, "echo", SpanKind::Server);
+    assert_eq!(out.span.parent_span_id, CALLER_SPAN.to_be_bytes());
+    assert_eq!(inb.span.parent_span_id, span_id(out));
+    check_hop(out, "tern.test.v1.Echo/Unary", "echo", Some(server.inbound));
+    check_hop(inb, "tern.test.v1.Echo/Unary", "client", None);
 }
