@@ -1,9 +1,9 @@
-//! OTLP spans from the sidecars, received by a stand-in collector on the official protos (and a
-//! grpcio client through two mTLS sidecars, the issue's own shape):
-//! loadgen's sidecar → order's sidecar → order → order's sidecar → pay's sidecar → pay, every
-//! hop mTLS. A sampled call yields the client and server span of both hops in the caller's
-//! trace, parented hop by hop; an unsampled one yields none; a collector that is down or hangs
-//! fails no call and the dropped spans are counted.
+//! OTLP spans from the sidecars, received by a stand-in collector on the official protos.
+//! Through loadgen's sidecar → order's sidecar → order → order's sidecar → pay's sidecar → pay,
+//! every hop mTLS, a sampled call yields the client and server span of both hops in the
+//! caller's trace, parented hop by hop; an unsampled one yields none; a collector that is down
+//! or hangs fails no call and the dropped spans are counted. A grpcio (Python) client's trace
+//! continues the same way through two sidecars, and `ternctl demo --trace` prints a trace tree.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
