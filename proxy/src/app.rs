@@ -36,6 +36,8 @@ struct Core {
     /// The local app (`--inbound-app`).
     app: Option<Arc<Target>>,
     tcp: Arc<tcp::Tcp>,
+    /// Where sampled requests' spans go (`--trace-collector`); `None` when tracing is off.
+    tracer: Option<Arc<crate::telemetry::Tracer>>,
 }
 
 /// When to stop accepting, how to drain, and whether `/ready` says yes.
@@ -130,6 +132,7 @@ impl Core {
         });
         let tcp =
             tcp::Tcp::new(&metrics, log.clone(), config.connect_timeout).context("TCP metrics")?;
+        let tracer = crate::telemetry::Tracer::configured(config, &metrics.registry)?;
         Ok(Self {
             metrics,
             log,
@@ -138,6 +141,7 @@ impl Core {
             inbound_authz: authz::Policy::shared(),
             app,
             tcp,
+            tracer,
         })
     }
 
@@ -155,6 +159,7 @@ impl Core {
             self.log.clone(),
             authz.then(|| Arc::clone(&self.inbound_authz)),
             &config.limits,
+            self.tracer.clone(),
         )
     }
 }

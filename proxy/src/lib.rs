@@ -30,5 +30,6 @@ pub mod serve;
 pub mod stack;
 pub mod targets;
 pub mod tcp;
+pub mod telemetry;
 pub mod trace_context;
 pub mod warn_limit;

@@ -25,6 +25,7 @@ use crate::errors::{self, grpc_status, ProxyErrorReason};
 use crate::metrics::{Direction, Metrics, RouteMetrics};
 use crate::retry::Attempts;
 use crate::router::Target;
+use crate::telemetry::{FinishedSpan, SpanStart};
 use crate::trace_context;
 
 const UNKNOWN_SERVICE: &str = "unknown";
@@ -86,8 +87,16 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let start = Instant::now();
+        // Present only for a sampled request: the rest of the span work hangs on it.
+        let span = req.extensions_mut().remove::<SpanStart>().map(|start| {
+            Box::new(SpanInfo {
+                start,
+                method: req.method().clone(),
+                path: req.uri().path().to_string(),
+            })
+        });
         let sh = &self.shared;
         let grpc = errors::is_grpc(req.headers());
         let service = req
@@ -113,7 +122,10 @@ where
             })
         });
         let bytes_in = Arc::new(AtomicU64::new(0));
-        let attempts = Attempts::default();
+        let attempts = match span {
+            Some(_) => Attempts::recorded(),
+            None => Attempts::default(),
+        };
         let mut req = req.map(|b| {
             body::boxed(CountingBody {
                 inner: b,
@@ -141,6 +153,7 @@ where
             attempts,
             tls,
             log,
+            span,
         })));
         let fut = self.inner.call(req);
         Box::pin(async move {
@@ -175,6 +188,13 @@ struct LogInfo {
     trace_id: String,
 }
 
+/// What a sampled request's span needs beyond the rest of [`Completion`].
+struct SpanInfo {
+    start: SpanStart,
+    method: http::Method,
+    path: String,
+}
+
 /// Everything recorded once the response ends.
 struct Completion {
     shared: Arc<Shared>,
@@ -190,6 +210,7 @@ struct Completion {
     attempts: Attempts,
     tls: Option<ConnTls>,
     log: Option<Box<LogInfo>>,
+    span: Option<Box<SpanInfo>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -256,6 +277,32 @@ impl Completion {
                 error,
             });
         }
+        if let Some(span) = &self.span {
+            self.record_span(span, error);
+        }
+    }
+
+    fn record_span(&self, span: &SpanInfo, error: Option<&'static str>) {
+        let tls = self.tls.as_ref();
+        span.start.tracer.record(FinishedSpan {
+            start: span.start.clone(),
+            end: std::time::SystemTime::now(),
+            direction: self.shared.direction,
+            service: Arc::clone(&self.route.service),
+            grpc: self.grpc,
+            method: span.method.clone(),
+            path: span.path.clone(),
+            status: self.status,
+            grpc_status: self.grpc_status,
+            endpoint: self.upstream,
+            tls_version: tls.and_then(|t| t.version),
+            peer_identity: tls.and_then(|t| t.peer_identity.clone()),
+            error,
+            attempts: self.attempts.0.load(Ordering::Relaxed),
+            retries: self.attempts.retries(),
+            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            bytes_out: self.bytes_out,
+        });
     }
 }
 

@@ -16,6 +16,7 @@ use crate::metrics::{Direction, Metrics};
 use crate::observe::{Observe, ObserveLayer};
 use crate::retry::{Retry, RetryLayer};
 use crate::router::{Forward, Route, RouteLayer, Selector};
+use crate::telemetry::Tracer;
 use crate::trace_context::{TraceContext, TraceContextLayer};
 
 pub type HttpStack = Stack<Forward>;
@@ -33,6 +34,7 @@ pub fn http(
     log: Option<AccessLog>,
     inbound_authz: Option<SharedPolicy>,
     limits: &Limits,
+    tracer: Option<Arc<Tracer>>,
 ) -> HttpStack {
     http_over(
         direction,
@@ -41,10 +43,13 @@ pub fn http(
         log,
         inbound_authz,
         limits,
+        tracer,
         Forward,
     )
 }
 
+// One argument per layer that needs one: a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn http_over<S>(
     direction: Direction,
     selector: Selector,
@@ -52,14 +57,17 @@ pub(crate) fn http_over<S>(
     log: Option<AccessLog>,
     inbound_authz: Option<SharedPolicy>,
     limits: &Limits,
+    tracer: Option<Arc<Tracer>>,
     bottom: S,
 ) -> Stack<S> {
     ServiceBuilder::new()
-        // 1. pass on W3C traceparent, or start a trace
-        .layer(TraceContextLayer)
+        // 1. pass on W3C traceparent, or start a trace; with a tracer, decide
+        //    whether the request is sampled and make this sidecar's span its parent
+        .layer(TraceContextLayer::new(tracer))
         // 2. name the target service (listener, :authority)
         .layer(RouteLayer::new(selector))
         // 3. count the request, follow the response to its end, log it
+        //    (and finish its span, when sampled)
         .layer(ObserveLayer::new(direction, Arc::clone(metrics), log))
         // 4. the proxy's own failures become a gRPC status or HTTP 4xx/5xx;
         //    a request head over the header limit stops here

@@ -1,27 +1,48 @@
 //! W3C trace context: passes `traceparent` on, or starts a trace when absent.
 //!
-//! The proxy records no spans of its own, so a valid incoming header passes
-//! unchanged; an absent or malformed one is replaced by a fresh trace.
+//! Without a trace collector the proxy records no spans of its own, so a valid
+//! incoming header passes unchanged and an absent or malformed one is replaced
+//! by a fresh trace. With one, [`crate::telemetry::Tracer::begin`] decides:
+//! a sampled request continues with this sidecar's span as its parent.
 
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{HeaderMap, HeaderValue, Request};
 
-pub const TRACEPARENT: &str = "traceparent";
+use crate::telemetry::Tracer;
 
-#[derive(Clone, Copy, Debug, Default)]
-pub struct TraceContextLayer;
+pub const TRACEPARENT: &str = "traceparent";
+pub const TRACESTATE: &str = "tracestate";
+/// The `sampled` bit of the trace flags.
+pub const SAMPLED: u8 = 0x01;
+
+#[derive(Clone, Default)]
+pub struct TraceContextLayer {
+    tracer: Option<Arc<Tracer>>,
+}
+
+impl TraceContextLayer {
+    /// `tracer`: where sampled requests' spans go; `None` when tracing is off.
+    pub fn new(tracer: Option<Arc<Tracer>>) -> Self {
+        Self { tracer }
+    }
+}
 
 impl<S> tower::Layer<S> for TraceContextLayer {
     type Service = TraceContext<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        TraceContext { inner }
+        TraceContext {
+            inner,
+            tracer: self.tracer.clone(),
+        }
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct TraceContext<S> {
     inner: S,
+    tracer: Option<Arc<Tracer>>,
 }
 
 impl<S, B> tower::Service<Request<B>> for TraceContext<S>
@@ -37,7 +58,14 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        ensure(req.headers_mut());
+        match &self.tracer {
+            None => ensure(req.headers_mut()),
+            Some(tracer) => {
+                if let Some(span) = tracer.begin(req.headers_mut()) {
+                    req.extensions_mut().insert(span);
+                }
+            }
+        }
         self.inner.call(req)
     }
 }
@@ -49,10 +77,7 @@ pub fn ensure(headers: &mut HeaderMap) {
     {
         return;
     }
-    let mut v = new_traceparent();
-    // Unique per request: indexing it in HPACK's dynamic table would only evict useful entries.
-    v.set_sensitive(true);
-    headers.insert(TRACEPARENT, v);
+    headers.insert(TRACEPARENT, new_traceparent());
 }
 
 /// The trace id of a valid `traceparent` header.
@@ -85,13 +110,42 @@ fn parse(v: &[u8]) -> Option<&str> {
     ok.then_some(trace)
 }
 
-fn new_traceparent() -> HeaderValue {
-    let trace = fastrand::u128(1..);
-    let span = fastrand::u64(1..);
-    let s = format!("00-{trace:032x}-{span:016x}-01");
-    HeaderValue::from_str(&s).unwrap_or_else(|_| {
-        HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+/// The fields of a valid `traceparent`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TraceParent {
+    pub trace_id: u128,
+    pub parent_id: u64,
+    pub flags: u8,
+}
+
+pub fn parse_parts(v: &[u8]) -> Option<TraceParent> {
+    let trace = parse(v)?;
+    // `parse` checked the layout: version, 32 + 16 + 2 hex digits.
+    let s = std::str::from_utf8(v).ok()?;
+    let parent = s.get(36..52)?;
+    let flags = s.get(53..55)?;
+    Some(TraceParent {
+        trace_id: u128::from_str_radix(trace, 16).ok()?,
+        parent_id: u64::from_str_radix(parent, 16).ok()?,
+        flags: u8::from_str_radix(flags, 16).ok()?,
     })
+}
+
+/// A `traceparent` value (version 00) for these ids and flags.
+pub fn header(trace_id: u128, span_id: u64, flags: u8) -> HeaderValue {
+    let s = format!("00-{trace_id:032x}-{span_id:016x}-{flags:02x}");
+    let mut v = HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static(FALLBACK));
+    // Unique per request: indexing it in HPACK's dynamic table would only evict useful entries.
+    v.set_sensitive(true);
+    v
+}
+
+const FALLBACK: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+/// A fresh trace, sampled: with no collector the proxy cannot tell, so it leaves the
+/// decision to whoever records spans downstream.
+fn new_traceparent() -> HeaderValue {
+    header(fastrand::u128(1..), fastrand::u64(1..), SAMPLED)
 }
 
 #[cfg(test)]
@@ -106,6 +160,22 @@ mod tests {
         ensure(&mut h);
         assert_eq!(h[TRACEPARENT], v);
         assert_eq!(trace_id(&h), "4bf92f3577b34da6a3ce929d0e0e4736");
+    }
+
+    #[test]
+    fn parts_round_trip_through_the_header() {
+        let v = header(0x4bf92f3577b34da6a3ce929d0e0e4736, 0x00f067aa0ba902b7, 1);
+        assert_eq!(v, "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        let p = parse_parts(v.as_bytes());
+        assert_eq!(
+            p,
+            Some(TraceParent {
+                trace_id: 0x4bf92f3577b34da6a3ce929d0e0e4736,
+                parent_id: 0x00f067aa0ba902b7,
+                flags: 1
+            })
+        );
+        assert_eq!(parse_parts(b"00-0000-bad"), None);
     }
 
     #[test]

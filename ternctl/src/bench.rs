@@ -45,6 +45,10 @@ pub struct BenchArgs {
     /// Print only the final JSON line.
     #[arg(long)]
     json_only: bool,
+    /// Turn tracing on in every tern-proxy, exporting to an OTLP receiver ternctl runs,
+    /// with this share (0–1) of the bench's calls (which carry no traceparent) sampled.
+    #[arg(long, value_name = "RATE")]
+    trace_sample_rate: Option<f64>,
 }
 
 /// What the run was asked to do, as the report and the JSON line show it.
@@ -183,6 +187,14 @@ async fn bench(args: BenchArgs) -> anyhow::Result<i32> {
         }
     }
 
+    let sink = match args.trace_sample_rate {
+        Some(rate) => {
+            let sink = crate::trace_sink::TraceSink::start(false).context("the trace receiver")?;
+            paths::set_trace(sink.addr, rate);
+            Some(sink)
+        }
+        None => None,
+    };
     let (mut pay, pay_addr) = paths::start_pay().await?;
     let pay_pid = pay.pid().context("pay exited at start")?;
     let measured = measure_all(
@@ -195,6 +207,12 @@ async fn bench(args: BenchArgs) -> anyhow::Result<i32> {
     .await;
     pay.stop(paths::GRACE).await;
     let results = measured?;
+    if let (Some(sink), true) = (&sink, verbose) {
+        println!(
+            "tracing on: {} spans received by the OTLP receiver",
+            sink.spans()
+        );
+    }
 
     if verbose {
         report::print_tables(&settings, &results, &skipped);

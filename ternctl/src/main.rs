@@ -7,6 +7,7 @@ mod demo;
 mod inject;
 mod procs;
 mod token;
+mod trace_sink;
 
 use clap::{Parser, Subcommand};
 

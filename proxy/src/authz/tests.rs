@@ -269,6 +269,7 @@ async fn a_denied_call_is_answered_logged_and_counted_without_reaching_the_app()
         log.clone(),
         Some(Arc::clone(&policy)),
         &Default::default(),
+        None,
         app.clone(),
     );
 

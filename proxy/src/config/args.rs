@@ -108,6 +108,16 @@ pub struct Args {
     #[arg(long, env = "TERN_ACCESS_LOG")]
     pub access_log: Option<String>,
 
+    /// host:port of an OTLP/gRPC trace collector: each sampled request becomes a span there
+    /// [default: none, no spans].
+    #[arg(long, env = "TERN_TRACE_COLLECTOR")]
+    pub trace_collector: Option<String>,
+
+    /// Share of requests without a traceparent that start a sampled trace, 0 to 1; an
+    /// incoming traceparent's sampled flag always decides for its request [default: 0].
+    #[arg(long, env = "TERN_TRACE_SAMPLE_RATE")]
+    pub trace_sample_rate: Option<f64>,
+
     /// How long SIGTERM waits for in-flight requests before exiting [default: 30s].
     #[arg(long, env = "TERN_DRAIN_GRACE")]
     pub drain_grace: Option<String>,
@@ -273,6 +283,10 @@ impl Args {
         }
         set(&mut f.dns.nameserver, &self.dns_nameserver);
         set(&mut f.access_log, &self.access_log);
+        set(&mut f.tracing.collector, &self.trace_collector);
+        if self.trace_sample_rate.is_some() {
+            f.tracing.sample_rate = self.trace_sample_rate;
+        }
         set(&mut f.drain_grace, &self.drain_grace);
         set(&mut f.connect_timeout, &self.connect_timeout);
         if self.worker_threads.is_some() {

@@ -11,6 +11,7 @@ pub mod inbound;
 pub mod limits;
 pub mod policy;
 pub mod ports;
+pub mod tracing;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -24,6 +25,7 @@ pub use inbound::{InboundConfig, InboundFile};
 use limits::{ClientLimits, Limits, LimitsFile};
 use policy::{PolicyFile, ServicePolicy};
 use ports::{PortItem, PortSet};
+use tracing::{TracingConfig, TracingFile};
 
 /// The bootstrap document as written in YAML (and as filled from flags).
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -59,6 +61,9 @@ pub struct FileConfig {
     pub identity: IdentityFile,
     /// Subscribe to every service the control plane knows (transparent interception).
     pub watch_all_services: Option<bool>,
+    /// Span export over OTLP (off without a collector).
+    #[serde(default)]
+    pub tracing: TracingFile,
     /// Ports whose traffic is opaque TCP (no HTTP detection), e.g. `[3306, "7000-7010"]`.
     #[serde(default)]
     pub opaque_ports: Vec<PortItem>,
@@ -138,6 +143,8 @@ pub struct Config {
     pub opaque_ports: PortSet,
     pub services: Vec<ServiceConfig>,
     pub limits: Limits,
+    /// Span export; `None` when off.
+    pub tracing: Option<TracingConfig>,
 }
 
 impl Config {
@@ -479,6 +486,7 @@ impl FileConfig {
             opaque_ports,
             services,
             limits: self.limits.validate()?,
+            tracing: self.tracing.validate()?,
         })
     }
 }

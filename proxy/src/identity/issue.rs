@@ -55,6 +55,7 @@ impl Issuer {
                         "workload certificate issued"
                     );
                     self.identity.metrics.cert_expiry.set(not_after as f64);
+                    self.identity.metrics.cert_issued.set(secs(now) as f64);
                     self.identity
                         .metrics
                         .renewals

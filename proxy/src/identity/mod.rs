@@ -76,6 +76,8 @@ pub struct TlsMetrics {
     pub handshake_failures: IntCounterVec,
     pub handshakes: IntCounterVec,
     pub cert_expiry: Gauge,
+    /// When the certificate in use was received: with the expiry, its lifetime.
+    pub cert_issued: Gauge,
     pub renewals: IntCounterVec,
     pub anchor_reloads: IntCounterVec,
     pub anchors_in_force: IntGauge,
@@ -100,6 +102,10 @@ impl TlsMetrics {
         let cert_expiry = Gauge::new(
             "tern_identity_cert_expiry_timestamp_seconds",
             "When the workload certificate in use expires, seconds since the Unix epoch (0: none yet).",
+        )?;
+        let cert_issued = Gauge::new(
+            "tern_identity_cert_issued_timestamp_seconds",
+            "When the workload certificate in use was received, seconds since the Unix epoch (0: none yet); its lifetime is the expiry minus this.",
         )?;
         let renewals = IntCounterVec::new(
             prometheus::Opts::new(
@@ -134,11 +140,13 @@ impl TlsMetrics {
             .register(Box::new(handshake_failures.clone()))?;
         metrics.registry.register(Box::new(handshakes.clone()))?;
         metrics.registry.register(Box::new(cert_expiry.clone()))?;
+        metrics.registry.register(Box::new(cert_issued.clone()))?;
         metrics.registry.register(Box::new(renewals.clone()))?;
         Ok(Self {
             handshake_failures,
             handshakes,
             cert_expiry,
+            cert_issued,
             renewals,
             anchor_reloads,
             anchors_in_force,

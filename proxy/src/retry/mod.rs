@@ -15,11 +15,12 @@ pub mod deadline;
 pub mod replay;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use http::{Request, Response};
 use tern_backoff::{ExpBackoff, Jitter};
@@ -33,9 +34,48 @@ use crate::router::Target;
 use classify::Classified;
 use replay::Replay;
 
-/// Attempts made for a request so far; shared with the access log.
+/// Attempts made for a request so far; shared with the access log. The retries'
+/// record is kept only for a sampled request, whose span shows them as events.
 #[derive(Clone, Default)]
-pub struct Attempts(pub Arc<AtomicU32>);
+pub struct Attempts(pub Arc<AtomicU32>, pub Option<Arc<Mutex<Vec<RetryEvent>>>>);
+
+impl Attempts {
+    /// Attempts that also remember each retry, for a span.
+    pub fn recorded() -> Self {
+        Self(Arc::default(), Some(Arc::default()))
+    }
+
+    fn retrying(&self, attempt: u32, endpoint: SocketAddr, reason: &'static str) {
+        if let Some(log) = &self.1 {
+            if let Ok(mut log) = log.lock() {
+                log.push(RetryEvent {
+                    time: SystemTime::now(),
+                    attempt,
+                    endpoint,
+                    reason,
+                });
+            }
+        }
+    }
+
+    /// The retries recorded so far (none unless [`Attempts::recorded`]).
+    pub fn retries(&self) -> Vec<RetryEvent> {
+        self.1
+            .as_ref()
+            .and_then(|l| l.lock().ok().map(|l| l.clone()))
+            .unwrap_or_default()
+    }
+}
+
+/// An attempt that failed and was retried.
+#[derive(Clone, Debug)]
+pub struct RetryEvent {
+    pub time: SystemTime,
+    /// Which attempt failed, the first being 1.
+    pub attempt: u32,
+    pub endpoint: SocketAddr,
+    pub reason: &'static str,
+}
 
 #[derive(Clone)]
 pub struct RetryLayer {
@@ -294,6 +334,7 @@ where
             return last;
         }
         metrics.retries.with_label_values(&[service, reason]).inc();
+        attempts.retrying(attempt, addr, reason);
         tracing::debug!(service, endpoint = %addr, reason, attempt, "retrying");
         avoid = Some(addr);
         let pause = backoff(policy.retry.backoff_base, policy.retry.backoff_max)

@@ -331,7 +331,26 @@ pub fn find_haproxy() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// `--trace-collector` and `--trace-sample-rate` for every tern-proxy, when the bench
+/// measures with tracing on; set once before any path starts.
+static TRACE_ARGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
+pub fn set_trace(collector: SocketAddr, rate: f64) {
+    let _ = TRACE_ARGS.set(vec![
+        "--trace-collector".into(),
+        collector.to_string(),
+        "--trace-sample-rate".into(),
+        rate.to_string(),
+    ]);
+}
+
 fn common_tern_args() -> Vec<String> {
+    let mut args = base_tern_args();
+    args.extend(TRACE_ARGS.get().into_iter().flatten().cloned());
+    args
+}
+
+fn base_tern_args() -> Vec<String> {
     [
         "--outbound-listen",
         "127.0.0.1:0",

@@ -184,6 +184,19 @@ pub fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
 }
 
+/// `--trace-collector` and `--trace-sample-rate` for every sidecar (`ternctl demo --trace`),
+/// set once before the mesh starts.
+static TRACE_ARGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
+pub fn set_trace(collector: std::net::SocketAddr) {
+    let _ = TRACE_ARGS.set(vec![
+        "--trace-collector".into(),
+        collector.to_string(),
+        "--trace-sample-rate".into(),
+        super::trace::SAMPLE_RATE.into(),
+    ]);
+}
+
 fn sidecar_args(
     name: &str,
     admin: &str,
@@ -209,6 +222,7 @@ fn sidecar_args(
     ];
     args.extend(identity);
     args.extend_from_slice(extra);
+    args.extend(TRACE_ARGS.get().into_iter().flatten().cloned());
     Ok(args)
 }
 

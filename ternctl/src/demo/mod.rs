@@ -11,6 +11,7 @@
 //! `--canary` adds a pay v2 replica and pushes a 90/10 split midway.
 
 mod mesh;
+mod trace;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -41,6 +42,10 @@ pub struct DemoArgs {
     /// Start a pay v2 replica that takes no traffic, then push a 90/10 split halfway through.
     #[arg(long)]
     canary: bool,
+    /// Export spans from every sidecar to a receiver ternctl runs, sample some of loadgen's
+    /// calls at order's sidecar, and print one call's trace as a tree at the end.
+    #[arg(long)]
+    trace: bool,
     /// Directory for access logs (default: a fresh directory under the system temp dir).
     #[arg(long)]
     log_dir: Option<PathBuf>,
@@ -61,6 +66,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
         None => std::env::temp_dir().join(format!("tern-demo-{}", std::process::id())),
     };
     std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
+    let sink = match args.trace {
+        true => {
+            let sink = crate::trace_sink::TraceSink::start(true).context("the trace receiver")?;
+            mesh::set_trace(sink.addr);
+            Some(sink)
+        }
+        false => None,
+    };
     let mut mesh = mesh::start(&args, &log_dir).await?;
 
     println!("Tern demo: loadgen → order-proxy → order → order-proxy → {{pay-1-proxy → pay-1, pay-2-proxy → pay-2}}");
@@ -135,6 +148,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
         app.stop(Duration::from_secs(3)).await;
     }
     mesh.control.stop(Duration::from_secs(3)).await;
+    if let Some(sink) = &sink {
+        let kept = sink.kept();
+        println!(
+            "{}",
+            trace::render(&kept).unwrap_or_else(|| trace::nothing(sink.spans()))
+        );
+    }
     let summary = summary?;
     let mut out = demo_summary(&summary);
     out["retries"] = json!(retries);
