@@ -30,6 +30,17 @@ pub fn manifests_dir() -> PathBuf {
 /// Every `*.yaml` under `manifests/`, sorted; `manifests/compose/` is Docker Compose, not
 /// Kubernetes, and is left out.
 pub fn all_manifests() -> Result<Vec<PathBuf>> {
+    // Prometheus rule files and their promtool unit tests are not Kubernetes objects;
+    // tests/tests/prometheus.rs checks them with promtool instead.
+    fn is_prometheus_rules(path: &Path) -> bool {
+        path.parent()
+            .and_then(Path::file_name)
+            .is_some_and(|d| d == "prometheus")
+            && path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("rules"))
+    }
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
         for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
             let path = entry?.path();
@@ -38,7 +49,9 @@ pub fn all_manifests() -> Result<Vec<PathBuf>> {
                     continue;
                 }
                 walk(&path, out)?;
-            } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml")
+                && !is_prometheus_rules(&path)
+            {
                 out.push(path);
             }
         }
