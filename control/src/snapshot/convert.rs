@@ -29,6 +29,15 @@ pub fn service_fields(sc: &mut pb::ServiceConfig, s: &config::Service) {
     sc.dns_name = s.dns_name.clone().unwrap_or_default();
 }
 
+/// `port → targetPort` of a Service's ports where the two differ, in the
+/// push API's shape (the endpoints carry it, see `Endpoint.target_ports`).
+pub fn target_ports(s: &config::Service) -> HashMap<u32, u32> {
+    s.ports
+        .iter()
+        .filter_map(|p| Some((u32::from(p.port), u32::from(p.target_port?))))
+        .collect()
+}
+
 /// The routing a service gets: its TrafficPolicy, or a lone catch-all route
 /// that leaves everything to the sidecar's defaults.
 pub fn traffic(policy: Option<&config::TrafficPolicy>) -> pb::TrafficPolicy {

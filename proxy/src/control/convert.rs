@@ -3,6 +3,7 @@
 //! Everything is checked before anything is applied: a snapshot with one bad
 //! value is rejected whole (NACK) and the sidecar keeps what it had.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,10 +38,22 @@ pub fn service(svc: &pb::ServiceConfig, base: &ServicePolicy) -> Result<ServiceU
             .address
             .parse()
             .map_err(|_| at(&format!("endpoint {:?} is not ip:port", e.address)))?;
+        let mut target_ports = BTreeMap::new();
+        for (port, target) in &e.target_ports {
+            match (u16::try_from(*port), u16::try_from(*target)) {
+                (Ok(p), Ok(t)) if p > 0 && t > 0 => target_ports.insert(p, t),
+                _ => {
+                    let what =
+                        format!("endpoint {addr}: target port {port} → {target} is not 1-65535");
+                    return Err(at(&what));
+                }
+            };
+        }
         endpoints.push(Endpoint {
             addr,
             labels: e.labels.clone().into_iter().collect(),
             identity: (!e.identity.is_empty()).then(|| Arc::from(e.identity.as_str())),
+            target_ports,
         });
     }
     endpoints.sort();
@@ -313,6 +326,7 @@ mod tests {
                     .into_iter()
                     .collect(),
                 identity: String::new(),
+                target_ports: [(80, 8080)].into_iter().collect(),
             }],
             traffic: Some(pb::TrafficPolicy {
                 name: "pay".into(),
@@ -322,6 +336,19 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn target_ports_convert_and_out_of_range_ones_are_refused() {
+        let mut svc = pay(vec![pb::Route::default()]);
+        let update = service(&svc, &base()).unwrap();
+        assert_eq!(update.endpoints[0].target_port(80), 8080);
+        assert_eq!(update.endpoints[0].target_port(81), 81);
+        svc.endpoints[0].target_ports.insert(81, 70000);
+        let e = service(&svc, &base()).err().unwrap();
+        assert!(e.contains("target port 81 → 70000"), "{e}");
+        svc.endpoints[0].target_ports = [(0, 80)].into_iter().collect();
+        assert!(service(&svc, &base()).is_err());
     }
 
     #[test]

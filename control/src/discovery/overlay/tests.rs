@@ -25,6 +25,7 @@ fn discovered(ips: &[&str]) -> Discovered {
                 labels: BTreeMap::new(),
                 identity: Some("spiffe://cluster.local/ns/default/sa/pay".into()),
                 source: "EndpointSlice default/pay-abc".into(),
+                target_ports: BTreeMap::from([(50051, 8080)]),
             })
             .collect(),
         http: false,
@@ -61,7 +62,8 @@ fn a_cluster_service_alone() {
         vec![Port {
             name: Some("grpc".into()),
             port: 50051,
-            opaque: false
+            opaque: false,
+            target_port: Some(8080),
         }]
     );
     assert_eq!(s.identity, None);
