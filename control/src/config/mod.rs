@@ -116,6 +116,9 @@ pub struct Service {
     pub protocol: Protocol,
     pub ports: Vec<Port>,
     pub virtual_ip: Option<IpAddr>,
+    /// The other virtual IPs (a dual-stack Kubernetes Service's second
+    /// ClusterIP); only discovery sets them.
+    pub more_virtual_ips: Vec<IpAddr>,
     /// SPIFFE id the service's endpoints must present.
     pub identity: Option<String>,
     pub dns_name: Option<String>,

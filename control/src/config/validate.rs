@@ -257,6 +257,7 @@ fn service(at: &At, spec: &raw::ServiceSpec, options: LoadOptions) -> Result<Ser
         },
         ports,
         virtual_ip,
+        more_virtual_ips: Vec::new(),
         identity: spec.identity.clone(),
         dns_name: spec.dns_name.clone(),
     })

@@ -202,6 +202,7 @@ pub fn merge(d: &Discovered, dir: Option<&Service>) -> Service {
             .first()
             .copied()
             .or_else(|| dir.and_then(|s| s.virtual_ip)),
+        more_virtual_ips: d.virtual_ips.iter().skip(1).copied().collect(),
         identity: dir.and_then(|s| s.identity.clone()),
         dns_name: dir.and_then(|s| s.dns_name.clone()),
     }

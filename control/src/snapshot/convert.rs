@@ -26,6 +26,12 @@ pub fn service_fields(sc: &mut pb::ServiceConfig, s: &config::Service) {
         })
         .collect();
     sc.virtual_ip = s.virtual_ip.map(|ip| ip.to_string()).unwrap_or_default();
+    sc.virtual_ips = s
+        .virtual_ip
+        .iter()
+        .chain(&s.more_virtual_ips)
+        .map(ToString::to_string)
+        .collect();
     sc.dns_name = s.dns_name.clone().unwrap_or_default();
 }
 

@@ -262,3 +262,23 @@ spec: {ports: [{port: 80, targetPort: 0}]}
     let e = parse_files(&[(PathBuf::from("mesh.yaml"), text.to_owned())]).unwrap_err();
     assert!(e.to_string().contains("spec.ports[0].targetPort"), "{e}");
 }
+
+#[test]
+fn every_virtual_ip_is_pushed_the_primary_first() {
+    let mut c = config(MESH);
+    let inventory = c.services.get_mut(&key("inventory")).unwrap();
+    inventory.more_virtual_ips = vec!["fd00::53".parse().unwrap()];
+    let view = service_view(
+        &key("inventory"),
+        &c,
+        &Registry::new(Duration::from_secs(1)),
+    )
+    .unwrap();
+    assert_eq!(
+        view.virtual_ip, "10.96.0.53",
+        "older sidecars read this one"
+    );
+    assert_eq!(view.virtual_ips, ["10.96.0.53", "fd00::53"]);
+    let pay = service_view(&key("pay"), &c, &Registry::new(Duration::from_secs(1))).unwrap();
+    assert!(pay.virtual_ips.is_empty(), "{pay:?}");
+}

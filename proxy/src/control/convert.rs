@@ -25,7 +25,8 @@ pub struct ServiceUpdate {
     pub algorithm: Algorithm,
     pub accrual: crate::config::policy::AccrualPolicy,
     pub aliases: Vec<String>,
-    pub virtual_ip: Option<IpAddr>,
+    /// Every virtual IP, the primary first (empty: none).
+    pub virtual_ips: Vec<IpAddr>,
     /// Ports the service declares opaque TCP.
     pub opaque_ports: Vec<u16>,
 }
@@ -58,13 +59,7 @@ pub fn service(svc: &pb::ServiceConfig, base: &ServicePolicy) -> Result<ServiceU
     }
     endpoints.sort();
     endpoints.dedup_by(|a, b| a.addr == b.addr);
-    let virtual_ip = match svc.virtual_ip.trim() {
-        "" => None,
-        v => Some(
-            v.parse::<IpAddr>()
-                .map_err(|_| at(&format!("virtual_ip {v:?} is not an IP address")))?,
-        ),
-    };
+    let virtual_ips = virtual_ips(svc).map_err(|e| at(&e))?;
     let mut opaque_ports = Vec::new();
     for p in svc.ports.iter().filter(|p| p.opaque) {
         match u16::try_from(p.port) {
@@ -134,7 +129,7 @@ pub fn service(svc: &pb::ServiceConfig, base: &ServicePolicy) -> Result<ServiceU
         algorithm,
         accrual,
         aliases,
-        virtual_ip,
+        virtual_ips,
         opaque_ports,
     })
 }
@@ -298,6 +293,25 @@ fn authz_rule(r: &pb::AuthorizationRule) -> Result<authz::Rule, String> {
 }
 
 /// A protobuf identifier (`Pay`, one part of `tern.demo.v1.PayService`).
+/// `virtual_ips`, or `virtual_ip` alone from a control plane that predates
+/// the list; each parsed, duplicates dropped.
+fn virtual_ips(svc: &pb::ServiceConfig) -> Result<Vec<IpAddr>, String> {
+    let listed: Vec<&str> = match svc.virtual_ips.is_empty() {
+        true => vec![svc.virtual_ip.as_str()],
+        false => svc.virtual_ips.iter().map(String::as_str).collect(),
+    };
+    let mut out = Vec::new();
+    for v in listed.into_iter().map(str::trim).filter(|v| !v.is_empty()) {
+        let ip: IpAddr = v
+            .parse()
+            .map_err(|_| format!("virtual_ip {v:?} is not an IP address"))?;
+        if !out.contains(&ip) {
+            out.push(ip);
+        }
+    }
+    Ok(out)
+}
+
 fn proto_ident(s: &str) -> bool {
     let mut chars = s.chars();
     chars
@@ -380,7 +394,7 @@ mod tests {
         };
         let u = service(&pay(vec![route]), &base()).unwrap();
         assert_eq!(u.algorithm, Algorithm::P2cEwma);
-        assert_eq!(u.virtual_ip, None);
+        assert!(u.virtual_ips.is_empty());
         assert!(u.opaque_ports.is_empty());
         assert_eq!(u.endpoints[0].labels["version"], "v2");
         let rule = &u.routes.rules[0];
@@ -519,8 +533,20 @@ mod tests {
             },
         ];
         let u = service(&addressed, &base()).unwrap();
-        assert_eq!(u.virtual_ip, Some("10.96.0.20".parse().unwrap()));
+        assert_eq!(u.virtual_ips, ["10.96.0.20".parse::<IpAddr>().unwrap()]);
         assert_eq!(u.opaque_ports, [6379]);
+        // Dual-stack: the list, when given, is every virtual IP.
+        addressed.virtual_ips = vec!["10.96.0.20".into(), "fd00::20".into()];
+        let u = service(&addressed, &base()).unwrap();
+        let both: Vec<IpAddr> = vec!["10.96.0.20".parse().unwrap(), "fd00::20".parse().unwrap()];
+        assert_eq!(u.virtual_ips, both);
+        addressed.virtual_ips.push("fd00::".into());
+        addressed.virtual_ips.push("nope".into());
+        assert!(service(&addressed, &base())
+            .err()
+            .unwrap()
+            .contains("\"nope\""));
+        addressed.virtual_ips.clear();
         addressed.virtual_ip = "10.96.0".into();
         assert!(service(&addressed, &base())
             .err()

@@ -57,6 +57,7 @@ fn a_cluster_service_alone() {
     let s = &config.services[&pay()];
     assert_eq!(s.protocol, Protocol::Grpc);
     assert_eq!(s.virtual_ip, Some("10.96.0.20".parse().unwrap()));
+    assert!(s.more_virtual_ips.is_empty());
     assert_eq!(
         s.ports,
         vec![Port {
@@ -155,4 +156,19 @@ fn a_headless_service_keeps_the_documents_virtual_ip() {
     assert_eq!(merge(&d, None).virtual_ip, None);
     d.http = true;
     assert_eq!(merge(&d, None).protocol, Protocol::Http);
+}
+
+#[test]
+fn a_dual_stack_service_keeps_both_virtual_ips() {
+    let mut config = MeshConfig::default();
+    let mut o = Overlay::default();
+    let mut d = discovered(&["10.1.0.1"]);
+    d.virtual_ips.push("fd00::20".parse().unwrap());
+    assert!(o.set(&pay(), Some(d), &mut config));
+    let s = &config.services[&pay()];
+    assert_eq!(s.virtual_ip, Some("10.96.0.20".parse().unwrap()));
+    assert_eq!(
+        s.more_virtual_ips,
+        ["fd00::20".parse::<std::net::IpAddr>().unwrap()]
+    );
 }
