@@ -1,6 +1,7 @@
 //! A Kubernetes Service whose `targetPort` differs from its `port`, called through two sidecars:
 //! the caller's sidecar names the endpoint's target port (`tern-dst-port`, the opaque header)
-//! to the callee's, which forwards only to ports its app serves. Pods are network namespaces
+//! to the callee's, which forwards only to ports its app serves; and the Service is dual-stack,
+//! so its IPv6 ClusterIP reaches it as well as its IPv4 one. Pods are network namespaces
 //! with `tern-init`'s rules, as in `interception.rs`; tern-control discovers the Service from
 //! the stand-in API server of `kube_discovery.rs` (no real one runs here). Needs root,
 //! iptables and iproute2: skipped loudly outside CI when missing, required under `CI=true`.
@@ -25,6 +26,8 @@ use tern_tests::{eventually, Must, Proc, TestDir};
 
 const BEARER: &str = "tern-control-serviceaccount-token";
 const CLUSTER_IP: &str = "10.96.0.80";
+/// web is dual-stack: its IPv6 ClusterIP names it too.
+const CLUSTER_IP6: &str = "fd00:96::80";
 
 /// Only what the cluster cannot say: port 7000 is opaque (its server speaks first).
 const OVERLAY: &str = "\
@@ -39,7 +42,8 @@ spec:
 fn service() -> Service {
     serde_json::from_value(json!({
         "metadata": {"name": "web", "namespace": "default"},
-        "spec": {"type": "ClusterIP", "clusterIP": CLUSTER_IP, "clusterIPs": [CLUSTER_IP],
+        "spec": {"type": "ClusterIP", "clusterIP": CLUSTER_IP,
+            "clusterIPs": [CLUSTER_IP, CLUSTER_IP6], "ipFamilies": ["IPv4", "IPv6"],
             "selector": {"app": "web"},
             "ports": [
                 {"name": "grpc", "port": 80, "targetPort": 8080, "protocol": "TCP"},
@@ -193,4 +197,13 @@ async fn a_service_port_reaches_the_target_port_through_two_sidecars() {
         .await
         .must();
     assert_eq!(report["greeting"], "hello from raw\n", "{report}");
+
+    // The IPv6 ClusterIP of the dual-stack Service is the same service (its endpoints are
+    // the primary family's).
+    let port80_v6 = format!("[{CLUSTER_IP6}]:80");
+    let report = c
+        .client(&["grpc", "--target", &port80_v6], false)
+        .await
+        .must();
+    assert_eq!(report["servers"]["grpc"], 1, "{report}");
 }
