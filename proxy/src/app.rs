@@ -498,11 +498,12 @@ fn config_view(
 
 fn describe(e: &Entry) -> serde_json::Value {
     let t = &e.target;
-    let (virtual_ip, opaque_ports) = e.addressing();
+    let (virtual_ips, opaque_ports) = e.addressing();
     serde_json::json!({
         "name": t.service.as_ref(),
         "namespace": e.namespace,
-        "virtual_ip": virtual_ip,
+        "virtual_ip": virtual_ips.first(),
+        "virtual_ips": virtual_ips,
         "opaque_ports": opaque_ports,
         "endpoints_from": if e.from_control() { "control plane" } else { "bootstrap" },
         "load_balancer": t.balancer.algorithm(),

@@ -28,7 +28,7 @@ use tokio::net::TcpStream;
 use crate::balance::Load;
 use crate::body::Body;
 use crate::config::limits::ClientLimits;
-use crate::discovery::{Endpoint, Labels};
+use crate::discovery::{Endpoint, Labels, TargetPorts};
 use crate::errors::ProxyError;
 use crate::identity::tls::ClientIo;
 use crate::identity::{Alpn, Identity};
@@ -104,6 +104,16 @@ impl EndpointClient {
 
     pub fn labels(&self) -> &Labels {
         &self.endpoint.labels
+    }
+
+    pub fn target_ports(&self) -> &TargetPorts {
+        &self.endpoint.target_ports
+    }
+
+    /// The port this endpoint's app serves the Service port `port` on: what
+    /// a caller that dialed `port` on the service's virtual IP names to it.
+    pub fn target_port(&self, port: u16) -> u16 {
+        self.endpoint.target_port(port)
     }
 
     pub fn identity(&self) -> Option<&str> {

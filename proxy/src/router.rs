@@ -266,6 +266,25 @@ fn original_destination<B>(req: &mut Request<B>) -> Option<Arc<Target>> {
     Some(d.target)
 }
 
+/// A request sent to a Service port (on the virtual IP) names, in
+/// [`DST_PORT`], the port this attempt's endpoint serves it on (its target
+/// port). One sent to an endpoint's own IP ([`PinnedEndpoint`]) named the
+/// port its app serves already.
+fn name_target_port<B>(req: &mut Request<B>, ep: &EndpointClient) {
+    if ep.target_ports().is_empty() || req.extensions().get::<PinnedEndpoint>().is_some() {
+        return;
+    }
+    let named = req.headers().get(DST_PORT);
+    let Some(port) = named.and_then(|v| v.to_str().ok()?.parse::<u16>().ok()) else {
+        return;
+    };
+    let target = ep.target_port(port);
+    if target != port {
+        req.headers_mut()
+            .insert(DST_PORT, HeaderValue::from(target));
+    }
+}
+
 /// The bottom of the stack: send to the endpoint chosen for this attempt,
 /// or to the target's balancer's next pick.
 #[derive(Clone, Copy, Debug, Default)]
@@ -296,6 +315,7 @@ impl tower::Service<Request<Body>> for Forward {
                     });
                 }
             };
+            name_target_port(&mut req, &ep);
             // Load-aware balancers need requests in flight counted until the
             // response ends; round robin does not pay for it.
             let in_flight = (algorithm != Algorithm::RoundRobin).then(|| start_request(&ep));
@@ -430,6 +450,34 @@ mod tests {
             .with_label_values(&["inbound", "port_not_served"])
             .get();
         assert_eq!(refused, 2);
+    }
+
+    #[test]
+    fn a_service_port_is_named_as_the_endpoints_target_port() {
+        let mut e = crate::discovery::Endpoint::new(addr("10.1.0.7:4143"));
+        e.target_ports.insert(80, 8080);
+        let gauge = prometheus::IntGauge::new("g", "g").unwrap();
+        let counter = prometheus::IntCounter::new("c", "c").unwrap();
+        let ep = EndpointClient::new("web".into(), e, Default::default(), gauge, counter, None);
+        let named = |port: &str, pinned: bool| {
+            let mut req = Request::builder().header(DST_PORT, port).body(()).unwrap();
+            if pinned {
+                req.extensions_mut()
+                    .insert(PinnedEndpoint(addr("10.1.0.7:4143")));
+            }
+            name_target_port(&mut req, &ep);
+            req.headers().get(DST_PORT).cloned().unwrap()
+        };
+        assert_eq!(named("80", false), "8080", "dialed on the virtual IP");
+        assert_eq!(named("9000", false), "9000", "no mapping: as dialed");
+        assert_eq!(named("80", true), "80", "dialed at the pod's own IP");
+        let mut req = Request::new(());
+        name_target_port(&mut req, &ep);
+        assert_eq!(
+            req.headers().get(DST_PORT),
+            None,
+            "nothing named, nothing added"
+        );
     }
 
     #[test]

@@ -44,14 +44,19 @@ pub struct Entry {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Addressing {
     bootstrap_vip: Option<IpAddr>,
-    pushed_vip: Option<IpAddr>,
+    /// Every pushed virtual IP (both of a dual-stack service); empty: none.
+    pushed_vips: Vec<IpAddr>,
     /// Ports the service declares opaque TCP.
     opaque_ports: Vec<u16>,
 }
 
 impl Addressing {
-    fn vip(&self) -> Option<IpAddr> {
-        self.pushed_vip.or(self.bootstrap_vip)
+    /// The virtual IPs in force: the pushed ones, else the bootstrap one.
+    fn vips(&self) -> Vec<IpAddr> {
+        match self.pushed_vips.is_empty() {
+            true => self.bootstrap_vip.into_iter().collect(),
+            false => self.pushed_vips.clone(),
+        }
     }
 }
 
@@ -113,11 +118,11 @@ impl Entry {
         self.update_addressing(|a| a.bootstrap_vip = ip);
     }
 
-    /// What the control plane says: the virtual IP (`None`: none pushed, the
+    /// What the control plane says: the virtual IPs (none pushed: the
     /// bootstrap one stays) and the ports declared opaque.
-    pub fn set_pushed_addressing(&self, vip: Option<IpAddr>, opaque_ports: Vec<u16>) {
+    pub fn set_pushed_addressing(&self, vips: Vec<IpAddr>, opaque_ports: Vec<u16>) {
         self.update_addressing(|a| {
-            a.pushed_vip = vip;
+            a.pushed_vips = vips;
             a.opaque_ports = opaque_ports;
         });
     }
@@ -150,10 +155,10 @@ impl Entry {
         Arc::new(merged)
     }
 
-    /// The virtual IP in force and the ports declared opaque, for `/config`.
-    pub fn addressing(&self) -> (Option<IpAddr>, Vec<u16>) {
+    /// The virtual IPs in force and the ports declared opaque, for `/config`.
+    pub fn addressing(&self) -> (Vec<IpAddr>, Vec<u16>) {
         let a = self.addressing.lock().unwrap_or_else(|p| p.into_inner());
-        (a.vip(), a.opaque_ports.clone())
+        (a.vips(), a.opaque_ports.clone())
     }
 
     pub fn from_control(&self) -> bool {
@@ -318,15 +323,13 @@ impl Targets {
                     opaque_ports: Arc::clone(&opaque_ports),
                 });
             }
-            if let Some(vip) = a.vip() {
-                vips.push((
-                    vip,
-                    Dest {
-                        target: Arc::clone(&e.target),
-                        endpoint: None,
-                        opaque_ports,
-                    },
-                ));
+            for vip in a.vips() {
+                let dest = Dest {
+                    target: Arc::clone(&e.target),
+                    endpoint: None,
+                    opaque_ports: Arc::clone(&opaque_ports),
+                };
+                vips.push((vip, dest));
             }
         }
         // A virtual IP wins over an endpoint that happens to share it.
@@ -374,12 +377,22 @@ mod tests {
         assert!(t.resolve(addr("127.0.0.1:7001")).is_none());
 
         // A pushed virtual IP replaces the bootstrap one; its opaque ports count.
-        pay.set_pushed_addressing(Some("10.96.0.11".parse().unwrap()), vec![6379]);
+        pay.set_pushed_addressing(vec!["10.96.0.11".parse().unwrap()], vec![6379]);
         assert!(t.resolve(addr("10.96.0.10:50051")).is_none());
         assert!(t.resolve(addr("10.96.0.11:6379")).unwrap().opaque);
         assert!(!t.resolve(addr("10.96.0.11:50051")).unwrap().opaque);
+        // Dual-stack: either family's virtual IP names the service.
+        let both = vec!["10.96.0.11".parse().unwrap(), "fd00::11".parse().unwrap()];
+        pay.set_pushed_addressing(both, vec![6379]);
+        for dst in ["10.96.0.11:6379", "[fd00::11]:6379"] {
+            let r = t.resolve(addr(dst)).unwrap();
+            assert_eq!(
+                (&*r.target.service, r.endpoint, r.opaque),
+                ("pay", None, true)
+            );
+        }
         // Once the control plane forgets it, the bootstrap one is back.
-        pay.set_pushed_addressing(None, Vec::new());
+        pay.set_pushed_addressing(Vec::new(), Vec::new());
         assert!(t.resolve(addr("10.96.0.10:6379")).is_some());
         // Endpoints leaving take their IP with them.
         web.set_control(Some(Arc::new(Vec::new())));

@@ -185,7 +185,10 @@ pub fn check_generated(path: &Path, expected: &str, how: &str) -> Result<()> {
 }
 
 /// `manifests/control/mesh-config.yaml`: the ConfigMap tern-control reads its mesh config from,
-/// holding every file of `control/examples/mesh/` as it is.
+/// holding the files of `control/examples/mesh/` as they are, less those that only declare
+/// `tern.dev` Services: in the cluster tern-control runs with `--discovery kubernetes`, and the
+/// cluster's own Services say what those do (ports, endpoints, identities by service account).
+/// A file that mixes Services with other documents is an error, not silently half-copied.
 pub fn mesh_config_manifest() -> Result<String> {
     let dir = repo_root().join("control/examples/mesh");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
@@ -196,8 +199,10 @@ pub fn mesh_config_manifest() -> Result<String> {
     files.sort();
     let mut out = String::from(
         "# The mesh config tern-control watches (mounted at /etc/tern/mesh): the files of\n\
-         # control/examples/mesh/, one key each. Edit and re-apply to push a change to every\n\
-         # sidecar (the kubelet updates the mounted files within about a minute).\n\
+         # control/examples/mesh/, one key each, but no Service: tern-control discovers the\n\
+         # cluster's Services (--discovery kubernetes) and these documents apply on top by name.\n\
+         # Edit and re-apply to push a change to every sidecar (the kubelet updates the mounted\n\
+         # files within about a minute).\n\
          # Generated from control/examples/mesh/ by tests/tests/inject.rs.\n\
          apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: tern-mesh-config\n  namespace: tern\ndata:\n",
     );
@@ -208,6 +213,17 @@ pub fn mesh_config_manifest() -> Result<String> {
             .ok_or_else(|| anyhow!("{} has no UTF-8 name", file.display()))?;
         let text = std::fs::read_to_string(&file)
             .with_context(|| format!("reading {}", file.display()))?;
+        let services = text
+            .split("\n---")
+            .filter(|d| declares_a_service(d))
+            .count();
+        if services > 0 {
+            let documents = text.split("\n---").count();
+            if services != documents {
+                bail!("{} mixes Services with other documents", file.display());
+            }
+            continue;
+        }
         out.push_str(&format!("  {name}: |\n"));
         for line in text.trim_end_matches('\n').lines() {
             if line.is_empty() {
@@ -218,6 +234,11 @@ pub fn mesh_config_manifest() -> Result<String> {
         }
     }
     Ok(out)
+}
+
+/// Whether a YAML document (comments aside) is a `tern.dev` Service.
+fn declares_a_service(doc: &str) -> bool {
+    doc.lines().any(|l| l.trim_end() == "kind: Service")
 }
 
 /// `POST /mutate` with `body` to the webhook at `addr` over TLS, trusting the anchor PEM at

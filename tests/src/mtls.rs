@@ -60,6 +60,12 @@ impl MeshCa {
         Self::with_control(dir, control, anchors)
     }
 
+    /// The CA of a control plane started by the caller (with `--discovery kubernetes`, say).
+    pub fn of(dir: &Path, control: Control) -> Result<Self> {
+        let anchors = control.trust_anchor();
+        Self::with_control(dir, control, anchors)
+    }
+
     fn with_control(dir: &Path, control: Control, anchors: PathBuf) -> Result<Self> {
         let tokens = dir.join("tokens");
         std::fs::create_dir_all(&tokens)

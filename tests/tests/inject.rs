@@ -43,6 +43,48 @@ fn the_mesh_config_map_carries_the_example_mesh() {
     .must();
 }
 
+/// In the cluster the Services come from Kubernetes (`--discovery kubernetes`): the ConfigMap
+/// and the injected demo declare no `tern.dev` Service, and tern-control accepts the
+/// ConfigMap's policies, which name services only the cluster declares.
+#[test]
+fn the_cluster_manifests_declare_no_tern_service() {
+    let control =
+        std::fs::read_to_string(manifests_dir().join("control/tern-control.yaml")).unwrap();
+    assert!(
+        control.contains("name: TERN_CONTROL_DISCOVERY\n              value: kubernetes"),
+        "tern-control.yaml runs with --discovery kubernetes"
+    );
+    let map = std::fs::read_to_string(manifests_dir().join("control/mesh-config.yaml")).unwrap();
+    let map: serde_yaml::Value = serde_yaml::from_str(&map).unwrap();
+    let data = map["data"].as_mapping().expect("the ConfigMap's data");
+    assert!(!data.is_empty());
+    let dir = TestDir::new("mesh-config-check").must();
+    for (name, text) in data {
+        let (name, text) = (name.as_str().unwrap(), text.as_str().unwrap());
+        assert!(
+            !text.lines().any(|l| l.trim_end() == "kind: Service"),
+            "{name} declares a Service"
+        );
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    let check = Command::new(tern_tests::binary("tern-control").must())
+        .args(["--check", "--discovery", "kubernetes", "--config-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        check.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let demo = std::fs::read_to_string(demo_injected_path()).unwrap();
+    assert!(
+        !demo.contains("tern.dev/v1alpha1"),
+        "the injected demo holds a tern.dev document"
+    );
+}
+
 #[test]
 fn manifests_and_inject_output_validate_against_the_kubernetes_schemas() {
     let dir = TestDir::new("k8s-validate").must();

@@ -116,6 +116,9 @@ pub struct Service {
     pub protocol: Protocol,
     pub ports: Vec<Port>,
     pub virtual_ip: Option<IpAddr>,
+    /// The other virtual IPs (a dual-stack Kubernetes Service's second
+    /// ClusterIP); only discovery sets them.
+    pub more_virtual_ips: Vec<IpAddr>,
     /// SPIFFE id the service's endpoints must present.
     pub identity: Option<String>,
     pub dns_name: Option<String>,
@@ -134,6 +137,10 @@ pub struct Port {
     pub port: u16,
     /// Opaque TCP: sidecars carry it as bytes (`protocol: opaque` or `tcp`).
     pub opaque: bool,
+    /// `targetPort`: the port the service's workloads serve `port` on, when
+    /// it differs (callers dial `port` on the virtual IP, the workload's
+    /// sidecar forwards to this one). `None`: the same number.
+    pub target_port: Option<u16>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -256,4 +263,8 @@ pub struct StaticEndpoint {
     pub identity: Option<String>,
     /// metadata.name of the `Endpoints` document, shown on `/state`.
     pub source: String,
+    /// Service port → the port this endpoint serves it on, where they differ
+    /// (a discovered endpoint's own, resolved per EndpointSlice); empty for
+    /// an `Endpoints` document, whose Service's `targetPort`s apply.
+    pub target_ports: BTreeMap<u16, u16>,
 }

@@ -57,6 +57,9 @@ pub enum Protocol {
 pub struct PortSpec {
     pub name: Option<String>,
     pub port: Option<u16>,
+    /// The port the workload serves `port` on; defaults to `port`.
+    #[serde(rename = "targetPort")]
+    pub target_port: Option<u16>,
     /// `opaque` (or `tcp`): carried as bytes, never parsed as HTTP.
     pub protocol: Option<PortProtocol>,
 }

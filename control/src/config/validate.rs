@@ -218,6 +218,9 @@ fn service(at: &At, spec: &raw::ServiceSpec, options: LoadOptions) -> Result<Ser
             Some(n) => n,
             None => return Err(at.err(format!("{field}.port"), "is required")),
         };
+        if p.target_port == Some(0) {
+            return Err(at.err(format!("{field}.targetPort"), "must be 1-65535"));
+        }
         if let Some(name) = &p.name {
             names::dns_label(name).map_err(|m| at.err(format!("{field}.name"), m))?;
             if !port_names.insert(name.clone()) {
@@ -231,6 +234,7 @@ fn service(at: &At, spec: &raw::ServiceSpec, options: LoadOptions) -> Result<Ser
             name: p.name.clone(),
             port,
             opaque: p.protocol.is_some(),
+            target_port: p.target_port.filter(|t| *t != port),
         });
     }
     let virtual_ip = match &spec.virtual_ip {
@@ -253,6 +257,7 @@ fn service(at: &At, spec: &raw::ServiceSpec, options: LoadOptions) -> Result<Ser
         },
         ports,
         virtual_ip,
+        more_virtual_ips: Vec::new(),
         identity: spec.identity.clone(),
         dns_name: spec.dns_name.clone(),
     })
@@ -347,6 +352,7 @@ fn endpoints(
             labels,
             identity: e.identity.clone(),
             source: name.to_owned(),
+            target_ports: BTreeMap::new(),
         });
     }
     Ok(out)

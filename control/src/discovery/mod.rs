@@ -130,4 +130,7 @@ pub struct DiscoveredEndpoint {
     pub identity: Option<String>,
     /// Where it came from, for `/state`: `EndpointSlice <ns>/<name>`.
     pub source: String,
+    /// Service port → the port this endpoint's pod serves it on (its
+    /// targetPort, resolved through its own slice), where they differ.
+    pub target_ports: BTreeMap<u16, u16>,
 }

@@ -5,7 +5,9 @@
 //! - The cluster owns addressing: the virtual IP (the primary ClusterIP;
 //!   a headless service keeps the Service document's `virtualIP`, if any),
 //!   the ports (in the cluster's order, each keeping its cluster name, or the
-//!   document's when the cluster gives none) and the endpoints.
+//!   document's when the cluster gives none) and the endpoints, each with
+//!   its own target ports. A port's `targetPort` (for endpoints the cluster
+//!   does not list) is the cluster's where it resolved one, else the document's.
 //! - A `tern.dev` Service document of the same name extends it: its
 //!   `protocol`, `identity` and `dnsName` apply, a port it lists with the same
 //!   number keeps the document's `protocol: opaque`, and a port only it lists
@@ -152,6 +154,7 @@ fn write(
         labels: e.labels.clone(),
         identity: e.identity.clone(),
         source: e.source.clone(),
+        target_ports: e.target_ports.clone(),
     }));
     restore(
         &mut config.endpoints,
@@ -173,6 +176,12 @@ pub fn merge(d: &Discovered, dir: Option<&Service>) -> Service {
                 .or_else(|| dir_port(p.port).and_then(|q| q.name.clone())),
             port: p.port,
             opaque: dir_port(p.port).is_some_and(|q| q.opaque),
+            // For endpoints the cluster does not list (registered, static):
+            // the cluster's target where it resolved one, else the document's.
+            target_port: p
+                .target_port
+                .or_else(|| dir_port(p.port).and_then(|q| q.target_port))
+                .filter(|t| *t != p.port),
         })
         .collect();
     for p in dir.map(|s| s.ports.as_slice()).unwrap_or_default() {
@@ -193,6 +202,7 @@ pub fn merge(d: &Discovered, dir: Option<&Service>) -> Service {
             .first()
             .copied()
             .or_else(|| dir.and_then(|s| s.virtual_ip)),
+        more_virtual_ips: d.virtual_ips.iter().skip(1).copied().collect(),
         identity: dir.and_then(|s| s.identity.clone()),
         dns_name: dir.and_then(|s| s.dns_name.clone()),
     }

@@ -15,6 +15,9 @@
 //!   port, 4143 by default) and must present the SPIFFE id of the pod's
 //!   service account. Any other is reached in plaintext at the target port of
 //!   the Service's first port, with no identity.
+//! - Each endpoint carries its slice's `port → targetPort` wherever the two
+//!   differ, so a caller's sidecar names the target port to the endpoint's
+//!   sidecar, which forwards only to ports its app serves.
 //! - An endpoint naming a pod not (yet) seen is left out until the pod is,
 //!   rather than guessed plaintext; one with no pod reference (a slice
 //!   written by hand) is plaintext.
@@ -25,7 +28,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -98,8 +101,10 @@ pub fn service(
             "EndpointSlice {namespace}/{}",
             slice.metadata.name.as_deref().unwrap_or_default()
         );
+        let targets = target_ports(slice, &service_ports);
         for e in slice.endpoints.iter().filter(|e| ready(e)) {
-            if let Some(ep) = endpoint(e, namespace, plain_port, pods, trust_domain, &source) {
+            if let Some(mut ep) = endpoint(e, namespace, plain_port, pods, trust_domain, &source) {
+                ep.target_ports = targets.clone();
                 endpoints.entry(ep.address).or_insert(ep);
             }
         }
@@ -131,6 +136,19 @@ pub fn virtual_ips(cluster_ips: Option<&[String]>, cluster_ip: Option<&str>) -> 
         }
     }
     out
+}
+
+/// `port → targetPort` for the pods of `slice`, where the two differ; a port
+/// whose named target the slice does not resolve is left out.
+fn target_ports(slice: &EndpointSlice, ports: &[(&ServicePort, u16)]) -> BTreeMap<u16, u16> {
+    ports
+        .iter()
+        .filter_map(|(p, n)| {
+            let target = slice_port(slice, p.name.as_deref())
+                .or_else(|| declared_target(p.target_port.as_ref(), *n))?;
+            (target != *n).then_some((*n, target))
+        })
+        .collect()
 }
 
 /// The number a slice resolved the Service port `name` to (unnamed: `""`).
@@ -192,6 +210,7 @@ fn endpoint(
         labels,
         identity,
         source: source.to_owned(),
+        target_ports: BTreeMap::new(),
     })
 }
 

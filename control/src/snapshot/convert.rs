@@ -26,7 +26,22 @@ pub fn service_fields(sc: &mut pb::ServiceConfig, s: &config::Service) {
         })
         .collect();
     sc.virtual_ip = s.virtual_ip.map(|ip| ip.to_string()).unwrap_or_default();
+    sc.virtual_ips = s
+        .virtual_ip
+        .iter()
+        .chain(&s.more_virtual_ips)
+        .map(ToString::to_string)
+        .collect();
     sc.dns_name = s.dns_name.clone().unwrap_or_default();
+}
+
+/// `port → targetPort` of a Service's ports where the two differ, in the
+/// push API's shape (the endpoints carry it, see `Endpoint.target_ports`).
+pub fn target_ports(s: &config::Service) -> HashMap<u32, u32> {
+    s.ports
+        .iter()
+        .filter_map(|p| Some((u32::from(p.port), u32::from(p.target_port?))))
+        .collect()
 }
 
 /// The routing a service gets: its TrafficPolicy, or a lone catch-all route

@@ -74,8 +74,16 @@ pub fn service_view(
     }
     // The declared identity is authoritative; a claim only fills the gap.
     let service_identity = declared.and_then(|s| s.identity.clone());
+    let service_targets = declared.map(convert::target_ports).unwrap_or_default();
     let mut endpoints = BTreeMap::new();
     for e in statics.into_iter().flatten() {
+        // An endpoint's own targets (resolved per EndpointSlice) win.
+        let mut target_ports = service_targets.clone();
+        target_ports.extend(
+            e.target_ports
+                .iter()
+                .map(|(p, t)| (u32::from(*p), u32::from(*t))),
+        );
         endpoints.insert(
             e.address,
             pb::Endpoint {
@@ -85,6 +93,7 @@ pub fn service_view(
                     .clone()
                     .or_else(|| e.identity.clone())
                     .unwrap_or_default(),
+                target_ports,
             },
         );
     }
@@ -99,6 +108,7 @@ pub fn service_view(
                     .clone()
                     .or_else(|| e.identity.clone())
                     .unwrap_or_default(),
+                target_ports: service_targets.clone(),
             },
         );
     }

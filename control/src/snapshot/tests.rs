@@ -208,3 +208,77 @@ fn targets_resolve_against_the_callers_namespace() {
     assert!(target("Pay", "shop").is_err());
     assert!(target("", "shop").is_err());
 }
+
+#[test]
+fn endpoints_carry_the_services_target_ports_and_their_own_win() {
+    let mut c = config(
+        "\
+apiVersion: tern.dev/v1alpha1
+kind: Service
+metadata: {name: web}
+spec: {ports: [{port: 80, targetPort: 8080}, {port: 9000, targetPort: 9000}]}
+---
+apiVersion: tern.dev/v1alpha1
+kind: Endpoints
+metadata: {name: web}
+spec: {service: web, endpoints: [{address: 10.0.0.1:4143}, {address: 10.0.0.2:4143}]}
+",
+    );
+    // The second endpoint resolved port 80 on its own (a discovered one, say).
+    let eps = c.endpoints.get_mut(&key("web")).unwrap();
+    eps[1].target_ports = [(80, 8081)].into();
+    let mut r = Registry::new(Duration::from_secs(1));
+    register(&mut r, "web", "10.0.0.3:4143", "v1");
+    let view = service_view(&key("web"), &c, &r).unwrap();
+    let targets: Vec<(&str, Vec<(u32, u32)>)> = view
+        .endpoints
+        .iter()
+        .map(|e| {
+            (
+                e.address.as_str(),
+                e.target_ports.clone().into_iter().collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        targets,
+        [
+            ("10.0.0.1:4143", vec![(80, 8080)]),
+            ("10.0.0.2:4143", vec![(80, 8081)]),
+            ("10.0.0.3:4143", vec![(80, 8080)]),
+        ],
+        "9000 → 9000 is no mapping"
+    );
+}
+
+#[test]
+fn a_target_port_of_zero_is_refused() {
+    let text = "\
+apiVersion: tern.dev/v1alpha1
+kind: Service
+metadata: {name: web}
+spec: {ports: [{port: 80, targetPort: 0}]}
+";
+    let e = parse_files(&[(PathBuf::from("mesh.yaml"), text.to_owned())]).unwrap_err();
+    assert!(e.to_string().contains("spec.ports[0].targetPort"), "{e}");
+}
+
+#[test]
+fn every_virtual_ip_is_pushed_the_primary_first() {
+    let mut c = config(MESH);
+    let inventory = c.services.get_mut(&key("inventory")).unwrap();
+    inventory.more_virtual_ips = vec!["fd00::53".parse().unwrap()];
+    let view = service_view(
+        &key("inventory"),
+        &c,
+        &Registry::new(Duration::from_secs(1)),
+    )
+    .unwrap();
+    assert_eq!(
+        view.virtual_ip, "10.96.0.53",
+        "older sidecars read this one"
+    );
+    assert_eq!(view.virtual_ips, ["10.96.0.53", "fd00::53"]);
+    let pay = service_view(&key("pay"), &c, &Registry::new(Duration::from_secs(1))).unwrap();
+    assert!(pay.virtual_ips.is_empty(), "{pay:?}");
+}

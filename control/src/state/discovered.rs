@@ -111,6 +111,7 @@ spec: {service: pay, loadBalancer: ROUND_ROBIN}
                     labels: Default::default(),
                     identity: Some("spiffe://cluster.local/ns/default/sa/pay".into()),
                     source: "EndpointSlice default/pay".into(),
+                    target_ports: Default::default(),
                 })
                 .collect(),
             http: false,

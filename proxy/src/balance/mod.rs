@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use crate::accrual::now_ms;
 use crate::config::limits::ClientLimits;
 use crate::config::policy::AccrualPolicy;
-use crate::discovery::{EndpointSet, Labels};
+use crate::discovery::{EndpointSet, Labels, TargetPorts};
 use crate::endpoint::EndpointClient;
 use crate::errors::ProxyError;
 
@@ -206,19 +206,25 @@ impl Balancer {
 
     fn rebuild(&self, w: &Writer) {
         let old = self.state.load();
-        // An endpoint whose identity changed needs a client that checks the new one.
-        type Key<'a> = (SocketAddr, &'a Labels, Option<&'a str>);
+        // An endpoint whose identity changed needs a client that checks the
+        // new one; one whose target ports changed, a client that names them.
+        type Key<'a> = (SocketAddr, &'a Labels, Option<&'a str>, &'a TargetPorts);
         let mut by_key: HashMap<Key<'_>, &Arc<EndpointClient>> = old
             .all
             .eps
             .iter()
-            .map(|c| ((c.addr(), c.labels(), c.identity()), c))
+            .map(|c| ((c.addr(), c.labels(), c.identity(), c.target_ports()), c))
             .collect();
         let all: Vec<Arc<EndpointClient>> = w
             .set
             .iter()
-            .map(
-                |ep| match by_key.remove(&(ep.addr, &ep.labels, ep.identity.as_deref())) {
+            .map(|ep| {
+                match by_key.remove(&(
+                    ep.addr,
+                    &ep.labels,
+                    ep.identity.as_deref(),
+                    &ep.target_ports,
+                )) {
                     Some(c) => Arc::clone(c),
                     None => Arc::new(EndpointClient::new(
                         self.service.clone(),
@@ -228,8 +234,8 @@ impl Balancer {
                         self.params.oversized.clone(),
                         self.params.identity.as_ref(),
                     )),
-                },
-            )
+                }
+            })
             .collect();
         let now = now_ms();
         for gone in by_key.values() {

@@ -3,6 +3,7 @@
 //! Everything is checked before anything is applied: a snapshot with one bad
 //! value is rejected whole (NACK) and the sidecar keeps what it had.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,7 +25,8 @@ pub struct ServiceUpdate {
     pub algorithm: Algorithm,
     pub accrual: crate::config::policy::AccrualPolicy,
     pub aliases: Vec<String>,
-    pub virtual_ip: Option<IpAddr>,
+    /// Every virtual IP, the primary first (empty: none).
+    pub virtual_ips: Vec<IpAddr>,
     /// Ports the service declares opaque TCP.
     pub opaque_ports: Vec<u16>,
 }
@@ -37,21 +39,27 @@ pub fn service(svc: &pb::ServiceConfig, base: &ServicePolicy) -> Result<ServiceU
             .address
             .parse()
             .map_err(|_| at(&format!("endpoint {:?} is not ip:port", e.address)))?;
+        let mut target_ports = BTreeMap::new();
+        for (port, target) in &e.target_ports {
+            match (u16::try_from(*port), u16::try_from(*target)) {
+                (Ok(p), Ok(t)) if p > 0 && t > 0 => target_ports.insert(p, t),
+                _ => {
+                    let what =
+                        format!("endpoint {addr}: target port {port} → {target} is not 1-65535");
+                    return Err(at(&what));
+                }
+            };
+        }
         endpoints.push(Endpoint {
             addr,
             labels: e.labels.clone().into_iter().collect(),
             identity: (!e.identity.is_empty()).then(|| Arc::from(e.identity.as_str())),
+            target_ports,
         });
     }
     endpoints.sort();
     endpoints.dedup_by(|a, b| a.addr == b.addr);
-    let virtual_ip = match svc.virtual_ip.trim() {
-        "" => None,
-        v => Some(
-            v.parse::<IpAddr>()
-                .map_err(|_| at(&format!("virtual_ip {v:?} is not an IP address")))?,
-        ),
-    };
+    let virtual_ips = virtual_ips(svc).map_err(|e| at(&e))?;
     let mut opaque_ports = Vec::new();
     for p in svc.ports.iter().filter(|p| p.opaque) {
         match u16::try_from(p.port) {
@@ -121,7 +129,7 @@ pub fn service(svc: &pb::ServiceConfig, base: &ServicePolicy) -> Result<ServiceU
         algorithm,
         accrual,
         aliases,
-        virtual_ip,
+        virtual_ips,
         opaque_ports,
     })
 }
@@ -285,6 +293,25 @@ fn authz_rule(r: &pb::AuthorizationRule) -> Result<authz::Rule, String> {
 }
 
 /// A protobuf identifier (`Pay`, one part of `tern.demo.v1.PayService`).
+/// `virtual_ips`, or `virtual_ip` alone from a control plane that predates
+/// the list; each parsed, duplicates dropped.
+fn virtual_ips(svc: &pb::ServiceConfig) -> Result<Vec<IpAddr>, String> {
+    let listed: Vec<&str> = match svc.virtual_ips.is_empty() {
+        true => vec![svc.virtual_ip.as_str()],
+        false => svc.virtual_ips.iter().map(String::as_str).collect(),
+    };
+    let mut out = Vec::new();
+    for v in listed.into_iter().map(str::trim).filter(|v| !v.is_empty()) {
+        let ip: IpAddr = v
+            .parse()
+            .map_err(|_| format!("virtual_ip {v:?} is not an IP address"))?;
+        if !out.contains(&ip) {
+            out.push(ip);
+        }
+    }
+    Ok(out)
+}
+
 fn proto_ident(s: &str) -> bool {
     let mut chars = s.chars();
     chars
@@ -294,219 +321,4 @@ fn proto_ident(s: &str) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-    use crate::config::policy::PolicyFile;
-
-    fn base() -> ServicePolicy {
-        PolicyFile::default().validate("t").unwrap()
-    }
-
-    fn pay(routes: Vec<pb::Route>) -> pb::ServiceConfig {
-        pb::ServiceConfig {
-            name: "pay".into(),
-            namespace: "default".into(),
-            endpoints: vec![pb::Endpoint {
-                address: "127.0.0.1:7001".into(),
-                labels: [("version".to_string(), "v2".to_string())]
-                    .into_iter()
-                    .collect(),
-                identity: String::new(),
-            }],
-            traffic: Some(pb::TrafficPolicy {
-                name: "pay".into(),
-                load_balancer: pb::LoadBalancer::P2cEwma as i32,
-                failure_accrual: None,
-                routes,
-            }),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn a_canary_route_converts() {
-        let route = pb::Route {
-            name: "default".into(),
-            backends: vec![
-                pb::WeightedBackend {
-                    subset: [("version".to_string(), "v1".to_string())]
-                        .into_iter()
-                        .collect(),
-                    weight: 90,
-                },
-                pb::WeightedBackend {
-                    subset: [("version".to_string(), "v2".to_string())]
-                        .into_iter()
-                        .collect(),
-                    weight: 10,
-                },
-            ],
-            retry: Some(pb::RetryPolicy {
-                max_attempts: Some(5),
-                per_try_timeout_ms: Some(200),
-                budget_percent: Some(20.0),
-                ..Default::default()
-            }),
-            timeout_ms: Some(1500),
-            ..Default::default()
-        };
-        let u = service(&pay(vec![route]), &base()).unwrap();
-        assert_eq!(u.algorithm, Algorithm::P2cEwma);
-        assert_eq!(u.virtual_ip, None);
-        assert!(u.opaque_ports.is_empty());
-        assert_eq!(u.endpoints[0].labels["version"], "v2");
-        let rule = &u.routes.rules[0];
-        assert_eq!(rule.policy.retry.max_attempts, 5);
-        assert_eq!(
-            rule.policy.timeout.per_try,
-            Some(Duration::from_millis(200))
-        );
-        assert_eq!(
-            rule.policy.timeout.overall,
-            Some(Duration::from_millis(1500))
-        );
-        assert!((rule.policy.retry.budget_percent - 0.2).abs() < 1e-6);
-        assert_eq!(u.routes.subsets().len(), 2);
-    }
-
-    #[test]
-    fn inbound_policies_convert_and_bad_ones_are_rejected() {
-        use pb::identity_match::Kind;
-        let policy = |kind: Kind, method: &str| pb::InboundPolicy {
-            name: "pay-callers".into(),
-            default_action: pb::Action::Deny as i32,
-            rules: vec![pb::AuthorizationRule {
-                from: vec![pb::IdentityMatch { kind: Some(kind) }],
-                methods: vec![pb::GrpcMethod {
-                    service: "tern.demo.v1.PayService".into(),
-                    method: method.into(),
-                }],
-            }],
-        };
-        assert!(inbound(None).unwrap().allows_all());
-        let ok = inbound(Some(&policy(
-            Kind::Exact("spiffe://cluster.local/ns/default/sa/order".into()),
-            "Pay",
-        )))
-        .unwrap();
-        assert_eq!(ok.name(), Some("pay-callers"));
-        assert_eq!(ok.default_action(), authz::Action::Deny);
-        assert_eq!(ok.rules()[0].methods[0].method.as_deref(), Some("Pay"));
-        for (bad, why) in [
-            (policy(Kind::Exact("order".into()), ""), "not a SPIFFE id"),
-            (
-                policy(Kind::Namespace("Pay_NS".into()), ""),
-                "not a DNS label",
-            ),
-            (
-                policy(Kind::Namespace("payments".into()), "Pay/x"),
-                "not a gRPC method",
-            ),
-        ] {
-            let e = inbound(Some(&bad)).err().unwrap();
-            assert!(e.contains(why) && e.contains("pay-callers"), "{e}");
-        }
-        let mut no_from = policy(Kind::Namespace("payments".into()), "");
-        no_from.rules[0].from.clear();
-        assert!(inbound(Some(&no_from)).is_err());
-        let mut bad_action = no_from.clone();
-        bad_action.rules.clear();
-        bad_action.default_action = 9;
-        assert!(inbound(Some(&bad_action)).is_err());
-        // Not set: no rules restrict nothing; rules make the rest denied.
-        let unset = |rules| pb::InboundPolicy {
-            rules,
-            ..Default::default()
-        };
-        assert!(inbound(Some(&unset(vec![]))).unwrap().allows_all());
-        let ruled = policy(Kind::Namespace("payments".into()), "").rules;
-        assert_eq!(
-            inbound(Some(&unset(ruled))).unwrap().default_action(),
-            authz::Action::Deny
-        );
-    }
-
-    #[test]
-    fn bad_values_are_rejected_with_a_reason() {
-        let bad_weights = pb::Route {
-            name: "r".into(),
-            backends: vec![pb::WeightedBackend {
-                subset: Default::default(),
-                weight: 60,
-            }],
-            ..Default::default()
-        };
-        let e = service(&pay(vec![bad_weights]), &base()).err().unwrap();
-        assert!(e.contains("add up to 60"), "{e}");
-        // Weights that wrap around to 100 in 32 bits.
-        let wrapping_weights = pb::Route {
-            name: "r".into(),
-            backends: vec![
-                pb::WeightedBackend {
-                    subset: Default::default(),
-                    weight: u32::MAX,
-                },
-                pb::WeightedBackend {
-                    subset: Default::default(),
-                    weight: 101,
-                },
-            ],
-            ..Default::default()
-        };
-        let e = service(&pay(vec![wrapping_weights]), &base())
-            .err()
-            .unwrap();
-        assert!(e.contains("add up to 4294967396"), "{e}");
-        let huge_budget = pb::Route {
-            name: "r".into(),
-            retry: Some(pb::RetryPolicy {
-                budget_min_per_second: Some(u32::MAX),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let e = service(&pay(vec![huge_budget]), &base()).err().unwrap();
-        assert!(e.contains("budget_min_per_second"), "{e}");
-        let bad_code = pb::Route {
-            name: "r".into(),
-            retry: Some(pb::RetryPolicy {
-                retryable_grpc_codes: vec![7],
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        assert!(service(&pay(vec![bad_code]), &base()).is_err());
-        let mut addressed = pay(vec![]);
-        addressed.virtual_ip = "10.96.0.20".into();
-        addressed.ports = vec![
-            pb::Port {
-                name: "grpc".into(),
-                port: 50051,
-                opaque: false,
-            },
-            pb::Port {
-                name: "redis".into(),
-                port: 6379,
-                opaque: true,
-            },
-        ];
-        let u = service(&addressed, &base()).unwrap();
-        assert_eq!(u.virtual_ip, Some("10.96.0.20".parse().unwrap()));
-        assert_eq!(u.opaque_ports, [6379]);
-        addressed.virtual_ip = "10.96.0".into();
-        assert!(service(&addressed, &base())
-            .err()
-            .unwrap()
-            .contains("virtual_ip"));
-        addressed.virtual_ip.clear();
-        addressed.ports[1].port = 70000;
-        assert!(service(&addressed, &base()).is_err());
-        let mut bad_addr = pay(vec![]);
-        bad_addr.endpoints[0].address = "nowhere".into();
-        assert!(service(&bad_addr, &base())
-            .err()
-            .unwrap()
-            .contains("not ip:port"));
-    }
-}
+mod tests;

@@ -221,7 +221,7 @@ impl Client {
                 u.endpoints
             };
             entry.set_control(Some(endpoints));
-            entry.set_pushed_addressing(u.virtual_ip, u.opaque_ports);
+            entry.set_pushed_addressing(u.virtual_ips, u.opaque_ports);
             self.targets.set_aliases(&entry, u.aliases);
             listed.push(format!("{}.{}", u.name, u.namespace));
         }
@@ -230,7 +230,7 @@ impl Client {
             let key = format!("{}.{}", entry.target.service, entry.namespace);
             if entry.from_control() && !listed.contains(&key) {
                 entry.set_control(None);
-                entry.set_pushed_addressing(None, Vec::new());
+                entry.set_pushed_addressing(Vec::new(), Vec::new());
             }
         }
         let applied = Applied {

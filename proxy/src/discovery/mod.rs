@@ -13,6 +13,9 @@ use std::sync::Arc;
 /// Endpoint labels such as `version: v2`; routes select subsets by them.
 pub type Labels = BTreeMap<String, String>;
 
+/// Service port → the port an endpoint's app serves it on.
+pub type TargetPorts = BTreeMap<u16, u16>;
+
 /// One instance of a service.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 pub struct Endpoint {
@@ -20,6 +23,9 @@ pub struct Endpoint {
     pub labels: Labels,
     /// The identity the endpoint must present (checked once mTLS is on).
     pub identity: Option<Arc<str>>,
+    /// Service port → the port the endpoint's app serves it on, where they
+    /// differ (the control plane's `Endpoint.target_ports`).
+    pub target_ports: TargetPorts,
 }
 
 impl Endpoint {
@@ -28,7 +34,13 @@ impl Endpoint {
             addr,
             labels: BTreeMap::new(),
             identity: None,
+            target_ports: BTreeMap::new(),
         }
+    }
+
+    /// The port the endpoint's app serves the Service port `port` on.
+    pub fn target_port(&self, port: u16) -> u16 {
+        self.target_ports.get(&port).copied().unwrap_or(port)
     }
 }
 

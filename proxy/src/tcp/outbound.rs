@@ -70,6 +70,12 @@ impl Tcp {
                 }
             };
             avoid = Some(ep.addr());
+            // Dialed at a Service port: the endpoint's app serves it on its
+            // target port. Dialed at the endpoint's own IP: that port as is.
+            let port = match pinned {
+                Some(_) => port,
+                None => ep.target_port(port),
+            };
             r.upstream = Some(ep.addr());
             r.tls = ep.conn_tls();
             let mut io = match ep.connect_tcp(port).await {

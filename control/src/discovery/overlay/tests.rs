@@ -25,6 +25,7 @@ fn discovered(ips: &[&str]) -> Discovered {
                 labels: BTreeMap::new(),
                 identity: Some("spiffe://cluster.local/ns/default/sa/pay".into()),
                 source: "EndpointSlice default/pay-abc".into(),
+                target_ports: BTreeMap::from([(50051, 8080)]),
             })
             .collect(),
         http: false,
@@ -56,12 +57,14 @@ fn a_cluster_service_alone() {
     let s = &config.services[&pay()];
     assert_eq!(s.protocol, Protocol::Grpc);
     assert_eq!(s.virtual_ip, Some("10.96.0.20".parse().unwrap()));
+    assert!(s.more_virtual_ips.is_empty());
     assert_eq!(
         s.ports,
         vec![Port {
             name: Some("grpc".into()),
             port: 50051,
-            opaque: false
+            opaque: false,
+            target_port: Some(8080),
         }]
     );
     assert_eq!(s.identity, None);
@@ -153,4 +156,19 @@ fn a_headless_service_keeps_the_documents_virtual_ip() {
     assert_eq!(merge(&d, None).virtual_ip, None);
     d.http = true;
     assert_eq!(merge(&d, None).protocol, Protocol::Http);
+}
+
+#[test]
+fn a_dual_stack_service_keeps_both_virtual_ips() {
+    let mut config = MeshConfig::default();
+    let mut o = Overlay::default();
+    let mut d = discovered(&["10.1.0.1"]);
+    d.virtual_ips.push("fd00::20".parse().unwrap());
+    assert!(o.set(&pay(), Some(d), &mut config));
+    let s = &config.services[&pay()];
+    assert_eq!(s.virtual_ip, Some("10.96.0.20".parse().unwrap()));
+    assert_eq!(
+        s.more_virtual_ips,
+        ["fd00::20".parse::<std::net::IpAddr>().unwrap()]
+    );
 }

@@ -156,6 +156,36 @@ fn named_target_ports_resolve_per_slice_and_numeric_ones_without_a_slice() {
         "the first slice by name"
     );
     assert_eq!(addrs(&d), ["10.1.0.1:8080", "10.1.0.2:8081"]);
+    // Each endpoint carries its own slice's targets where they differ from
+    // the port (7000 → 7000 is left out); the sidecar names them onwards.
+    let targets = |i: usize| d.endpoints[i].target_ports.clone();
+    assert_eq!(targets(0), BTreeMap::from([(50051, 8080), (9000, 9090)]));
+    assert_eq!(targets(1), BTreeMap::from([(50051, 8081), (9000, 9090)]));
+}
+
+#[test]
+fn sidecar_endpoints_carry_the_target_port_of_each_service_port() {
+    let svc = pay(json!({"clusterIP": "10.96.0.20", "ports": [
+        {"name": "http", "port": 80, "targetPort": 8080},
+        {"name": "grpc", "port": 50051, "targetPort": "grpc"},
+        {"name": "same", "port": 7000, "targetPort": 7000}]}));
+    let s = slice(
+        "pay-abc",
+        "IPv4",
+        json!([{"name": "http", "port": 8080}, {"name": "grpc", "port": 9443},
+               {"name": "same", "port": 7000}]),
+        json!([ep("10.1.0.1", "pay-1", true), ep("10.1.0.2", "pay-2", true)]),
+    );
+    let pods = pods(vec![pod("pay-1", "pay", true), pod("pay-2", "pay", false)]);
+    let d = service(&svc, &[&s], &pods, TD).unwrap();
+    // The sidecar pod keeps its inbound address; the port map says where its app listens.
+    assert_eq!(addrs(&d), ["10.1.0.1:4143", "10.1.0.2:8080"]);
+    let want = BTreeMap::from([(80, 8080), (50051, 9443)]);
+    assert_eq!(d.endpoints[0].target_ports, want);
+    assert_eq!(
+        d.endpoints[1].target_ports, want,
+        "plaintext pods too (opaque TCP dials it)"
+    );
 }
 
 #[test]
