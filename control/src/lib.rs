@@ -5,7 +5,7 @@
 //! connected ([`registry`]), works out what each sidecar needs and which
 //! sidecars a change affects ([`snapshot`], [`state`]), and pushes versioned
 //! snapshots over the `tern.control.v1.ControlPlane/Subscribe` stream
-//! ([`server`], [`session`], [`wire`]). [`admin`] serves `/metrics`, `/ready` and `/state`.
+//! ([`server`], [`session`], [`messages`], [`wire`]). [`admin`] serves `/metrics`, `/ready` and `/state`.
 //!
 //! Identity: a CA ([`ca`]) signs the CSRs of workloads that prove who they
 //! are with a bootstrap token ([`tokens`]) over the `tern.identity.v1.Identity`
@@ -31,6 +31,7 @@ pub mod config;
 pub mod discovery;
 pub mod files;
 pub mod identity;
+pub mod messages;
 pub mod metrics;
 pub mod registry;
 pub mod server;
