@@ -1,6 +1,7 @@
-//! Wires the control plane together: watch and load the config, load (or
-//! generate) the CA and the token key, bind the listeners, serve until
-//! SIGTERM, then end every stream and exit.
+//! Wires the control plane together from its checked settings, handing each
+//! module its own part: watch and load the config, load (or generate) the CA
+//! and the token key, bind the listeners, serve until SIGTERM, then end every
+//! stream and exit.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

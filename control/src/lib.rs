@@ -18,6 +18,10 @@
 //! cluster's Services, EndpointSlices and Pods and lays them over the
 //! directory's documents by name.
 //!
+//! Flags: [`cli`] checks them once into the settings each module takes, and
+//! [`app`] wires the modules together; no module imports one that imports it
+//! back (a test reads the sources to keep it so).
+//!
 //! Kubernetes: [`webhook`] serves the mutating admission webhook that injects
 //! the sidecar into new Pods (`tern_inject`, as `ternctl inject` does).
 #![forbid(unsafe_code)]
@@ -33,6 +37,8 @@ pub mod files;
 pub mod identity;
 pub mod messages;
 pub mod metrics;
+#[cfg(test)]
+mod module_graph;
 pub mod registry;
 pub mod server;
 pub mod session;
