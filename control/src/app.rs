@@ -1,6 +1,7 @@
-//! Wires the control plane together: watch and load the config, load (or
-//! generate) the CA and the token key, bind the listeners, serve until
-//! SIGTERM, then end every stream and exit.
+//! Wires the control plane together from its checked settings, handing each
+//! module its own part: watch and load the config, load (or generate) the CA
+//! and the token key, bind the listeners, serve until SIGTERM, then end every
+//! stream and exit.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, Admin};
 use crate::admission::LogLimiter;
-use crate::cli::Args;
+use crate::cli::Settings;
 use crate::config;
 use crate::identity;
 use crate::metrics::Metrics;
@@ -26,15 +27,15 @@ use crate::wire::ControlPlaneService;
 /// How long shutdown waits for streams to close after telling them to.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-pub async fn run(args: Args) -> anyhow::Result<()> {
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new().context("metrics registry")?);
-    let dir = &args.config_dir;
+    let dir = &settings.config.dir;
     if !dir.is_dir() {
         anyhow::bail!("--config-dir {} is not a directory", dir.display());
     }
     // Watch first, then load: a change made in between is then seen twice
     // (harmless) rather than never.
-    let options = args.load_options();
+    let options = settings.config.options;
     let watching = Watching::start(dir)
         .with_context(|| format!("watching the config directory {}", dir.display()))?
         .with_options(options);
@@ -51,19 +52,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     );
     let mesh = Mesh::with_authz_default(
         config,
-        args.registration_grace,
+        settings.registration_grace,
         Arc::clone(&metrics),
-        args.authz_default.into(),
+        settings.authz_default,
     );
-    let identity = identity::setup(&args, &metrics)?;
+    let identity = identity::setup(&settings.identity, &metrics)?;
     let authority = Arc::clone(&identity.authority);
 
-    let grpc = TcpListener::bind(args.grpc_listen)
+    let listen = settings.listen;
+    let grpc = TcpListener::bind(listen.grpc)
         .await
-        .with_context(|| format!("binding the gRPC listener on {}", args.grpc_listen))?;
-    let admin_listener = TcpListener::bind(args.admin_listen)
+        .with_context(|| format!("binding the gRPC listener on {}", listen.grpc))?;
+    let admin_listener = TcpListener::bind(listen.admin)
         .await
-        .with_context(|| format!("binding the admin listener on {}", args.admin_listen))?;
+        .with_context(|| format!("binding the admin listener on {}", listen.admin))?;
     let grpc_addr = grpc.local_addr().context("gRPC listener address")?;
     let admin_addr = admin_listener
         .local_addr()
@@ -73,14 +75,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let admin_stop = CancellationToken::new();
     let ready = Arc::new(AtomicBool::new(false));
     tokio::spawn(watching.run(
-        args.debounce,
+        settings.config.debounce,
         Arc::clone(&mesh),
         Arc::clone(&metrics),
         shutdown.clone(),
     ));
     let listed = crate::discovery::start(
-        args.discovery,
-        args.trust_domain()?,
+        settings.discovery,
+        settings.identity.trust_domain.clone(),
         Arc::clone(&mesh),
         Arc::clone(&metrics.discovery),
         shutdown.clone(),
@@ -93,7 +95,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             metrics: Arc::clone(&metrics),
             ready: Arc::clone(&ready),
             authority: Some(Arc::clone(&authority)),
-            expose_state: args.admin_expose_state,
+            expose_state: settings.admin_expose_state,
             refusal_log: Arc::new(LogLimiter::new()),
         },
         admin_stop.clone(),
@@ -114,17 +116,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         mesh: Arc::clone(&mesh),
         metrics: Arc::clone(&metrics),
         shutdown: shutdown.clone(),
-        insecure_plaintext: args.insecure_plaintext_subscribers,
+        insecure_plaintext: settings.insecure_plaintext_subscribers,
         refusal_log: Arc::new(LogLimiter::new()),
     });
-    if args.insecure_plaintext_subscribers {
+    if settings.insecure_plaintext_subscribers {
         tracing::warn!(
             "--insecure-plaintext-subscribers: sidecars WITHOUT a client certificate may subscribe, \
              register endpoints of Services that declare no identity and read the mesh config; \
              for development only, never in production"
         );
     }
-    if args.admin_expose_state {
+    if settings.admin_expose_state {
         tracing::warn!(admin = %admin_addr, "--admin-expose-state: /state (the whole mesh) is served to every peer of the admin listener");
     }
     // Snapshots are small and latency matters more than packing; keepalive
@@ -146,7 +148,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         );
 
     let webhook_addr = webhook::start(
-        &args.webhook,
+        &settings.webhook,
         Arc::clone(&authority.ca),
         Arc::clone(&metrics),
         shutdown.clone(),

@@ -1,11 +1,25 @@
 //! Command-line flags, each also settable through a `TERN_CONTROL_*`
 //! environment variable (Kubernetes sets env, not args). Flags win.
+//!
+//! This is the only module that knows the flags: [`Args::settings`] checks
+//! them once, at the edge, into the plain settings each module takes
+//! ([`Settings`]), so a bad flag fails before anything starts and no module
+//! depends on clap's struct.
+
+mod settings;
+#[cfg(test)]
+mod tests;
+
+pub use settings::{ConfigSettings, ListenSettings, Settings};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+
+use crate::tokens::kube::{IN_CLUSTER_CA, IN_CLUSTER_TOKEN};
+use crate::tokens::TokenReview;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -134,7 +148,7 @@ pub struct Args {
     pub token_review: TokenReview,
 
     #[command(flatten)]
-    pub kube: crate::tokens::kube::KubeArgs,
+    pub kube: KubeArgs,
 
     /// What a sidecar does with a call to a service that has no AuthorizationPolicy.
     #[arg(
@@ -164,15 +178,54 @@ pub struct Args {
     pub admin_expose_state: bool,
 
     #[command(flatten)]
-    pub webhook: crate::webhook::WebhookArgs,
+    pub webhook: WebhookArgs,
 }
 
-/// Which reviewer checks bootstrap tokens.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum TokenReview {
-    Local,
-    Kubernetes,
-    Both,
+/// Where the API server is and how to reach it (defaults: in a pod).
+#[derive(Clone, Debug, clap::Args)]
+pub struct KubeArgs {
+    /// The Kubernetes API server that TokenReviews are posted to (https://HOST[:PORT])
+    /// [default: https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT].
+    #[arg(long, env = "TERN_CONTROL_KUBE_API_SERVER")]
+    pub kube_api_server: Option<String>,
+
+    /// The CA certificates (PEM) the API server's certificate must chain to.
+    #[arg(long, env = "TERN_CONTROL_KUBE_CA_FILE", default_value = IN_CLUSTER_CA)]
+    pub kube_ca_file: PathBuf,
+
+    /// The control plane's own bearer token for the API server (re-read on every review).
+    #[arg(long, env = "TERN_CONTROL_KUBE_TOKEN_FILE", default_value = IN_CLUSTER_TOKEN)]
+    pub kube_token_file: PathBuf,
+}
+
+/// The webhook's flags (part of tern-control's).
+#[derive(Clone, Debug, clap::Args)]
+pub struct WebhookArgs {
+    /// HTTPS listener for the mutating admission webhook (POST /mutate), e.g. 0.0.0.0:8443
+    /// (port 0: any free port) [default: off].
+    #[arg(long = "webhook-listen", env = "TERN_CONTROL_WEBHOOK_LISTEN")]
+    pub listen: Option<SocketAddr>,
+
+    /// The proxy image the webhook injects.
+    #[arg(
+        long,
+        env = "TERN_CONTROL_INJECT_PROXY_IMAGE",
+        default_value_t = tern_inject::default_proxy_image()
+    )]
+    pub inject_proxy_image: String,
+
+    /// The tern-init image the webhook injects.
+    #[arg(
+        long,
+        env = "TERN_CONTROL_INJECT_INIT_IMAGE",
+        default_value_t = tern_inject::default_init_image()
+    )]
+    pub inject_init_image: String,
+
+    /// Inject the proxy as a native sidecar into every pod (pods that run to completion get one
+    /// anyway).
+    #[arg(long, env = "TERN_CONTROL_INJECT_NATIVE_SIDECAR")]
+    pub inject_native_sidecar: bool,
 }
 
 /// The mesh-wide default for services without an AuthorizationPolicy.
@@ -182,160 +235,10 @@ pub enum AuthzDefault {
     Deny,
 }
 
-impl From<AuthzDefault> for crate::config::Action {
-    fn from(d: AuthzDefault) -> Self {
-        match d {
-            AuthzDefault::Allow => crate::config::Action::Allow,
-            AuthzDefault::Deny => crate::config::Action::Deny,
-        }
-    }
-}
-
-impl Args {
-    /// The trust domain as SPIFFE ids spell it (lowercase), checked.
-    pub fn trust_domain(&self) -> anyhow::Result<String> {
-        tern_identity::SpiffeId::new(&self.trust_domain, "tern", "tern-control")
-            .map(|id| id.trust_domain().to_owned())
-            .map_err(|e| anyhow::anyhow!("--trust-domain: {e}"))
-    }
-
-    /// The control plane's own identity: `--identity`, or the default in the trust domain.
-    pub fn control_identity(&self) -> anyhow::Result<tern_identity::SpiffeId> {
-        let domain = self.trust_domain()?;
-        let id = match &self.identity {
-            None => tern_identity::SpiffeId::new(&domain, "tern", "tern-control")?,
-            Some(s) => {
-                tern_identity::SpiffeId::parse(s).map_err(|e| anyhow::anyhow!("--identity: {e}"))?
-            }
-        };
-        if id.trust_domain() != domain {
-            anyhow::bail!("--identity {id} is not in the trust domain {domain} (--trust-domain)");
-        }
-        Ok(id)
-    }
-
-    /// How the config directory is read under `--discovery`.
-    pub fn load_options(&self) -> crate::config::LoadOptions {
-        crate::config::LoadOptions {
-            services_elsewhere: self.discovery.services_elsewhere(),
-        }
-    }
-
-    /// The revocation list: `--revoked-tokens-file`, or `revoked-tokens` in the state directory.
-    pub fn revoked_tokens_path(&self) -> PathBuf {
-        self.revoked_tokens_file
-            .clone()
-            .unwrap_or_else(|| self.state_dir.join("revoked-tokens"))
-    }
-
-    /// The token key file: `--token-key-file`, or `token.key` in the state directory.
-    pub fn token_key_path(&self) -> PathBuf {
-        self.token_key_file
-            .clone()
-            .unwrap_or_else(|| self.state_dir.join("token.key"))
-    }
-}
-
 fn cert_lifetime(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))?;
     if d < Duration::from_secs(1) {
         return Err(format!("{s:?}: a certificate lives at least 1s"));
     }
     Ok(d)
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    #[test]
-    fn defaults() {
-        let a = Args::try_parse_from(["tern-control", "--config-dir", "/etc/tern"]).unwrap();
-        assert_eq!(a.grpc_listen, "127.0.0.1:8090".parse().unwrap());
-        assert_eq!(a.admin_listen, "127.0.0.1:9990".parse().unwrap());
-        assert_eq!(a.registration_grace, Duration::from_secs(1));
-        assert_eq!(a.debounce, Duration::from_millis(100));
-        assert_eq!(a.discovery, crate::discovery::Discovery::Config);
-        assert!(!a.load_options().services_elsewhere);
-        let k = Args::try_parse_from(["tern-control", "--config-dir=/x", "--discovery=kubernetes"])
-            .unwrap();
-        assert!(k.load_options().services_elsewhere);
-        let a = Args::try_parse_from([
-            "tern-control",
-            "--config-dir=/x",
-            "--registration-grace=250ms",
-            "--grpc-listen=127.0.0.1:0",
-        ])
-        .unwrap();
-        assert_eq!(a.registration_grace, Duration::from_millis(250));
-        assert_eq!(a.grpc_listen.port(), 0);
-        assert!(Args::try_parse_from([
-            "tern-control",
-            "--config-dir=/x",
-            "--registration-grace=soon"
-        ])
-        .is_err());
-    }
-
-    #[test]
-    fn identity_defaults() {
-        let a = Args::try_parse_from(["tern-control", "--config-dir", "/etc/tern"]).unwrap();
-        assert_eq!(a.state_dir, PathBuf::from(".tern-control"));
-        assert_eq!(a.token_key_path(), PathBuf::from(".tern-control/token.key"));
-        assert_eq!(
-            a.revoked_tokens_path(),
-            PathBuf::from(".tern-control/revoked-tokens")
-        );
-        assert!(!a.insecure_plaintext_subscribers, "secure by default");
-        assert!(!a.admin_expose_state, "/state on loopback only by default");
-        assert_eq!(a.cert_lifetime, Duration::from_secs(24 * 3600));
-        assert_eq!(a.authz_default, AuthzDefault::Allow);
-        assert_eq!(a.token_review, TokenReview::Local);
-        assert_eq!(
-            a.kube.kube_token_file,
-            PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token")
-        );
-        assert_eq!(
-            a.control_identity().unwrap().to_string(),
-            "spiffe://cluster.local/ns/tern/sa/tern-control"
-        );
-        let a = Args::try_parse_from([
-            "tern-control",
-            "--config-dir=/x",
-            "--trust-domain=Example.org",
-            "--cert-lifetime=1s",
-            "--authz-default=deny",
-            "--token-review=both",
-            "--kube-api-server=https://127.0.0.1:6443",
-            "--kube-ca-file=/tmp/ca.crt",
-        ])
-        .unwrap();
-        assert_eq!(a.token_review, TokenReview::Both);
-        assert_eq!(
-            a.kube.kube_api_server.as_deref(),
-            Some("https://127.0.0.1:6443")
-        );
-        assert_eq!(a.kube.kube_ca_file, PathBuf::from("/tmp/ca.crt"));
-        assert_eq!(a.cert_lifetime, Duration::from_secs(1));
-        assert_eq!(a.authz_default, AuthzDefault::Deny);
-        assert_eq!(
-            a.control_identity().unwrap().to_string(),
-            "spiffe://example.org/ns/tern/sa/tern-control"
-        );
-        assert!(
-            Args::try_parse_from(["tern-control", "--config-dir=/x", "--cert-lifetime=500ms"])
-                .is_err()
-        );
-        let a = Args::try_parse_from([
-            "tern-control",
-            "--config-dir=/x",
-            "--identity=spiffe://other.org/ns/tern/sa/tern-control",
-        ])
-        .unwrap();
-        assert!(a.control_identity().is_err(), "another trust domain");
-        let a = Args::try_parse_from(["tern-control", "--config-dir=/x", "--trust-domain=a b"])
-            .unwrap();
-        assert!(a.trust_domain().is_err());
-    }
 }

@@ -38,15 +38,28 @@ use tokio_rustls::TlsAcceptor;
 use tonic::{Request, Response, Status};
 
 use crate::ca::{self, Ca, CsrError, Issued, Source};
-use crate::cli::Args;
 use crate::metrics::Metrics;
 use crate::tls::{issue_own, ConnInfo};
 use crate::tokens::revoked::RevocationList;
-use crate::tokens::{self, ReviewError, Reviewed, TokenReviewer};
+use crate::tokens::{self, ReviewError, Reviewed, TokenReviewer, TokenSettings};
 
 /// Bound on a whole CertifyRequest (the CSR alone is bounded tighter).
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 const MAX_IDENTITY_BYTES: usize = 1024;
+
+/// What the identity side starts with, checked at the edge (`--trust-domain`,
+/// `--identity`, `--cert-lifetime`, the CA and token flags).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdentitySettings {
+    /// As SPIFFE ids spell it (lowercase).
+    pub trust_domain: String,
+    /// The control plane's own SPIFFE id, in `trust_domain`.
+    pub control_identity: SpiffeId,
+    /// Lifetime of the workload certificates the CA issues.
+    pub cert_lifetime: Duration,
+    pub ca: Source,
+    pub tokens: TokenSettings,
+}
 
 /// The control plane's identity side: its CA, its own certificate and what
 /// `/state` says about them.
@@ -93,12 +106,11 @@ pub struct Setup {
 
 /// Loads (or generates) the CA and the token key, issues the control plane's
 /// own certificate and builds the TLS acceptor of the gRPC listener.
-pub fn setup(args: &Args, metrics: &Arc<Metrics>) -> anyhow::Result<Setup> {
-    let trust_domain = args.trust_domain()?;
-    let control_identity = args.control_identity()?;
-    let ca = Arc::new(Ca::load(&Source::from_args(args)?, &trust_domain)?);
-    let token_key_file = args.token_key_path();
-    let reviewer = tokens::reviewer(args.token_review, &token_key_file, &args.kube)?;
+pub fn setup(settings: &IdentitySettings, metrics: &Arc<Metrics>) -> anyhow::Result<Setup> {
+    let control_identity = settings.control_identity.clone();
+    let ca = Arc::new(Ca::load(&settings.ca, &settings.trust_domain)?);
+    let token_key_file = settings.tokens.key_file.clone();
+    let reviewer = tokens::reviewer(&settings.tokens)?;
     let serving = CertStore::new();
     let own =
         issue_own(&ca, &control_identity).context("issuing the control plane's certificate")?;
@@ -122,12 +134,12 @@ pub fn setup(args: &Args, metrics: &Arc<Metrics>) -> anyhow::Result<Setup> {
         ClientAuth::Optional,
     )
     .context("TLS server config")?;
-    let revoked = RevocationList::new(args.revoked_tokens_path());
+    let revoked = RevocationList::new(settings.tokens.revoked_file.clone());
     tracing::info!(path = %revoked.path().display(), "bootstrap token revocation list (read on every Certify)");
     let service = IdentityService::new(
         Arc::clone(&ca),
         reviewer,
-        args.cert_lifetime,
+        settings.cert_lifetime,
         Arc::clone(metrics),
     )
     .with_revocation_list(revoked);
@@ -137,7 +149,7 @@ pub fn setup(args: &Args, metrics: &Arc<Metrics>) -> anyhow::Result<Setup> {
             anchors,
             serving,
             control_identity,
-            cert_lifetime: args.cert_lifetime,
+            cert_lifetime: settings.cert_lifetime,
             token_key_file,
         }),
         service,

@@ -5,7 +5,7 @@
 //! connected ([`registry`]), works out what each sidecar needs and which
 //! sidecars a change affects ([`snapshot`], [`state`]), and pushes versioned
 //! snapshots over the `tern.control.v1.ControlPlane/Subscribe` stream
-//! ([`server`], [`session`], [`wire`]). [`admin`] serves `/metrics`, `/ready` and `/state`.
+//! ([`server`], [`session`], [`messages`], [`wire`]). [`admin`] serves `/metrics`, `/ready` and `/state`.
 //!
 //! Identity: a CA ([`ca`]) signs the CSRs of workloads that prove who they
 //! are with a bootstrap token ([`tokens`]) over the `tern.identity.v1.Identity`
@@ -17,6 +17,10 @@
 //! Discovery: with `--discovery kubernetes`, [`discovery`] also watches the
 //! cluster's Services, EndpointSlices and Pods and lays them over the
 //! directory's documents by name.
+//!
+//! Flags: [`cli`] checks them once into the settings each module takes, and
+//! [`app`] wires the modules together; no module imports one that imports it
+//! back (a test reads the sources to keep it so).
 //!
 //! Kubernetes: [`webhook`] serves the mutating admission webhook that injects
 //! the sidecar into new Pods (`tern_inject`, as `ternctl inject` does).
@@ -31,7 +35,10 @@ pub mod config;
 pub mod discovery;
 pub mod files;
 pub mod identity;
+pub mod messages;
 pub mod metrics;
+#[cfg(test)]
+mod module_graph;
 pub mod registry;
 pub mod server;
 pub mod session;

@@ -1,13 +1,21 @@
-//! The `tern-control` binary: parse flags, start the runtime, run.
+//! The `tern-control` binary: parse and check the flags, start the runtime, run.
 
 use clap::Parser;
-use tern_control::cli::Args;
+use tern_control::cli::{Args, ConfigSettings};
 
 fn main() {
     let args = Args::parse();
     if args.check {
-        std::process::exit(check(&args));
+        // Only the directory matters to --check, so other flags are not checked.
+        std::process::exit(check(&args.config()));
     }
+    let settings = match args.settings() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("tern-control: {e:#}");
+            std::process::exit(1);
+        }
+    };
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colours only for a person at a terminal, not in log files.
@@ -29,19 +37,19 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) = runtime.block_on(tern_control::app::run(args)) {
+    if let Err(e) = runtime.block_on(tern_control::app::run(settings)) {
         eprintln!("tern-control: {e:#}");
         std::process::exit(1);
     }
 }
 
 /// `--check`: validate the directory once, for CI on config repositories.
-fn check(args: &Args) -> i32 {
-    match tern_control::config::load_dir_with(&args.config_dir, args.load_options()) {
+fn check(config: &ConfigSettings) -> i32 {
+    match tern_control::config::load_dir_with(&config.dir, config.options) {
         Ok(c) => {
             println!(
                 "{}: valid (services: {}, traffic policies: {}, authorization policies: {}, services with static endpoints: {})",
-                args.config_dir.display(),
+                config.dir.display(),
                 c.services.len(),
                 c.traffic.len(),
                 c.authorization.len(),

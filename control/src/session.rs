@@ -22,8 +22,8 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::{Status, Streaming};
 
 use crate::admission::{self, LogLimiter, Refusal};
+use crate::messages::{handle, parse_hello};
 use crate::metrics::Metrics;
-use crate::server::{handle, parse_hello};
 use crate::snapshot::Built;
 use crate::state::{Mesh, Subscription};
 use crate::tls::ConnInfo;

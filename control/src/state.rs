@@ -26,6 +26,7 @@ use crate::registry::{Registration, Registry};
 use crate::snapshot::{self, Built, InboundViews, Interest, View, Views};
 
 mod discovered;
+mod report;
 mod subscriber;
 pub use subscriber::{Delivery, NackRecord, Subscriber, Workload};
 
@@ -330,7 +331,7 @@ impl Mesh {
     /// Everything `/state` shows, as JSON.
     pub fn state(&self) -> serde_json::Value {
         let inner = lock(&self.inner);
-        let mut state = crate::admin::state_json(
+        let mut state = report::state_json(
             &inner.config,
             inner.config_version,
             inner.last_error.as_ref(),

@@ -306,31 +306,36 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    use clap::Parser as _;
     use tern_identity::csr::WorkloadKey;
     use tokio::io::AsyncWriteExt as _;
     use tokio_stream::StreamExt as _;
 
+    /// A CA in `dir` and the listener's acceptor with the control plane's
+    /// own certificate from it, as the identity side builds them.
+    fn acceptor(dir: &std::path::Path) -> (Ca, TlsAcceptor) {
+        let ca = Ca::load(&ca::Source::StateDir(dir.into()), "cluster.local").unwrap();
+        let own = SpiffeId::new("cluster.local", "tern", "tern-control").unwrap();
+        let serving = CertStore::new();
+        serving.set(issue_own(&ca, &own).unwrap());
+        let anchors = tern_identity::TrustAnchors::from_pem(ca.anchor_pem().as_bytes()).unwrap();
+        let config = tern_identity::tls::server_config(
+            serving,
+            anchors,
+            tern_identity::tls::ClientAuth::Optional,
+        )
+        .unwrap();
+        (ca, TlsAcceptor::from(config))
+    }
+
     #[tokio::test]
     async fn the_listener_tells_tls_from_plaintext() {
         let dir = tempfile::tempdir().unwrap();
-        let args = crate::cli::Args::try_parse_from([
-            "tern-control".to_owned(),
-            "--config-dir=/x".to_owned(),
-            format!("--state-dir={}", dir.path().display()),
-        ])
-        .unwrap();
         let metrics = Arc::new(Metrics::new().unwrap());
-        let setup = crate::identity::setup(&args, &metrics).unwrap();
+        let (ca, acceptor) = acceptor(dir.path());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
-        let mut conns = incoming(
-            listener,
-            setup.acceptor.clone(),
-            Arc::clone(&metrics),
-            stop.clone(),
-        );
+        let mut conns = incoming(listener, acceptor, Arc::clone(&metrics), stop.clone());
         async fn next(conns: &mut ReceiverStream<Result<Conn, io::Error>>) -> Conn {
             tokio::time::timeout(Duration::from_secs(5), conns.next())
                 .await
@@ -350,7 +355,6 @@ mod tests {
         assert_eq!(conn.info.peer_identity, None);
 
         // TLS with a workload certificate from the same CA.
-        let ca = &setup.authority.ca;
         let order = SpiffeId::new("cluster.local", "default", "order").unwrap();
         let key = WorkloadKey::generate().unwrap();
         let public = ca::check_csr(&key.csr_pem(&order).unwrap(), &order).unwrap();

@@ -23,7 +23,6 @@ use anyhow::bail;
 use futures::future::BoxFuture;
 use tern_identity::token::{TokenError, TokenKey};
 
-use crate::cli::TokenReview;
 use crate::files::{self, Mode};
 
 pub mod kube;
@@ -36,6 +35,27 @@ pub const TERN_TOKEN_PREFIX: &str = "tern1.";
 pub const MIN_KEY_BYTES: usize = 16;
 /// Tokens longer than this are refused unread.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
+
+/// Which reviewer checks bootstrap tokens (`--token-review`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TokenReview {
+    Local,
+    Kubernetes,
+    Both,
+}
+
+/// How Certify checks bootstrap tokens, decided once at start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenSettings {
+    pub review: TokenReview,
+    /// The HMAC key of Tern tokens (read, or generated, unless `review` is
+    /// `kubernetes` alone).
+    pub key_file: PathBuf,
+    /// Token ids refused by Certify, re-read on every call.
+    pub revoked_file: PathBuf,
+    /// Where the API server is, for `kubernetes` and `both`.
+    pub kube: kube::KubeSettings,
+}
 
 /// What a reviewed token says about its bearer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -160,18 +180,16 @@ impl TokenReviewer for Both {
 }
 
 /// The reviewer `--token-review` asks for; the token key (read, or generated)
-/// at `key_path` unless it is `kubernetes` alone.
-pub fn reviewer(
-    mode: TokenReview,
-    key_path: &Path,
-    kube_args: &kube::KubeArgs,
-) -> anyhow::Result<Arc<dyn TokenReviewer>> {
+/// unless it is `kubernetes` alone.
+pub fn reviewer(settings: &TokenSettings) -> anyhow::Result<Arc<dyn TokenReviewer>> {
+    let mode = settings.review;
+    let key_path = &settings.key_file;
     let local = || {
         LocalTokens::load_or_generate(key_path)
             .map_err(|e| anyhow::anyhow!("bootstrap token key {}: {e:#}", key_path.display()))
     };
     let kube = || {
-        let kube = kube::KubeTokenReview::from_args(kube_args)
+        let kube = kube::KubeTokenReview::from_settings(&settings.kube)
             .map_err(|e| anyhow::anyhow!("--token-review {mode:?}: {e:#}"))?;
         tracing::info!(url = %kube.url(), "reviewing ServiceAccount tokens with the Kubernetes API server");
         Ok::<_, anyhow::Error>(kube)

@@ -43,44 +43,13 @@ pub const DNS_NAMES: [&str; 2] = [
 pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 const RENEW_RETRY: Duration = Duration::from_secs(10);
 
-/// The webhook's flags (part of tern-control's).
-#[derive(Clone, Debug, clap::Args)]
-pub struct WebhookArgs {
-    /// HTTPS listener for the mutating admission webhook (POST /mutate), e.g. 0.0.0.0:8443
-    /// (port 0: any free port) [default: off].
-    #[arg(long = "webhook-listen", env = "TERN_CONTROL_WEBHOOK_LISTEN")]
+/// Whether and where the webhook listens, and what it injects (`--webhook-listen`,
+/// `--inject-*`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WebhookSettings {
+    /// `None`: the webhook is off.
     pub listen: Option<SocketAddr>,
-
-    /// The proxy image the webhook injects.
-    #[arg(
-        long,
-        env = "TERN_CONTROL_INJECT_PROXY_IMAGE",
-        default_value_t = tern_inject::default_proxy_image()
-    )]
-    pub inject_proxy_image: String,
-
-    /// The tern-init image the webhook injects.
-    #[arg(
-        long,
-        env = "TERN_CONTROL_INJECT_INIT_IMAGE",
-        default_value_t = tern_inject::default_init_image()
-    )]
-    pub inject_init_image: String,
-
-    /// Inject the proxy as a native sidecar into every pod (pods that run to completion get one
-    /// anyway).
-    #[arg(long, env = "TERN_CONTROL_INJECT_NATIVE_SIDECAR")]
-    pub inject_native_sidecar: bool,
-}
-
-impl WebhookArgs {
-    pub fn options(&self) -> tern_inject::Options {
-        tern_inject::Options {
-            proxy_image: self.inject_proxy_image.clone(),
-            init_image: self.inject_init_image.clone(),
-            native_sidecar: self.inject_native_sidecar,
-        }
-    }
+    pub inject: tern_inject::Options,
 }
 
 /// The webhook's current certificate, swapped in place on renewal.
@@ -117,15 +86,15 @@ fn issue(ca: &Ca) -> anyhow::Result<(CertifiedKey, SystemTime, SystemTime)> {
     ))
 }
 
-/// Binds `args.listen`, issues the certificate and serves until `stop`; returns the bound
-/// address. `None` when the webhook is off.
+/// Binds `settings.listen`, issues the certificate and serves until `stop`; returns the
+/// bound address. `None` when the webhook is off.
 pub async fn start(
-    args: &WebhookArgs,
+    settings: &WebhookSettings,
     ca: Arc<Ca>,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) -> anyhow::Result<Option<SocketAddr>> {
-    let Some(listen) = args.listen else {
+    let Some(listen) = settings.listen else {
         return Ok(None);
     };
     let (certified, not_before, not_after) =
@@ -163,7 +132,7 @@ pub async fn start(
     tokio::spawn(serve(
         listener,
         TlsAcceptor::from(Arc::new(tls)),
-        Arc::new(args.options()),
+        Arc::new(settings.inject.clone()),
         metrics,
         stop,
     ));

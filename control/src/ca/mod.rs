@@ -37,7 +37,6 @@ use serde_json::{json, Value};
 use tern_identity::SpiffeId;
 use x509_parser::prelude::{FromDer as _, X509Certificate};
 
-use crate::cli::Args;
 use crate::files;
 
 pub const ANCHOR_FILE: &str = "trust-anchor.pem";
@@ -52,7 +51,7 @@ pub const ISSUER_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Larger CSRs are refused unread: a P-256 CSR is well under 1 KiB.
 pub const MAX_CSR_BYTES: usize = 16 * 1024;
 
-/// Where the CA comes from.
+/// Where the CA comes from: the CA's settings (`--ca-*`, `--state-dir`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Source {
     Files {
@@ -62,23 +61,6 @@ pub enum Source {
     },
     /// Generated into (and reused from) this directory.
     StateDir(PathBuf),
-}
-
-impl Source {
-    pub fn from_args(args: &Args) -> anyhow::Result<Source> {
-        match (&args.ca_anchor, &args.ca_issuer_cert, &args.ca_issuer_key) {
-            (None, None, None) => Ok(Source::StateDir(args.state_dir.clone())),
-            (Some(anchor), Some(cert), Some(key)) => Ok(Source::Files {
-                anchor: anchor.clone(),
-                issuer_cert: cert.clone(),
-                issuer_key: key.clone(),
-            }),
-            _ => bail!(
-                "--ca-anchor, --ca-issuer-cert and --ca-issuer-key go together: give all three, \
-                 or none to use the CA in --state-dir"
-            ),
-        }
-    }
 }
 
 /// What `/state` and the checks need to know of a CA certificate.

@@ -144,30 +144,6 @@ fn files_given_by_flags_are_checked() {
 }
 
 #[test]
-fn ca_flags_go_together() {
-    use clap::Parser as _;
-    let args = |extra: &[&str]| {
-        let mut v = vec!["tern-control", "--config-dir=/x"];
-        v.extend_from_slice(extra);
-        crate::cli::Args::try_parse_from(v).unwrap()
-    };
-    assert_eq!(
-        Source::from_args(&args(&["--state-dir=/s"])).unwrap(),
-        Source::StateDir("/s".into())
-    );
-    assert!(Source::from_args(&args(&["--ca-anchor=/a"])).is_err());
-    let all = args(&[
-        "--ca-anchor=/a",
-        "--ca-issuer-cert=/c",
-        "--ca-issuer-key=/k",
-    ]);
-    assert!(matches!(
-        Source::from_args(&all).unwrap(),
-        Source::Files { .. }
-    ));
-}
-
-#[test]
 fn a_workload_certificate_names_only_its_identity() {
     let tmp = tempfile::tempdir().unwrap();
     let ca = state_ca(tmp.path());

@@ -230,17 +230,26 @@ async fn plaintext_calls_are_refused() {
 
 #[test]
 fn setup_issues_the_control_planes_own_certificate() {
-    use clap::Parser as _;
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let args = Args::try_parse_from([
-        "tern-control",
-        "--config-dir=/x",
-        &format!("--state-dir={}", state.display()),
-    ])
-    .unwrap();
+    let settings = IdentitySettings {
+        trust_domain: "cluster.local".into(),
+        control_identity: SpiffeId::new("cluster.local", "tern", "tern-control").unwrap(),
+        cert_lifetime: Duration::from_secs(24 * 3600),
+        ca: Source::StateDir(state.clone()),
+        tokens: TokenSettings {
+            review: tokens::TokenReview::Local,
+            key_file: state.join("token.key"),
+            revoked_file: state.join("revoked-tokens"),
+            kube: tokens::kube::KubeSettings {
+                api_server: None,
+                ca_file: tokens::kube::IN_CLUSTER_CA.into(),
+                token_file: tokens::kube::IN_CLUSTER_TOKEN.into(),
+            },
+        },
+    };
     let metrics = Arc::new(Metrics::new().unwrap());
-    let s = setup(&args, &metrics).unwrap();
+    let s = setup(&settings, &metrics).unwrap();
     let own = s.authority.serving.get().unwrap();
     assert_eq!(
         own.identity,

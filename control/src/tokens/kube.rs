@@ -47,21 +47,16 @@ const SA_PREFIX: &str = "system:serviceaccount:";
 /// Where Kubernetes (1.29 and later) names the token it reviewed (`JTI=<id>`).
 const CREDENTIAL_ID: &str = "authentication.kubernetes.io/credential-id";
 
-/// Where the API server is and how to reach it (defaults: in a pod).
-#[derive(Clone, Debug, clap::Args)]
-pub struct KubeArgs {
-    /// The Kubernetes API server that TokenReviews are posted to (https://HOST[:PORT])
-    /// [default: https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT].
-    #[arg(long, env = "TERN_CONTROL_KUBE_API_SERVER")]
-    pub kube_api_server: Option<String>,
-
+/// Where the API server is and how to reach it (`--kube-*`; the defaults are
+/// a pod's).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KubeSettings {
+    /// `https://HOST[:PORT]`; `None`: from the `KUBERNETES_SERVICE_*` variables.
+    pub api_server: Option<String>,
     /// The CA certificates (PEM) the API server's certificate must chain to.
-    #[arg(long, env = "TERN_CONTROL_KUBE_CA_FILE", default_value = IN_CLUSTER_CA)]
-    pub kube_ca_file: PathBuf,
-
-    /// The control plane's own bearer token for the API server (re-read on every review).
-    #[arg(long, env = "TERN_CONTROL_KUBE_TOKEN_FILE", default_value = IN_CLUSTER_TOKEN)]
-    pub kube_token_file: PathBuf,
+    pub ca_file: PathBuf,
+    /// The control plane's own bearer token (re-read on every review).
+    pub token_file: PathBuf,
 }
 
 /// Reviews tokens with the API server's TokenReview.
@@ -76,22 +71,18 @@ pub struct KubeTokenReview {
 }
 
 impl KubeTokenReview {
-    /// The reviewer `args` describe; the API server URL from the
+    /// The reviewer `settings` describe; the API server URL from the
     /// `KUBERNETES_SERVICE_*` variables when not given. Reads the CA file once
     /// to fail early.
-    pub fn from_args(args: &KubeArgs) -> anyhow::Result<KubeTokenReview> {
-        let url = match &args.kube_api_server {
+    pub fn from_settings(settings: &KubeSettings) -> anyhow::Result<KubeTokenReview> {
+        let url = match &settings.api_server {
             Some(url) => url.clone(),
             None => in_cluster_url(
                 std::env::var("KUBERNETES_SERVICE_HOST").ok(),
                 std::env::var("KUBERNETES_SERVICE_PORT").ok(),
             )?,
         };
-        let reviewer = Self::new(
-            &url,
-            args.kube_ca_file.clone(),
-            args.kube_token_file.clone(),
-        )?;
+        let reviewer = Self::new(&url, settings.ca_file.clone(), settings.token_file.clone())?;
         reviewer
             .tls()
             .map_err(|e| anyhow::anyhow!("--kube-ca-file: {e}"))?;
