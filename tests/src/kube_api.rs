@@ -152,20 +152,39 @@ pub(crate) fn tls_config() -> Result<(String, Arc<rustls::ServerConfig>)> {
 }
 
 async fn serve(listener: TcpListener, acceptor: TlsAcceptor, shared: Arc<Shared>) {
+    let service = hyper::service::service_fn(move |req| {
+        let shared = Arc::clone(&shared);
+        async move { Ok::<_, Infallible>(handle(&shared, req).await) }
+    });
+    serve_tls(listener, acceptor, service).await;
+}
+
+/// Serves `service` over TLS on every connection `listener` accepts, HTTP/1.1 or HTTP/2 as the
+/// client picks, as an API server does; a failed handshake ends only its own connection.
+pub(crate) async fn serve_tls<S, B>(listener: TcpListener, acceptor: TlsAcceptor, service: S)
+where
+    S: hyper::service::Service<
+            Request<hyper::body::Incoming>,
+            Response = Response<B>,
+            Error = Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             continue;
         };
         let acceptor = acceptor.clone();
-        let shared = Arc::clone(&shared);
+        let service = service.clone();
         tokio::spawn(async move {
             let Ok(tls) = acceptor.accept(tcp).await else {
                 return;
             };
-            let service = hyper::service::service_fn(move |req| {
-                let shared = Arc::clone(&shared);
-                async move { Ok::<_, Infallible>(handle(&shared, req).await) }
-            });
             let _ =
                 hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
                     .serve_connection(TokioIo::new(tls), service)

@@ -10,7 +10,6 @@ use http::{header, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt as _, Full, StreamBody};
 use hyper::body::Frame;
-use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -25,26 +24,11 @@ type Body = BoxBody<Bytes, std::io::Error>;
 const DEFAULT_WATCH: Duration = Duration::from_secs(1800);
 
 pub(super) async fn serve(listener: TcpListener, acceptor: TlsAcceptor, shared: Arc<Shared>) {
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
-        };
-        let acceptor = acceptor.clone();
+    let service = hyper::service::service_fn(move |req| {
         let shared = Arc::clone(&shared);
-        tokio::spawn(async move {
-            let Ok(tls) = acceptor.accept(tcp).await else {
-                return;
-            };
-            let service = hyper::service::service_fn(move |req| {
-                let shared = Arc::clone(&shared);
-                async move { Ok::<_, Infallible>(handle(&shared, req)) }
-            });
-            let _ =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await;
-        });
-    }
+        async move { Ok::<_, Infallible>(handle(&shared, req)) }
+    });
+    crate::kube_api::serve_tls(listener, acceptor, service).await;
 }
 
 fn handle(shared: &Shared, req: Request<hyper::body::Incoming>) -> Response<Body> {
