@@ -16,7 +16,7 @@ mod validate;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -109,6 +109,11 @@ pub struct MeshConfig {
     pub authorization: BTreeMap<ServiceKey, AuthorizationPolicy>,
     /// Static endpoints from every `Endpoints` document of a service, in file order.
     pub endpoints: BTreeMap<ServiceKey, Vec<StaticEndpoint>>,
+    /// Services whose endpoints the cluster's EndpointSlices own (discovery
+    /// sets it): a sidecar's registration adds none to them, so every
+    /// control-plane replica pushes the same endpoints, and a pod the cluster
+    /// takes out (not ready, terminating) leaves every caller.
+    pub cluster_endpoints: BTreeSet<ServiceKey>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

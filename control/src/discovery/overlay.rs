@@ -13,8 +13,10 @@
 //!   number keeps the document's `protocol: opaque`, and a port only it lists
 //!   is added. Without one, the protocol is HTTP when a port's appProtocol is
 //!   `http`, else gRPC (the default of a Service document).
-//! - `Endpoints` documents and registered sidecars add endpoints beside the
-//!   cluster's (one address appears once; a registration wins).
+//! - `Endpoints` documents add endpoints beside the cluster's (one address
+//!   appears once). Registered sidecars add none: the EndpointSlices are the
+//!   truth every replica of the control plane shares, and a registration
+//!   lives in one replica only.
 //! - TrafficPolicy and AuthorizationPolicy documents apply by name as to any
 //!   service.
 //!
@@ -101,6 +103,7 @@ impl Overlay {
                 };
                 restore(&mut config.services, key, e.dir_service);
                 restore(&mut config.endpoints, key, e.dir_endpoints);
+                config.cluster_endpoints.remove(key);
             }
             (None, None) => return false,
         }
@@ -148,6 +151,7 @@ fn write(
     dir_endpoints: Option<Vec<StaticEndpoint>>,
 ) {
     config.services.insert(key.clone(), merge(d, dir));
+    config.cluster_endpoints.insert(key.clone());
     let mut endpoints = dir_endpoints.unwrap_or_default();
     endpoints.extend(d.endpoints.iter().map(|e| StaticEndpoint {
         address: e.address,

@@ -60,7 +60,10 @@ pub fn service_view(
 ) -> Option<pb::ServiceConfig> {
     let declared = config.services.get(key);
     let statics = config.endpoints.get(key);
-    let registered = registry.endpoints(key);
+    // The cluster's endpoints are the same in every replica; a registration is not.
+    let registered = registry
+        .endpoints(key)
+        .filter(|_| !config.cluster_endpoints.contains(key));
     if declared.is_none() && statics.is_none() && registered.is_none() {
         return None;
     }

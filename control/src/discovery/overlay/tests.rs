@@ -172,3 +172,33 @@ fn a_dual_stack_service_keeps_both_virtual_ips() {
         ["fd00::20".parse::<std::net::IpAddr>().unwrap()]
     );
 }
+
+#[test]
+fn the_cluster_alone_names_a_cluster_services_endpoints() {
+    use crate::registry::{Registration, Registry};
+    let mut config = dir(DOC);
+    let mut o = Overlay::default();
+    let mut registry = Registry::new(std::time::Duration::from_secs(1));
+    // pay-2's sidecar is still subscribed (to this replica) after the cluster took it out.
+    registry
+        .register(
+            &pay(),
+            Registration {
+                address: "10.1.0.2:4143".parse().unwrap(),
+                labels: BTreeMap::new(),
+                identity: None,
+            },
+        )
+        .unwrap();
+    let addresses = |config: &MeshConfig, registry: &Registry| -> Vec<String> {
+        crate::snapshot::service_view(&pay(), config, registry)
+            .map(|v| v.endpoints.into_iter().map(|e| e.address).collect())
+            .unwrap_or_default()
+    };
+    assert!(o.set(&pay(), Some(discovered(&["10.1.0.1"])), &mut config));
+    assert_eq!(addresses(&config, &registry), ["10.1.0.1:4143"]);
+    // Once the cluster drops the service, the directory and registrations speak again.
+    assert!(o.set(&pay(), None, &mut config));
+    assert!(config.cluster_endpoints.is_empty());
+    assert_eq!(addresses(&config, &registry), ["10.1.0.2:4143"]);
+}
