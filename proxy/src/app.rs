@@ -293,7 +293,7 @@ fn start_issuer(config: &Config, core: &Core) -> watch::Receiver<bool> {
         tokio::spawn(
             Issuer {
                 identity: Arc::clone(id),
-                control_plane: c.server.clone(),
+                control_plane: control::failover::Replicas::new(c.server.clone()),
                 token_file: c.token_file.clone(),
                 issued: issued_tx,
             }
@@ -309,13 +309,13 @@ fn start_control(
     config: &Config,
     core: &Core,
 ) -> (Option<Arc<control::Status>>, Option<watch::Receiver<bool>>) {
-    let Some(url) = &config.control_plane else {
+    let Some(planes) = &config.control_plane else {
         return (None, None);
     };
     let (first_tx, first_rx) = watch::channel(false);
     let status = Arc::new(control::Status::default());
     let client = control::Client {
-        url: url.clone(),
+        replicas: control::failover::Replicas::new(planes.clone()),
         me: control::Identity {
             service: config.service_name.clone(),
             namespace: config.namespace.clone(),
@@ -481,6 +481,7 @@ fn config_view(
                         "connected": s.connected.load(Ordering::Relaxed),
                         "applied": applied.as_deref(),
                         "last_error": s.last_error.load_full().as_deref(),
+                        "replica": s.replica.load_full().as_deref(),
                     }),
                 )
             }

@@ -55,6 +55,8 @@ pub struct Metrics {
     pub ejections: IntCounterVec,
     pub ejected: IntGaugeVec,
     pub control_connected: IntGauge,
+    /// Subscriptions made to another control-plane replica than the last.
+    pub control_failovers: IntCounter,
     pub config_updates: IntCounterVec,
     pub config_version: IntGauge,
     pub config_last_push: Gauge,
@@ -206,6 +208,10 @@ impl Metrics {
             "tern_control_connected",
             "1 while the stream to the control plane is up.",
         )?;
+        let control_failovers = IntCounter::new(
+            "tern_control_failovers_total",
+            "Subscriptions to another control-plane replica than the previous one.",
+        )?;
         let config_updates = IntCounterVec::new(
             Opts::new(
                 "tern_config_updates_total",
@@ -222,6 +228,7 @@ impl Metrics {
             "When the config in force was applied, seconds since the Unix epoch.",
         )?;
         registry.register(Box::new(control_connected.clone()))?;
+        registry.register(Box::new(control_failovers.clone()))?;
         registry.register(Box::new(config_updates.clone()))?;
         registry.register(Box::new(config_version.clone()))?;
         registry.register(Box::new(config_last_push.clone()))?;
@@ -270,6 +277,7 @@ impl Metrics {
             ejections,
             ejected,
             control_connected,
+            control_failovers,
             config_updates,
             config_version,
             config_last_push,

@@ -29,7 +29,8 @@ pub struct Args {
     #[arg(long, env = "TERN_NAMESPACE")]
     pub namespace: Option<String>,
 
-    /// tern-control's push API, e.g. http://127.0.0.1:8090 [default: none, bootstrap config only].
+    /// tern-control's push API, e.g. http://127.0.0.1:8090, or several replicas comma-separated
+    /// (each host may be a name resolving to several) [default: none, bootstrap config only].
     #[arg(long, env = "TERN_CONTROL_PLANE")]
     pub control_plane: Option<String>,
 

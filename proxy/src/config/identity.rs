@@ -8,6 +8,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tern_identity::SpiffeId;
 
+use super::control_plane::ControlPlanes;
 use super::{err, ConfigError};
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -33,7 +34,7 @@ pub struct IdentityFile {
 #[derive(Clone, Debug, Serialize)]
 pub struct IdentityConfig {
     /// Where certificates are requested: tern-control's gRPC port.
-    pub server: String,
+    pub server: ControlPlanes,
     pub trust_anchors: PathBuf,
     pub token_file: PathBuf,
     #[serde(serialize_with = "display")]
@@ -63,7 +64,7 @@ impl IdentityFile {
         &self,
         service_name: &str,
         namespace: &str,
-        control_plane: Option<&str>,
+        control_plane: Option<&ControlPlanes>,
     ) -> Result<(Option<IdentityConfig>, InboundTls), ConfigError> {
         let mode = match self.inbound_tls.as_deref().map(str::trim) {
             None | Some("") => None,
@@ -97,29 +98,26 @@ impl IdentityFile {
                 )
             })?;
         let server = match self.server.as_deref().filter(|s| !s.is_empty()) {
-            Some(s) => s.trim().to_string(),
-            None => control_plane.map(str::to_string).ok_or_else(|| {
+            Some(s) => ControlPlanes::parse(s).map_err(|e| err("identity.server", e))?,
+            None => control_plane.cloned().ok_or_else(|| {
                 err(
                     "identity.server",
                     "identity needs a CA: set control_plane or identity.server",
                 )
             })?,
         };
-        if !server.starts_with("https://")
-            || server
-                .parse::<http::Uri>()
-                .map(|u| u.authority().is_none())
-                .unwrap_or(true)
-        {
+        if !server.tls() {
             return Err(err(
                 "identity.server",
-                format!("{server:?} is not an https://host:port URL; certificates are only requested over TLS"),
+                format!(
+                    "{server} is not https://host:port; certificates are only requested over TLS"
+                ),
             ));
         }
-        if let Some(cp) = control_plane.filter(|u| !u.starts_with("https://")) {
+        if let Some(cp) = control_plane.filter(|u| !u.tls()) {
             return Err(err(
                 "control_plane",
-                format!("{cp:?}: with an identity the control-plane stream must be https://"),
+                format!("{cp}: with an identity the control-plane stream must be https://"),
             ));
         }
         let trust_domain = self.trust_domain.as_deref().unwrap_or("cluster.local");

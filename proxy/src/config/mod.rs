@@ -6,6 +6,7 @@
 //! configuration again.
 
 pub mod args;
+pub mod control_plane;
 pub mod identity;
 pub mod inbound;
 pub mod limits;
@@ -20,6 +21,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use control_plane::ControlPlanes;
 use identity::{IdentityConfig, IdentityFile, InboundTls};
 pub use inbound::{InboundConfig, InboundFile};
 use limits::{ClientLimits, Limits, LimitsFile};
@@ -119,7 +121,7 @@ pub struct ServiceFile {
 pub struct Config {
     pub service_name: String,
     pub namespace: String,
-    pub control_plane: Option<String>,
+    pub control_plane: Option<ControlPlanes>,
     pub advertise: Option<SocketAddr>,
     pub labels: BTreeMap<String, String>,
     /// Policy of services the bootstrap config does not mention.
@@ -431,20 +433,8 @@ impl FileConfig {
         }
         let control_plane = match self.control_plane.as_deref().map(str::trim) {
             None | Some("") => None,
-            Some(u) if u.starts_with("http://") || u.starts_with("https://") => Some(u.to_string()),
-            Some(u) => Some(format!("http://{u}")),
+            Some(u) => Some(ControlPlanes::parse(u).map_err(|e| err("control_plane", e))?),
         };
-        if let Some(u) = &control_plane {
-            if u.parse::<http::Uri>()
-                .map(|x| x.authority().is_none())
-                .unwrap_or(true)
-            {
-                return Err(err(
-                    "control_plane",
-                    format!("{u:?} is not a URL like http://host:port"),
-                ));
-            }
-        }
         // An unspecified IP (the default 0.0.0.0:4143) is told as it is: the
         // control plane puts in the address the sidecar connects from (the
         // pod IP).
@@ -463,7 +453,7 @@ impl FileConfig {
         let default_policy = self.defaults.validate("defaults")?;
         let (identity, inbound_tls) =
             self.identity
-                .validate(&service_name, &namespace, control_plane.as_deref())?;
+                .validate(&service_name, &namespace, control_plane.as_ref())?;
         Ok(Config {
             service_name,
             namespace,

@@ -130,7 +130,7 @@ fn identity_settings_are_validated() {
         id.id.to_string(),
         "spiffe://cluster.local/ns/default/sa/pay"
     );
-    assert_eq!(id.server, "https://tern-control:8090");
+    assert_eq!(id.server.to_string(), "https://tern-control:8090");
     assert_eq!(
         &*id.control_plane_identity,
         "spiffe://cluster.local/ns/tern/sa/tern-control"

@@ -9,6 +9,7 @@
 
 pub mod channel;
 pub mod convert;
+pub mod failover;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,10 +58,13 @@ pub struct Status {
     pub connected: AtomicBool,
     pub applied: ArcSwapOption<Applied>,
     pub last_error: ArcSwapOption<String>,
+    /// The replica (address) of the current or last subscription.
+    pub replica: ArcSwapOption<String>,
 }
 
 pub struct Client {
-    pub url: String,
+    /// The control plane's replicas; one subscription at a time.
+    pub replicas: failover::Replicas,
     pub me: Identity,
     pub targets: Arc<Targets>,
     /// Policy for services that bootstrap config does not mention.
@@ -88,7 +92,7 @@ impl Client {
                 Err(e) => e,
             };
             let retry_in = RECONNECT.delay(attempt);
-            tracing::warn!(url = %self.url, reason, ?retry_in, "control plane unavailable; keeping the last config");
+            tracing::warn!(control_plane = %self.replicas.planes(), reason, ?retry_in, "control plane unavailable; keeping the last config");
             self.status.last_error.store(Some(Arc::new(reason)));
             tokio::time::sleep(retry_in).await;
             attempt = attempt.saturating_add(1);
@@ -103,7 +107,7 @@ impl Client {
                 return Err("waiting for the workload certificate".to_string());
             }
         }
-        let channel = channel::connect(&self.url, self.identity.as_ref()).await?;
+        let (channel, replica) = self.replicas.connect(self.identity.as_ref()).await?;
         let mut client = pb::control_plane_client::ControlPlaneClient::new(channel);
         let (tx, rx) = mpsc::channel(8);
         let hello = pb::Hello {
@@ -121,9 +125,7 @@ impl Client {
             .await
             .map_err(|s| format!("subscribe: {} {}", s.code(), s.message()))?
             .into_inner();
-        self.status.connected.store(true, Ordering::Relaxed);
-        self.metrics.control_connected.set(1);
-        tracing::info!(url = %self.url, "subscribed to the control plane");
+        self.subscribed(replica);
         // A control plane that just restarted knows only the workloads that
         // have re-registered so far. While the others reconnect, endpoints this
         // sidecar already had are kept beside the pushed ones; then the last
@@ -182,6 +184,23 @@ impl Client {
                 }
             };
             send(&tx, kind).await?;
+        }
+    }
+
+    fn subscribed(&self, replica: std::net::SocketAddr) {
+        self.status.connected.store(true, Ordering::Relaxed);
+        self.metrics.control_connected.set(1);
+        let before = self
+            .status
+            .replica
+            .swap(Some(Arc::new(replica.to_string())));
+        if self.replicas.subscribed(replica) {
+            // Its versions are its own: the snapshots it sends are applied
+            // whatever their numbers, as the first of a new stream.
+            self.metrics.control_failovers.inc();
+            tracing::info!(%replica, from = before.as_deref().map(String::as_str), "resubscribed to another control-plane replica");
+        } else {
+            tracing::info!(%replica, "subscribed to the control plane");
         }
     }
 

@@ -24,7 +24,8 @@ const RETRY: ExpBackoff =
 
 pub struct Issuer {
     pub identity: Arc<Identity>,
-    pub control_plane: String,
+    /// The CA: tern-control's replicas (any one issues).
+    pub control_plane: crate::control::failover::Replicas,
     pub token_file: std::path::PathBuf,
     /// Becomes true once the first certificate is held.
     pub issued: watch::Sender<bool>,
@@ -92,8 +93,7 @@ impl Issuer {
         let csr_pem = key
             .csr_pem(&self.identity.id)
             .map_err(|e| format!("building the CSR: {e}"))?;
-        let channel =
-            crate::control::channel::connect(&self.control_plane, Some(&self.identity)).await?;
+        let (channel, _) = self.control_plane.connect(Some(&self.identity)).await?;
         let mut client = pb::identity_client::IdentityClient::new(channel);
         let request = pb::CertifyRequest {
             identity: self.identity.id.to_string(),
