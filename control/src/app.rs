@@ -126,6 +126,15 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
              for development only, never in production"
         );
     }
+    if matches!(settings.discovery, crate::discovery::Discovery::Config)
+        && std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+    {
+        // Replicas agree only on what the cluster's API holds.
+        tracing::warn!(
+            "running in Kubernetes without --discovery kubernetes: the registry of sidecar \
+             endpoints lives in this process alone, so run a single replica"
+        );
+    }
     if settings.admin_expose_state {
         tracing::warn!(admin = %admin_addr, "--admin-expose-state: /state (the whole mesh) is served to every peer of the admin listener");
     }

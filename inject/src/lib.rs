@@ -53,8 +53,9 @@ pub const OUTBOUND_PORT: u16 = 4140;
 pub const ADMIN_PORT: u16 = 4191;
 /// The user the proxy runs as; tern-init leaves this user's traffic alone.
 pub const PROXY_UID: i64 = 2102;
-/// tern-control's gRPC port inside the cluster.
-pub const CONTROL_PLANE_URL: &str = "https://tern-control.tern.svc:8090";
+/// tern-control's gRPC port inside the cluster: the headless Service, whose name resolves to
+/// every ready replica, so the sidecar picks one and moves to another when it fails.
+pub const CONTROL_PLANE_URL: &str = "https://tern-control-replicas.tern.svc:8090";
 /// The ConfigMap (in the workload's namespace) holding the mesh trust anchor.
 pub const TRUST_ANCHORS_CONFIGMAP: &str = "tern-trust-anchors";
 /// The key of the trust anchor in that ConfigMap.

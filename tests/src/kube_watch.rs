@@ -73,8 +73,16 @@ pub struct KubeWatchStandIn {
 impl KubeWatchStandIn {
     /// Listens on a free loopback port; accepts only callers presenting `bearer`.
     pub async fn start(bearer: &str) -> Result<Self> {
+        Self::start_on(bearer, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// Listens on `addr` (e.g. a Docker bridge's host side, for containers); its certificate
+    /// names `kubernetes.default.svc`, so such clients reach it by that name.
+    pub async fn start_on(bearer: &str, addr: SocketAddr) -> Result<Self> {
         let (ca_pem, config) = crate::kube_api::tls_config()?;
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             bearer: bearer.to_owned(),
@@ -100,13 +108,18 @@ impl KubeWatchStandIn {
     /// Writes a kubeconfig at `path` for this server (its CA, the `bearer` token): what
     /// `KUBECONFIG` names for a client.
     pub fn write_kubeconfig(&self, path: &Path, bearer: &str) -> Result<PathBuf> {
+        self.write_kubeconfig_for(path, bearer, &self.url())
+    }
+
+    /// The same, naming the server as `server` (a URL its certificate covers).
+    pub fn write_kubeconfig_for(&self, path: &Path, bearer: &str, server: &str) -> Result<PathBuf> {
         let ca = base64::engine::general_purpose::STANDARD.encode(&self.ca_pem);
         let text = format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: stand-in\n  cluster:\n    server: {}\n    \
              certificate-authority-data: {ca}\nusers:\n- name: tern-control\n  user:\n    token: {bearer}\n\
              contexts:\n- name: stand-in\n  context:\n    cluster: stand-in\n    user: tern-control\n\
              current-context: stand-in\n",
-            self.url()
+            server
         );
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
         Ok(path.to_path_buf())

@@ -33,6 +33,7 @@ pub mod mtls;
 pub mod netns;
 pub mod otlp;
 pub mod pay_mesh;
+pub mod pods;
 pub mod process;
 pub mod prometheus;
 pub mod proxy;
