@@ -96,7 +96,9 @@ impl Mesh {
             metrics,
             next_id: AtomicU64::new(1),
             // Seeded from the clock so versions keep growing across restarts of
-            // the control plane, as sidecars and operators compare them.
+            // the control plane, as operators compare them. Replicas number
+            // their snapshots each on its own; a sidecar never compares
+            // versions across streams.
             next_version: AtomicU64::new(version_seed()),
         })
     }

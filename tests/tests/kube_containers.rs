@@ -13,7 +13,8 @@
 //! pay pod taken out of pay's EndpointSlice gets no call from 1 s after, and no call fails; the
 //! replica order's sidecar is subscribed to, killed under load, fails no call, the sidecar
 //! resubscribes to the other replica (`/config`, `tern_control_failovers_total`) and applies
-//! what that replica pushes next.
+//! what that replica pushes next, although its snapshot versions are lower (versions are per
+//! replica).
 //!
 //! Needs root and the Docker engine (skips loudly outside CI; under `CI=true` it must run). It
 //! tags the same images as `containers.rs`: do not run both at once.
@@ -226,8 +227,12 @@ async fn start_control(kube: &Kube, octet: u8) -> Result<()> {
         "--token-key-file", "/var/run/tern/ca/token.key",
     ];
     c.run(&kube.control_name(octet), &args).await?;
-    let admin = SocketAddr::from((ip, 9990));
-    // Ready once discovery has listed the cluster.
+    control_ready(kube, octet).await
+}
+
+/// A replica is ready once its discovery has listed the cluster.
+async fn control_ready(kube: &Kube, octet: u8) -> Result<()> {
+    let admin = SocketAddr::from((kube.cluster.ip(octet), 9990));
     eventually(Duration::from_secs(30), || async move {
         let status = http1::get(admin, "/ready").await.map(|r| r.status);
         Ok((!matches!(status, Ok(200))).then(|| format!("{admin}/ready: {status:?}")))
@@ -286,6 +291,11 @@ async fn cluster_services_are_meshed_by_replicated_control_planes() {
 }
 
 async fn scenario(kube: &Kube) -> Result<()> {
+    // Versions are per replica, seeded from its clock: the first replica's are the lower. It is
+    // cut off while the pods start, so they subscribe to the second, and the failover below
+    // goes to lower versions.
+    let (net, first) = (&kube.cluster.network, kube.control_name(CONTROLS[0]));
+    docker(&["network", "disconnect", net, &first]).await?;
     let mut pays = Vec::new();
     for (name, octet) in PAY {
         pays.push(pod(kube, name, octet, &[]).await?);
@@ -296,6 +306,9 @@ async fn scenario(kube: &Kube) -> Result<()> {
         "TERN_ADMIN_EXPOSE_CONFIG=true",
     ];
     let order = pod(kube, ORDER.0, ORDER.1, &order_env).await?;
+    let first_ip = kube.cluster.ip(CONTROLS[0]).to_string();
+    docker(&["network", "connect", "--ip", &first_ip, net, &first]).await?;
+    control_ready(kube, CONTROLS[0]).await?;
     let target = format!("{}:50052", order.ip);
     pay_endpoints(&order, 2.0).await?;
 
@@ -403,33 +416,45 @@ async fn slice_removal(kube: &Kube, order: &Pod, pay2: &Pod, target: &str) -> Re
     pay_endpoints(order, 1.0).await
 }
 
-/// The replica order's sidecar is subscribed to, killed under load: no call fails, the sidecar
-/// resubscribes to the other one and applies what it pushes (pay-2 back in the slice).
+/// The replica order's sidecar is subscribed to (the second), killed under load: no call
+/// fails, the sidecar resubscribes to the first and applies what it pushes (pay-2 back in the
+/// slice), although that replica's versions are lower.
 async fn replica_killed(kube: &Kube, order: &Pod, target: &str) -> Result<()> {
+    let [first, second] = CONTROLS.map(|o| format!("{}:8090", kube.cluster.ip(o)));
     let config = order.config().await?;
-    let replica = config["control_plane"]["replica"]
-        .as_str()
-        .context("/config names no replica")?
-        .to_string();
-    let octet = CONTROLS
-        .into_iter()
-        .find(|o| replica == format!("{}:8090", kube.cluster.ip(*o)))
-        .with_context(|| format!("order is subscribed to {replica}, no replica of ours"))?;
-    let other = CONTROLS.into_iter().find(|o| *o != octet).unwrap_or(octet);
-    let other_replica = format!("{}:8090", kube.cluster.ip(other));
+    let replica = &config["control_plane"]["replica"];
+    ensure!(
+        replica.as_str() == Some(second.as_str()),
+        "order is subscribed to {replica}, not {second}"
+    );
+    let version = |c: &Value| {
+        c["control_plane"]["applied"]["version"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let before = version(&config);
     let failovers = order.metric("tern_control_failovers_total", &[]).await?;
+    // The first replica, cut off a while ago, has caught up with the cluster: pay-1 and order.
+    let admin = SocketAddr::from((kube.cluster.ip(CONTROLS[0]), 9990));
+    eventually(Duration::from_secs(30), || async move {
+        let text = http1::get(admin, "/metrics").await?.text();
+        let samples = tern_tests::metrics::parse(&text)?;
+        let n = tern_tests::metrics::sum(&samples, "tern_control_discovered_endpoints", &[]);
+        Ok((n != 2.0).then(|| format!("the first replica has {n} discovered endpoints, not 2")))
+    })
+    .await?;
 
     let loader = pods::load(&kube.cluster, target, 6);
     let killer = async {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        docker(&["kill", &kube.control_name(octet)]).await
+        docker(&["kill", &kube.control_name(CONTROLS[1])]).await
     };
     let (summary, killed) = tokio::join!(loader, killer);
     killed?;
     let summary = summary?;
     ensure!(
         failed(&summary) == 0,
-        "calls failed while {replica} died: {summary}"
+        "calls failed while {second} died: {summary}"
     );
     eventually(Duration::from_secs(15), || async {
         let c = order.config().await?;
@@ -438,7 +463,7 @@ async fn replica_killed(kube: &Kube, order: &Pod, target: &str) -> Result<()> {
             .unwrap_or_default()
             .to_string();
         let connected = c["control_plane"]["connected"].as_bool() == Some(true);
-        Ok((now != other_replica || !connected)
+        Ok((now != first || !connected)
             .then(|| format!("order's sidecar is on {now} (connected: {connected})")))
     })
     .await?;
@@ -447,9 +472,14 @@ async fn replica_killed(kube: &Kube, order: &Pod, target: &str) -> Result<()> {
         after == failovers + 1.0,
         "tern_control_failovers_total went {failovers} → {after}"
     );
-    // The surviving replica's snapshots are applied, whatever their version numbers.
+    // The first replica's snapshots are applied, although their versions are lower.
     kube.api.apply(&kube.pay_pods(&["pay-1", "pay-2"]))?;
     pay_endpoints(order, 2.0).await?;
+    let now = version(&order.config().await?);
+    ensure!(
+        now > 0 && now < before,
+        "expected a lower version from the first replica: {before} before, {now} now"
+    );
     let summary = pods::load(&kube.cluster, target, 2).await?;
     ensure!(
         failed(&summary) == 0,
