@@ -5,7 +5,7 @@
 //! then applies each snapshot it receives and acknowledges it, or rejects it
 //! with a reason and keeps what it had. When the control plane goes away the
 //! sidecar keeps its last snapshot, keeps serving, and reconnects with
-//! backoff.
+//! backoff, to another replica when there are several (`failover`).
 
 pub mod channel;
 pub mod convert;
