@@ -171,7 +171,8 @@ pub struct Args {
     #[arg(long, env = "TERN_CONTROL_PLANE_IDENTITY")]
     pub control_plane_identity: Option<String>,
 
-    /// tern-control's Identity service, https://host:port [default: the --control-plane URL].
+    /// tern-control's Identity service, https://host:port, or several comma-separated
+    /// [default: the --control-plane URL].
     #[arg(long, env = "TERN_IDENTITY_SERVER")]
     pub identity_server: Option<String>,
 
