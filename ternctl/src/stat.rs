@@ -184,3 +184,28 @@ fn table(rows: &[Golden], args: &StatArgs) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::prom_text::parse;
+
+    fn tallies(ok: u64) -> Tallies {
+        let text = format!(
+            "tern_responses_total{{direction=\"inbound\",service=\"pay\",route=\"r\",grpc_status=\"OK\"}} {ok}\n"
+        );
+        Tallies::from_samples(&parse(&text, "tern_"))
+    }
+
+    #[test]
+    fn a_window_sums_sidecars_and_counts_new_ones_whole() {
+        let before = vec![("a:1".to_string(), tallies(100))];
+        let after = vec![
+            ("a:1".to_string(), tallies(150)),
+            ("b:1".to_string(), tallies(20)),
+        ];
+        let rows = window(&before, &after).golden(10.0);
+        let all = rows.iter().find(|r| r.route.is_none()).map(|r| r.rps);
+        assert_eq!(all, Some(7.0));
+    }
+}

@@ -303,6 +303,10 @@ async fn stat_agrees_with_the_load_generator() {
     assert!(rates.len() >= 8, "{rates:?}\n{}", demo.proc.stdout());
     let loadgen = rates.iter().sum::<f64>() / rates.len() as f64;
     let doc: Value = serde_json::from_str(out.trim()).unwrap();
+    eprintln!(
+        "loadgen {loadgen:.2}/s over {} seconds; ternctl stat: {doc}",
+        rates.len()
+    );
     let row = |service: &str, route: Option<&str>| -> Value {
         doc["rows"]
             .as_array()
@@ -348,6 +352,29 @@ async fn stat_agrees_with_the_load_generator() {
         .must();
     assert_eq!(code, 0, "{table}");
     assert!(table.contains("tern.demo.v1.PayService/Pay"), "{table}");
+
+    // --watch redraws in place (home, clear) once per window until stopped.
+    let mut watch = tokio::process::Command::new(binary("ternctl").unwrap())
+        .args([
+            "stat",
+            "--control",
+            &demo.control,
+            "--window",
+            "1s",
+            "--watch",
+        ])
+        .env_remove("CARGO")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    watch.start_kill().unwrap();
+    let out = watch.wait_with_output().await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let frames = text.matches("\x1b[H\x1b[2J").count();
+    assert!(frames >= 2, "{frames} frames: {text:?}");
+    assert_eq!(text.matches("SERVICE").count(), frames, "{text:?}");
 }
 
 const CHROMIUM: &str = "/usr/bin/chromium";

@@ -50,9 +50,20 @@ pub async fn check(control: &str, limits: &Limits) -> Vec<Outcome> {
     if state.sidecars.is_empty() {
         out.push(Outcome::pass("sidecars", "none connected to tern-control"));
     }
-    for sidecar in &state.sidecars {
-        out.extend(self::sidecar(sidecar, limits.cert_min_validity).await);
+    // Concurrently: a hung sidecar costs one timeout, not one each.
+    let mut probes = tokio::task::JoinSet::new();
+    for (i, s) in state.sidecars.iter().cloned().enumerate() {
+        let cert_min = limits.cert_min_validity;
+        probes.spawn(async move { (i, self::sidecar(&s, cert_min).await) });
     }
+    let mut sidecars = Vec::new();
+    while let Some(done) = probes.join_next().await {
+        if let Ok(one) = done {
+            sidecars.push(one);
+        }
+    }
+    sidecars.sort_by_key(|(i, _)| *i);
+    out.extend(sidecars.into_iter().flat_map(|(_, o)| o));
     for o in &state.orphans {
         out.push(Outcome::fail(
             format!("endpoint {}.{} {}", o.service, o.namespace, o.address),
