@@ -1,6 +1,7 @@
 //! `ternctl`: run the meshed demo on loopback, benchmark the proxy, mint
-//! bootstrap tokens for tern-control's CA, or inject the sidecar into
-//! Kubernetes manifests.
+//! bootstrap tokens for tern-control's CA, inject the sidecar into
+//! Kubernetes manifests, or look at a running mesh (`check`, `stat`,
+//! `dashboard`).
 
 mod admin_client;
 mod bench;

@@ -8,7 +8,9 @@
 //! last line and the exit code says whether the chain worked. Scenario
 //! switches show the mesh at work: `--faults` makes pay-1 fail 30% of its
 //! calls, `--kill` kills pay-1 (app and sidecar) mid-run and restarts it,
-//! `--canary` adds a pay v2 replica and pushes a 90/10 split midway.
+//! `--canary` adds a pay v2 replica and pushes a 90/10 split midway. The
+//! dashboard (`ternctl dashboard`) runs inside the demo on a loopback port it
+//! prints.
 
 mod mesh;
 mod trace;
