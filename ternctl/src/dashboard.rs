@@ -96,6 +96,11 @@ async fn serve(listener: TcpListener, overview: Arc<Mutex<Value>>, expose: bool)
             TokioIo::new(stream),
             hyper::service::service_fn(move |req: Request<Incoming>| {
                 let allowed = expose || peer.ip().to_canonical().is_loopback();
+                if !allowed {
+                    eprintln!(
+                        "ternctl dashboard: refused {peer}: loopback peers only without --expose"
+                    );
+                }
                 let rsp = respond(req.method(), req.uri().path(), allowed, &overview);
                 async move { Ok::<_, Infallible>(rsp) }
             }),
