@@ -48,6 +48,11 @@ pub struct DashboardArgs {
 }
 
 pub async fn run(args: DashboardArgs) -> anyhow::Result<i32> {
+    anyhow::ensure!(
+        args.refresh >= Duration::from_millis(500),
+        "--refresh {}: at least 500ms",
+        humantime::format_duration(args.refresh)
+    );
     let addr = start(&args.control, args.listen, args.expose, args.refresh).await?;
     println!(
         "Tern dashboard: http://{addr}/  (tern-control admin {})",

@@ -42,6 +42,11 @@ pub struct StatArgs {
 }
 
 pub async fn run(args: StatArgs) -> anyhow::Result<i32> {
+    anyhow::ensure!(
+        args.window >= Duration::from_secs(1),
+        "--window {}: a window is at least 1s",
+        humantime::format_duration(args.window)
+    );
     let mut source = Source::new(&args);
     loop {
         let rows = source.next(&args).await?;
