@@ -180,6 +180,7 @@ fn parse_fields(
         }
         Some(a)
     };
+    let admin = admin_address(&h.admin, peer)?;
     if h.labels.len() > MAX_LABELS {
         return Err(format!("Hello.labels: more than {MAX_LABELS} labels"));
     }
@@ -205,9 +206,26 @@ fn parse_fields(
             labels,
             peer,
             all_services: h.all_services,
+            admin,
         },
         calls,
     ))
+}
+
+/// Hello.admin, where operators' tools reach the sidecar's admin listener:
+/// only shown, never dialled by tern-control, so an unspecified IP becomes
+/// the stream's and nothing more is checked.
+fn admin_address(text: &str, peer: Option<SocketAddr>) -> Result<Option<SocketAddr>, String> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let mut a: SocketAddr = text
+        .parse()
+        .map_err(|_| format!("Hello.admin: `{text}` is not an ip:port address"))?;
+    if let (true, Some(p)) = (a.ip().is_unspecified(), peer) {
+        a.set_ip(p.ip());
+    }
+    Ok(Some(a))
 }
 
 #[cfg(test)]
@@ -234,13 +252,19 @@ mod tests {
         assert_eq!(w.identity, None);
         let calls: Vec<String> = calls.iter().map(ToString::to_string).collect();
         assert_eq!(calls, ["default/pay", "finance/ledger"]);
+        assert_eq!(w.admin, None);
+        let mut h = hello();
+        h.admin = "0.0.0.0:4191".into();
+        let (w, _) = parse_hello(h, Some(peer), None).unwrap();
+        assert_eq!(w.admin, Some("10.1.2.3:4191".parse().unwrap()));
     }
 
     #[test]
     fn bad_hellos_say_which_field() {
         type Mutate = fn(&mut pb::Hello);
-        let cases: [(Mutate, &str); 5] = [
+        let cases: [(Mutate, &str); 6] = [
             (|h| h.service = String::new(), "Hello.service"),
+            (|h| h.admin = "localhost".into(), "Hello.admin"),
             (|h| h.address = "nowhere".into(), "Hello.address"),
             (|h| h.identity = "pay".into(), "Hello.identity"),
             (|h| h.calls = vec!["Pay!".into()], "Hello.calls"),

@@ -338,6 +338,11 @@ fn start_control(
                 })
                 .collect(),
             all_services: config.watch_all_services,
+            // Port 0 is only known once bound: not worth telling.
+            admin: match config.admin_listen.port() {
+                0 => String::new(),
+                _ => config.admin_listen.to_string(),
+            },
         },
         targets: Arc::clone(&core.out.targets),
         defaults: config.default_policy.clone(),

@@ -1,11 +1,20 @@
 //! `ternctl`: run the meshed demo on loopback, benchmark the proxy, mint
-//! bootstrap tokens for tern-control's CA, or inject the sidecar into
-//! Kubernetes manifests.
+//! bootstrap tokens for tern-control's CA, inject the sidecar into
+//! Kubernetes manifests, or look at a running mesh (`check`, `stat`,
+//! `dashboard`).
 
+mod admin_client;
 mod bench;
+mod check;
+mod dashboard;
 mod demo;
+mod golden;
 mod inject;
+mod mesh_state;
 mod procs;
+mod prom_text;
+mod scrape;
+mod stat;
 mod token;
 mod trace_sink;
 
@@ -28,6 +37,12 @@ enum Command {
     Token(token::TokenArgs),
     /// Add the tern-proxy sidecar and its init step to Kubernetes workloads (YAML in, YAML out).
     Inject(inject::InjectArgs),
+    /// Is the mesh healthy? ✔/✖ per check with a fix hint; exit code 0 only when all pass.
+    Check(check::CheckArgs),
+    /// Golden metrics per service and route: request rate, success, latency, mTLS share.
+    Stat(stat::StatArgs),
+    /// A live HTML dashboard of the mesh, served on loopback.
+    Dashboard(dashboard::DashboardArgs),
 }
 
 fn main() {
@@ -48,6 +63,9 @@ fn main() {
             Command::Bench(args) => bench::run(args).await,
             Command::Token(args) => token::run(args),
             Command::Inject(args) => inject::run(args),
+            Command::Check(args) => check::run(args).await,
+            Command::Stat(args) => stat::run(args).await,
+            Command::Dashboard(args) => dashboard::run(args).await,
         };
         match result {
             Ok(code) => code,

@@ -211,6 +211,53 @@ async fn a_real_prometheus_agrees_with_the_load_generator() {
     };
     assert_eq!(prom.one(&mtls("pay"), None).await.must(), 1.0);
     assert_eq!(prom.one(&mtls("order"), None).await.must(), 0.0);
+
+    // `ternctl stat --prometheus` asks the same server with the rules' expressions; over a
+    // minute, which holds the whole run, it agrees with loadgen as the rules do.
+    let url = format!("http://{}", prom.addr);
+    let args = [
+        "stat",
+        "--prometheus",
+        &url,
+        "--window",
+        "1m",
+        "--output",
+        "json",
+    ];
+    let out = Command::new(tern_tests::binary("ternctl").must())
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "ternctl stat: {text}");
+    let doc: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    let row = |service: &str, route: Option<&str>| {
+        doc["rows"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["service"] == service && r["route"].as_str() == route)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {service} {route:?} row: {doc:#}"))
+    };
+    let pay = row("pay", Some(PAY_ROUTE));
+    let stat_success = pay["success"].as_f64().unwrap();
+    assert!(
+        (stat_success - counted_success).abs() <= 0.03,
+        "ternctl stat success rate {stat_success:.4}, loadgen {counted_success:.4}"
+    );
+    // The series' first scrape is its baseline and rate() extrapolates at the window's
+    // edges: the count over the window is loadgen's within 15%, as for the rate above.
+    let responses = pay["responses"].as_f64().unwrap();
+    let sent = summary.sent as f64;
+    eprintln!("ternctl stat: {responses:.0} responses, success {stat_success:.4}; loadgen: {sent} sent, success {counted_success:.4}");
+    assert!(
+        (responses - sent).abs() <= 0.15 * sent,
+        "ternctl stat counted {responses:.0} responses, loadgen sent {sent}"
+    );
+    assert!(pay["p99_ms"].as_f64().unwrap() > 10.0, "{doc:#}");
+    assert_eq!(pay["mtls"], 1.0, "{doc:#}");
+    assert_eq!(row("order", None)["mtls"], 0.0, "{doc:#}");
 }
 
 async fn wait_until_both_up(prom: &Prometheus) {

@@ -126,6 +126,7 @@ spec: {service: pay, loadBalancer: ROUND_ROBIN}
             labels: Default::default(),
             peer: None,
             all_services: false,
+            admin: None,
         };
         m.subscribe(w, [key(calls)].into()).unwrap()
     }

@@ -87,6 +87,7 @@ pub(super) fn state_json<'a>(
                 "address": w.address,
                 "labels": w.labels,
                 "peer": w.peer,
+                "admin": w.admin,
                 "watching": watching.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "sent_version": d.sent_version,
                 "acked_version": d.acked_version,

@@ -26,6 +26,8 @@ pub struct Workload {
     pub peer: Option<SocketAddr>,
     /// It watches every service (Hello.all_services), not only its calls.
     pub all_services: bool,
+    /// Its admin listener (Hello.admin), shown for operators' tools.
+    pub admin: Option<SocketAddr>,
 }
 
 /// What was delivered to one sidecar, shown on `/state`.

@@ -43,6 +43,7 @@ fn workload(service: &str, address: Option<&str>) -> Workload {
         labels: [("version".to_owned(), "v1".to_owned())].into(),
         peer: None,
         all_services: false,
+        admin: None,
     }
 }
 

@@ -40,6 +40,8 @@ pub struct Identity {
     pub calls: Vec<String>,
     /// Whether it asks for every service the control plane knows.
     pub all_services: bool,
+    /// Its admin listener, for operators' tools that list sidecars through the control plane.
+    pub admin: String,
 }
 
 /// The snapshot in force, for `/config`.
@@ -118,6 +120,7 @@ impl Client {
             labels: self.me.labels.clone().into_iter().collect(),
             calls: self.me.calls.clone(),
             all_services: self.me.all_services,
+            admin: self.me.admin.clone(),
         };
         send(&tx, pb::sidecar_message::Kind::Hello(hello)).await?;
         let mut stream = client

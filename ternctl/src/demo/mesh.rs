@@ -296,6 +296,8 @@ pub async fn start(args: &DemoArgs, log_dir: &Path) -> anyhow::Result<Mesh> {
         addr(free_port()?),
         "--state-dir".into(),
         state_dir.display().to_string(),
+        "--cert-lifetime".into(),
+        humantime::format_duration(args.cert_lifetime).to_string(),
     ];
     let control_admin = control_args[5].clone();
     let grpc = control_args[3].clone();

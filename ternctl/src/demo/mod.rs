@@ -8,7 +8,9 @@
 //! last line and the exit code says whether the chain worked. Scenario
 //! switches show the mesh at work: `--faults` makes pay-1 fail 30% of its
 //! calls, `--kill` kills pay-1 (app and sidecar) mid-run and restarts it,
-//! `--canary` adds a pay v2 replica and pushes a 90/10 split midway.
+//! `--canary` adds a pay v2 replica and pushes a 90/10 split midway. The
+//! dashboard (`ternctl dashboard`) runs inside the demo on a loopback port it
+//! prints.
 
 mod mesh;
 mod trace;
@@ -49,6 +51,10 @@ pub struct DemoArgs {
     /// Directory for access logs (default: a fresh directory under the system temp dir).
     #[arg(long)]
     log_dir: Option<PathBuf>,
+    /// Lifetime of the workload certificates tern-control issues (e.g. 2m, to watch sidecars
+    /// renew them).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
+    pub cert_lifetime: Duration,
 }
 
 /// `10` means ten seconds; `1m`, `500ms` are read as durations.
@@ -75,12 +81,23 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
         false => None,
     };
     let mut mesh = mesh::start(&args, &log_dir).await?;
+    let dashboard = crate::dashboard::start(
+        &mesh.control_admin,
+        std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        false,
+        Duration::from_secs(2),
+    )
+    .await?;
 
     println!("Tern demo: loadgen → order-proxy → order → order-proxy → {{pay-1-proxy → pay-1, pay-2-proxy → pay-2}}");
     println!(
         "  tern-control  state: http://{}/state   mesh config: {}",
         mesh.control_admin,
         mesh.config_dir.display()
+    );
+    println!(
+        "  dashboard     http://{dashboard}/   (ternctl check / stat --control {})",
+        mesh.control_admin
     );
     for (sc, admin) in &mesh.sidecars {
         println!(
