@@ -342,6 +342,9 @@ where
     };
     let tried = Tried::default();
     let mut attempt = 0u32;
+    // Attempts the server never processed (refused, or above its GOAWAY's
+    // last-stream-id): retried without counting against the policy.
+    let mut unprocessed = 0u32;
     loop {
         attempt += 1;
         attempts.0.store(attempt, Ordering::Relaxed);
@@ -360,7 +363,8 @@ where
         if let Some(p) = pinned {
             ext.insert(p);
         }
-        let may_retry = attempt < policy.retry.max_attempts && source.can_replay();
+        let allowed = policy.retry.max_attempts + unprocessed;
+        let may_retry = attempt < allowed && source.can_replay();
         if may_retry {
             req.extensions_mut().insert(MayHold);
         }
@@ -407,10 +411,17 @@ where
                 e => return Err(e),
             },
         };
-        if attempt >= policy.retry.max_attempts || !source.can_replay() {
+        if !source.can_replay() {
             return last;
         }
-        if !rule.budget().withdraw() {
+        let free = matches!(&last, Err(e) if e.is_unprocessed()) && unprocessed < MAX_UNPROCESSED;
+        if free {
+            // Nothing was done by the server: resending costs it nothing
+            // new, so neither an attempt nor the budget is spent.
+            unprocessed += 1;
+        } else if attempt >= allowed {
+            return last;
+        } else if !rule.budget().withdraw() {
             timing
                 .metrics
                 .retry_budget_exhausted
@@ -425,6 +436,9 @@ where
             .inc();
         attempts.retrying(attempt, addr, reason);
         tracing::debug!(service, endpoint = %addr, reason, attempt, "retrying");
+        if free {
+            continue;
+        }
         let pause = backoff(policy.retry.backoff_base, policy.retry.backoff_max)
             .delay(attempt.saturating_sub(1));
         match timing.deadline {
@@ -433,6 +447,10 @@ where
         }
     }
 }
+
+/// Unprocessed attempts resent per request at most, so a server that
+/// refuses every stream still ends the call.
+const MAX_UNPROCESSED: u32 = 5;
 
 /// Stands for the endpoint in an error when none was picked (the balance
 /// layer records one before every send, so only in theory).
