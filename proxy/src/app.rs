@@ -423,7 +423,15 @@ async fn serve_and_drain(
     if let Some(log) = &core.log {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), log.flush()).await;
     }
+    if let Some(tracer) = &core.tracer {
+        if !tracer.flush(SPAN_FLUSH_LIMIT).await {
+            tracing::warn!(limit = ?SPAN_FLUSH_LIMIT, "queued spans not all exported before exit");
+        }
+    }
 }
+
+/// How long the exit waits for queued spans to reach the collector.
+const SPAN_FLUSH_LIMIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// The ports of the sidecar's own listeners: never a destination on loopback.
 fn own_ports(config: &Config) -> Vec<u16> {

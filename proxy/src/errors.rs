@@ -150,6 +150,13 @@ impl ProxyError {
         )
     }
 
+    /// The server did not process the request at all (a refused stream, or
+    /// one above the last-stream-id of its GOAWAY, whatever the GOAWAY's
+    /// error code): sending it again cannot make it run twice.
+    pub fn is_unprocessed(&self) -> bool {
+        matches!(self, Self::Upstream { source, .. } if unprocessed(source))
+    }
+
     pub fn endpoint(&self) -> Option<SocketAddr> {
         match self {
             Self::Connect { addr, .. }
@@ -363,10 +370,16 @@ fn h2_error(e: &hyper::Error) -> Option<&h2::Error> {
 }
 
 /// An HTTP/2 stream the server refused, or one above a GOAWAY's last stream id.
+///
+/// h2 gives a stream a remote GOAWAY error only when the peer's GOAWAY names a
+/// last-stream-id below it (`Streams::recv_go_away` errors exactly those
+/// streams, and streams opened after it, with the GOAWAY's reason). Streams at
+/// or below the last-stream-id run on; when the connection then closes they
+/// end with an I/O error (broken pipe, reset), never a GOAWAY error. So a
+/// remote GOAWAY error means "not processed" whatever its error code.
 fn unprocessed(e: &hyper::Error) -> bool {
     h2_error(e).is_some_and(|h2| {
-        (h2.reason() == Some(h2::Reason::REFUSED_STREAM) && h2.is_remote())
-            || (h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR))
+        h2.is_remote() && (h2.is_go_away() || h2.reason() == Some(h2::Reason::REFUSED_STREAM))
     })
 }
 

@@ -1,9 +1,11 @@
 //! Which service a request is for, and forwarding it there.
 //!
 //! [`RouteLayer`] names the target (fixed per listener, or looked up by
-//! `:authority`/`Host`) and records it in the request's extensions, so every
-//! layer below (metrics, logs, errors) knows it; [`Forward`] at the bottom of
-//! the stack hands the request to that target's balancer. With transparent
+//! `:authority`/`Host`) and the route rule the request falls under
+//! ([`SelectedRule`]), and records both in the request's extensions, so every
+//! layer below (metrics, logs, errors, retries, balancing) knows them;
+//! [`Forward`] at the bottom of the stack sends each attempt on the
+//! connection of the endpoint the balance layer chose. With transparent
 //! interception the connection's original destination names the target too:
 //! the accept loop resolves it once per connection ([`crate::intercept`]) and
 //! puts the [`Destination`] in each request.
@@ -19,12 +21,12 @@ use http::{header, HeaderName, HeaderValue, Request, Response};
 
 use arc_swap::ArcSwap;
 
-use crate::balance::{start_request, Algorithm, Balancer, InFlightBody, Upstream};
+use crate::balance::{Balancer, Upstream};
 use crate::body::Body;
 use crate::endpoint::EndpointClient;
 use crate::errors::ProxyError;
 use crate::inbound::AppPorts;
-use crate::routes::Routes;
+use crate::routes::{Routes, SelectedRule};
 
 /// The port an intercepted request was sent to, told by the calling sidecar
 /// to the receiving one, whose transparent inbound forwards it to that port
@@ -232,6 +234,9 @@ where
             }
         };
         if let Some(t) = target {
+            if let Some(rule) = SelectedRule::select(t.routes.load_full(), &req) {
+                req.extensions_mut().insert(rule);
+            }
             req.extensions_mut().insert(t);
         }
         self.inner.call(req)
@@ -285,8 +290,8 @@ fn name_target_port<B>(req: &mut Request<B>, ep: &EndpointClient) {
     }
 }
 
-/// The bottom of the stack: send to the endpoint chosen for this attempt,
-/// or to the target's balancer's next pick.
+/// The bottom of the stack: send on the connection of the endpoint the
+/// balance layer chose for this attempt ([`crate::balance::Balance`]).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Forward;
 
@@ -300,34 +305,13 @@ impl tower::Service<Request<Body>> for Forward {
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        let endpoint = req.extensions_mut().remove::<Arc<EndpointClient>>();
-        let target = req.extensions().get::<Arc<Target>>().cloned();
+        let Some(ep) = req.extensions_mut().remove::<Arc<EndpointClient>>() else {
+            let authority = authority(&req).to_string();
+            return Box::pin(async move { Err(ProxyError::NoRoute { authority }) });
+        };
         Box::pin(async move {
-            let (ep, algorithm) = match (endpoint, target) {
-                (Some(ep), t) => (ep, t.map(|t| t.balancer.algorithm()).unwrap_or_default()),
-                (None, Some(t)) => (t.balancer.pick(None, None)?, t.balancer.algorithm()),
-                (None, None) => {
-                    if let Some(UnservedPort(port)) = req.extensions().get::<UnservedPort>() {
-                        return Err(ProxyError::PortNotServed { port: *port });
-                    }
-                    return Err(ProxyError::NoRoute {
-                        authority: authority(&req).to_string(),
-                    });
-                }
-            };
             name_target_port(&mut req, &ep);
-            // Load-aware balancers need requests in flight counted until the
-            // response ends; round robin does not pay for it.
-            let in_flight = (algorithm != Algorithm::RoundRobin).then(|| start_request(&ep));
-            let started = (algorithm == Algorithm::P2cEwma).then(std::time::Instant::now);
-            let rsp = ep.send(req).await?;
-            if let Some(started) = started {
-                ep.load.observe(started.elapsed());
-            }
-            let mut rsp = match in_flight {
-                Some(guard) => rsp.map(|b| crate::body::boxed(InFlightBody::new(b, guard))),
-                None => rsp,
-            };
+            let mut rsp = ep.send(req).await?;
             rsp.extensions_mut().insert(Upstream(ep.addr()));
             if ep.uses_tls() {
                 rsp.extensions_mut().insert(ep.conn_tls());

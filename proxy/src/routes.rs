@@ -113,12 +113,18 @@ impl Routes {
 
     /// The first rule that matches `req`, with its retry budget.
     pub fn select<B>(&self, req: &Request<B>) -> Option<(&Rule, &TpsBudget)> {
+        let i = self.position(req)?;
+        Some((self.rules.get(i)?, self.budgets.get(i)?))
+    }
+
+    fn position<B>(&self, req: &Request<B>) -> Option<usize> {
         let i = self
             .rules
             .iter()
             .position(|r| r.matches.is_empty() || r.matches.iter().any(|m| m.matches(req)))
             .or(self.rules.len().checked_sub(1))?;
-        Some((self.rules.get(i)?, self.budgets.get(i)?))
+        // One budget per rule, built together: this holds for both.
+        (i < self.budgets.len()).then_some(i)
     }
 
     /// Every label subset a backend selects, for the balancer to keep ready.
@@ -139,18 +145,61 @@ fn same_budget(a: &Rule, b: &Rule) -> bool {
         && a.budget_percent == b.budget_percent
 }
 
+/// The rule a request falls under, chosen once when it is routed, with the
+/// backend drawn for it: every attempt stays within the split it was given.
+#[derive(Clone)]
+pub struct SelectedRule {
+    routes: Arc<Routes>,
+    index: usize,
+    /// Index into the rule's backends; `None`: every endpoint.
+    backend: Option<usize>,
+}
+
+impl SelectedRule {
+    /// The rule of `routes` that matches `req`; `None` only for a rule set without rules.
+    pub fn select<B>(routes: Arc<Routes>, req: &Request<B>) -> Option<Self> {
+        let index = routes.position(req)?;
+        let backend = routes.rules.get(index)?.backend_index();
+        Some(Self {
+            routes,
+            index,
+            backend,
+        })
+    }
+
+    pub fn rule(&self) -> &Rule {
+        // `select` checked the index against these very routes.
+        &self.routes.rules[self.index]
+    }
+
+    pub fn budget(&self) -> &TpsBudget {
+        &self.routes.budgets[self.index]
+    }
+
+    /// The endpoints to pick from: the drawn backend's subset, `None` for all.
+    pub fn subset(&self) -> Option<&Labels> {
+        let b = self.rule().backends.get(self.backend?)?;
+        (!b.subset.is_empty()).then_some(&b.subset)
+    }
+}
+
 impl Rule {
     /// A backend drawn with probability weight/total; `None` means all endpoints.
     pub fn backend(&self) -> Option<&Labels> {
+        let b = self.backends.get(self.backend_index()?)?;
+        (!b.subset.is_empty()).then_some(&b.subset)
+    }
+
+    fn backend_index(&self) -> Option<usize> {
         let total: u64 = self.backends.iter().map(|b| u64::from(b.weight)).sum();
         if total == 0 {
             return None;
         }
         let mut roll = fastrand::u64(..total);
-        for b in &self.backends {
+        for (i, b) in self.backends.iter().enumerate() {
             let weight = u64::from(b.weight);
             if roll < weight {
-                return (!b.subset.is_empty()).then_some(&b.subset);
+                return Some(i);
             }
             roll -= weight;
         }

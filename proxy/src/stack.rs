@@ -10,6 +10,7 @@ use tower::ServiceBuilder;
 
 use crate::access_log::AccessLog;
 use crate::authz::{Authorize, AuthorizeLayer, SharedPolicy};
+use crate::balance::{Balance, BalanceLayer};
 use crate::config::limits::Limits;
 use crate::errors::{ErrorResponse, ErrorResponseLayer};
 use crate::metrics::{Direction, Metrics};
@@ -22,7 +23,7 @@ use crate::trace_context::{TraceContext, TraceContextLayer};
 pub type HttpStack = Stack<Forward>;
 
 /// The stack over any bottom service (tests put a stub where [`Forward`] goes).
-pub type Stack<S> = TraceContext<Route<Observe<ErrorResponse<Authorize<Retry<S>>>>>>;
+pub type Stack<S> = TraceContext<Route<Observe<ErrorResponse<Authorize<Retry<Balance<S>>>>>>>;
 
 /// `inbound_authz`: the inbound authorization policy in force (see
 /// [`crate::authz::Policy::shared`]); `None` for outbound listeners, which
@@ -64,7 +65,8 @@ pub(crate) fn http_over<S>(
         // 1. pass on W3C traceparent, or start a trace; with a tracer, decide
         //    whether the request is sampled and make this sidecar's span its parent
         .layer(TraceContextLayer::new(tracer))
-        // 2. name the target service (listener, :authority)
+        // 2. name the target service (listener, :authority) and the route
+        //    rule the request falls under, with the backend drawn for it
         .layer(RouteLayer::new(selector))
         // 3. count the request, follow the response to its end, log it
         //    (and finish its span, when sampled)
@@ -83,12 +85,16 @@ pub(crate) fn http_over<S>(
             inbound_authz,
             Arc::clone(metrics),
         ))
-        // 6. retries within a budget, per-try timeouts, deadlines; each attempt
-        //    picks an endpoint (round robin, skipping ejected ones)
+        // 6. deadlines and per-try timeouts; retries within a budget when
+        //    the rule allows them (only then is the body kept for replay)
         .layer(RetryLayer::new(
             Arc::clone(metrics),
             limits.response_timeout,
         ))
-        // 7. send on the endpoint's pooled connection
+        // 7. each attempt's endpoint (pinned, or picked within the rule's
+        //    backend, skipping ejected ones), and its outcome fed back to the
+        //    balancer: failure accrual, requests in flight, latency
+        .layer(BalanceLayer)
+        // 8. send on the endpoint's pooled connection
         .service(bottom)
 }

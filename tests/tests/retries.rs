@@ -240,3 +240,87 @@ async fn large_request_bodies_are_not_retried() {
         );
     }
 }
+
+/// An upstream sends GOAWAY with an error code (ENHANCE_YOUR_CALM) and a last-stream-id below
+/// most of the calls open on the connection. The calls above it were never processed: they are
+/// retried on a new connection, even with no retry budget at all, and all succeed, each run
+/// exactly once. The call at the last-stream-id was taken and then dropped unanswered: it was
+/// processed, so it gets no such free retry (the budget, zero here, says no) and fails
+/// UNAVAILABLE, having run once.
+/// The same holds for a graceful GOAWAY (NO_ERROR) and a PROTOCOL_ERROR one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_an_error_goaway_left_unprocessed_are_retried() {
+    const NO_ERROR: u32 = 0;
+    const PROTOCOL_ERROR: u32 = 0x1;
+    const ENHANCE_YOUR_CALM: u32 = 0xb;
+    let _serial = SERIAL.lock().await;
+    for code in [ENHANCE_YOUR_CALM, PROTOCOL_ERROR, NO_ERROR] {
+        goaway_case(code).await;
+    }
+}
+
+async fn goaway_case(code: u32) {
+    use tern_tests::goaway_server::GoAwayServer;
+    use tern_tests::process::{free_addr, TestDir};
+    use tern_tests::{Proxy, ProxySpec};
+    const CALLS: usize = 6;
+    let server = GoAwayServer::start(CALLS, 3, code).await.must();
+    let dir = TestDir::new(&format!("retry-goaway-{code}")).must();
+    let config = dir.path().join("no-budget.yaml");
+    std::fs::write(
+        &config,
+        "defaults:\n  retry: { budget_percent: 0, budget_min_per_second: 0 }\n",
+    )
+    .unwrap();
+    let target = free_addr().must();
+    let spec = ProxySpec::new("client-sidecar", "client")
+        .upstream("echo", target)
+        .endpoints("echo", &[server.addr])
+        .args(&["--config", &config.display().to_string()]);
+    let sidecar = Proxy::start(dir.path(), spec).await.must();
+    let client = echo_client(tern_tests::mesh::connect(target).await.must());
+    let calls = (0..CALLS).map(|i| {
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            let req = EchoRequest {
+                message: format!("call-{i}"),
+                ..Default::default()
+            };
+            let reply = within(CALL_TIMEOUT, client.unary(req)).await;
+            (format!("call-{i}"), reply)
+        })
+    });
+    let mut failed = Vec::new();
+    for call in calls.collect::<Vec<_>>() {
+        let (message, reply) = call.await.unwrap();
+        match reply.unwrap() {
+            Ok(r) => assert_eq!(r.into_inner().message, message),
+            Err(status) => failed.push((message, status.code())),
+        }
+    }
+    let seen = std::mem::take(&mut *server.seen.lock().unwrap());
+    let context = format!("GOAWAY {code}: {seen:?}\n{}", sidecar.proc.diagnostics());
+    assert_eq!(seen.ignored.len(), 3, "{context}");
+    assert_eq!(seen.dropped.len(), 1, "{context}");
+    assert_eq!(
+        failed,
+        [(seen.dropped[0].clone(), Code::Unavailable)],
+        "only the processed, dropped call fails: {context}"
+    );
+    let mut served: Vec<&str> = seen.served.iter().map(|(m, _)| m.as_str()).collect();
+    served.sort_unstable();
+    served.dedup();
+    assert_eq!(
+        served.len(),
+        seen.served.len(),
+        "a call ran twice: {context}"
+    );
+    assert_eq!(served.len(), CALLS - 1, "{context}");
+    for m in &seen.ignored {
+        assert!(
+            seen.served.iter().any(|(s, conn)| s == m && *conn > 1),
+            "{m} was not retried on a new connection: {context}"
+        );
+    }
+    assert!(!served.contains(&seen.dropped[0].as_str()), "{context}");
+}

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use nix::sys::signal::Signal;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use tern_proto::demo::v1::order_service_client::OrderServiceClient;
 use tern_proto::demo::v1::CreateOrderRequest;
@@ -255,6 +256,35 @@ async fn without_a_traceparent_the_sample_rate_starts_traces() {
         "the front sidecar's span is the root"
     );
     assert!(spans.iter().all(|s| s.span.trace_id == front.span.trace_id));
+}
+
+/// Spans still queued when a sidecar is told to stop are exported before it exits: the calls
+/// are made just before SIGTERM, well inside the exporter's one-second batch delay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_queued_at_shutdown_reach_the_collector() {
+    let collector = Collector::start().await.must();
+    let mut chain = Chain::start("tracing-shutdown", collector.addr, &[])
+        .await
+        .must();
+    let trace_id = 0x5151_2222_3333_4444_5555_6666_7777_0042_u128;
+    chain
+        .call(0, Some(traceparent(trace_id, true)))
+        .await
+        .must();
+    for p in [&chain.front, &chain.order_sidecar, &chain.pay_sidecar] {
+        p.proc.signal(Signal::SIGTERM).must();
+    }
+    for p in [
+        &mut chain.front,
+        &mut chain.order_sidecar,
+        &mut chain.pay_sidecar,
+    ] {
+        let status = p.proc.wait_exit(Duration::from_secs(10)).await.must();
+        assert!(status.success(), "{}", p.proc.diagnostics());
+    }
+    // Every sidecar has exited: what the collector holds now is all it will get.
+    let spans = collector.trace(trace_id);
+    assert_eq!(spans.len(), 4, "{spans:#?}");
 }
 
 /// Calls through a chain whose collector is down, or accepts and never answers, all succeed

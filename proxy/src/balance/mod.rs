@@ -7,6 +7,7 @@
 //! it. Routes may send a request to a subset of endpoints selected by labels
 //! (a canary's `version: v2`); each subset is kept as its own member list.
 
+pub mod layer;
 mod p2c;
 
 use std::collections::HashMap;
@@ -26,6 +27,7 @@ use crate::discovery::{EndpointSet, Labels, TargetPorts};
 use crate::endpoint::EndpointClient;
 use crate::errors::ProxyError;
 
+pub use layer::{Balance, BalanceLayer, MayHold, Tried};
 pub use p2c::{start as start_request, InFlight, InFlightBody, Load};
 
 /// Which endpoint served a response; read by the access log and metrics.

@@ -1,7 +1,12 @@
 //! Retries, timeouts and deadlines for one request, as a tower layer.
 //!
-//! Each attempt picks an endpoint (another one than the last failure where
-//! there is one), and is retried only when nothing of its response has
+//! The route rule chosen by routing ([`SelectedRule`]) gives the policy. A
+//! rule that allows one attempt costs nothing more than its timeouts: the
+//! request goes down as it came, its body streamed. Otherwise the body is
+//! kept for replay ([`replay`]) and each attempt goes through the balance
+//! layer below, which picks its endpoint (another one than the last failure
+//! where there is one, see [`crate::balance::layer`]). An attempt is
+//! retried only when nothing of its response has
 //! reached the caller: a refused or timed-out connection, a refused stream,
 //! a retryable gRPC status, a 502/503/504 to an idempotent HTTP request. A
 //! per-service budget (a share of recent requests plus a floor per second)
@@ -27,10 +32,12 @@ use tern_backoff::{ExpBackoff, Jitter};
 use tower::retry::budget::Budget as _;
 use tower::ServiceExt as _;
 
+use crate::balance::{self, MayHold, Tried};
 use crate::body::Body;
 use crate::errors::{is_grpc, ProxyError};
 use crate::metrics::Metrics;
-use crate::router::Target;
+use crate::router::{PinnedEndpoint, Target};
+use crate::routes::SelectedRule;
 use classify::Classified;
 use replay::Replay;
 
@@ -131,37 +138,123 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> BoxFuture {
-        match req.extensions().get::<Arc<Target>>().cloned() {
-            Some(target) => Box::pin(run(
+        let ext = req.extensions();
+        match (ext.get::<Arc<Target>>(), ext.get::<SelectedRule>()) {
+            (Some(target), Some(rule)) => Box::pin(run(
                 self.inner.clone(),
-                target,
+                Arc::clone(target),
+                rule.clone(),
                 Arc::clone(&self.metrics),
                 self.response_timeout,
                 req,
             )),
-            None => Box::pin(self.inner.call(req)),
+            // No target or no rule: the balance layer says so.
+            _ => Box::pin(self.inner.call(req)),
         }
     }
 }
 
-/// What the request's body is for each attempt.
-enum Source {
-    Once(Option<Body>),
-    Replay(Replay),
+/// What is needed to turn an attempt that ran out of time into its error.
+struct Timing<'a> {
+    start: Instant,
+    /// The caller's `grpc-timeout`, if it sent one.
+    incoming: Option<Duration>,
+    /// The whole call's end: the caller's deadline or the rule's overall timeout.
+    deadline: Option<Instant>,
+    /// Without a deadline, the response head is still not awaited forever;
+    /// this bound is the proxy's own and is never told to the server.
+    head_by: Option<Instant>,
+    grpc: bool,
+    target: &'a Target,
+    metrics: &'a Metrics,
 }
 
-impl Source {
-    fn body(&mut self) -> Body {
-        match self {
-            Self::Once(b) => b.take().unwrap_or_else(crate::body::empty),
-            Self::Replay(r) => r.attempt(),
+impl<'a> Timing<'a> {
+    fn new(
+        req: &Request<Body>,
+        rule: &SelectedRule,
+        target: &'a Target,
+        metrics: &'a Metrics,
+        response_timeout: Option<Duration>,
+    ) -> Result<Self, ProxyError> {
+        let start = Instant::now();
+        let incoming = deadline::from_headers(req.headers())
+            .map_err(|value| ProxyError::InvalidGrpcTimeout { value })?;
+        let limit = match (incoming, rule.rule().policy.timeout.overall) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let deadline = limit.map(|l| start + l);
+        Ok(Self {
+            start,
+            incoming,
+            deadline,
+            head_by: deadline.or_else(|| response_timeout.map(|t| start + t)),
+            grpc: is_grpc(req.headers()),
+            target,
+            metrics,
+        })
+    }
+
+    /// The time an attempt starting now may wait for its response head
+    /// (`per_try` bounded by what is left), or the error when none is left.
+    fn per_try(&self, per_try: Option<Duration>) -> Result<Option<Duration>, ProxyError> {
+        let head_left = self
+            .head_by
+            .map(|d| d.saturating_duration_since(Instant::now()));
+        if head_left == Some(Duration::ZERO) {
+            return Err(self.exceeded());
+        }
+        Ok(match (per_try, head_left) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        })
+    }
+
+    /// A caller's deadline always travels re-encoded (canonical, and
+    /// shortened by the time spent here); a configured one only for gRPC.
+    fn pass_on(&self, headers: &mut http::HeaderMap) {
+        let remaining = self
+            .deadline
+            .map(|d| d.saturating_duration_since(Instant::now()));
+        if let (Some(rem), true) = (remaining, self.grpc || self.incoming.is_some()) {
+            headers.insert(deadline::GRPC_TIMEOUT, deadline::encode(rem));
         }
     }
 
-    fn can_replay(&self) -> bool {
-        match self {
-            Self::Once(_) => false,
-            Self::Replay(r) => r.can_replay(),
+    /// The error of an attempt that ran out of time, counted.
+    fn timed_out(&self, per_try: Option<Duration>, addr: Option<SocketAddr>) -> ProxyError {
+        if self.head_by.is_some_and(|d| Instant::now() >= d) {
+            return self.exceeded();
+        }
+        let service = self.target.service.as_ref();
+        self.metrics
+            .timeouts
+            .with_label_values(&[service, "per_try"])
+            .inc();
+        if let Some(addr) = addr {
+            self.target.balancer.report(addr, false);
+        }
+        ProxyError::PerTryTimeout {
+            service: Arc::clone(&self.target.service),
+            addr,
+            timeout: per_try.unwrap_or_default(),
+        }
+    }
+
+    fn exceeded(&self) -> ProxyError {
+        let no_deadline = self.deadline.is_none();
+        let kind = if no_deadline { "response" } else { "deadline" };
+        let service = Arc::clone(&self.target.service);
+        self.metrics
+            .timeouts
+            .with_label_values(&[&service, kind])
+            .inc();
+        let elapsed = self.start.elapsed();
+        if no_deadline {
+            ProxyError::ResponseTimeout { service, elapsed }
+        } else {
+            ProxyError::DeadlineExceeded { service, elapsed }
         }
     }
 }
@@ -169,6 +262,7 @@ impl Source {
 async fn run<S>(
     inner: S,
     target: Arc<Target>,
+    rule: SelectedRule,
     metrics: Arc<Metrics>,
     response_timeout: Option<Duration>,
     req: Request<Body>,
@@ -177,174 +271,191 @@ where
     S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError> + Clone + Send,
     S::Future: Send,
 {
-    let start = Instant::now();
-    let routes = target.routes.load_full();
-    let Some((rule, budget)) = routes.select(&req) else {
-        return Err(ProxyError::NoRoute {
-            authority: crate::router::authority(&req).to_string(),
-        });
-    };
-    let policy = &rule.policy;
-    // One backend per request, so a retry stays within the split it was given.
-    let subset = rule.backend();
-    let service = target.service.as_ref();
-    budget.deposit();
-    let grpc = is_grpc(req.headers());
-    let incoming = deadline::from_headers(req.headers())
-        .map_err(|value| ProxyError::InvalidGrpcTimeout { value })?;
-    let limit = match (incoming, policy.timeout.overall) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    };
-    let deadline = limit.map(|l| start + l);
-    // Without a deadline, the response head is still not awaited forever;
-    // this bound is the proxy's own and is never told to the server.
-    let head_by = deadline.or_else(|| response_timeout.map(|t| start + t));
+    let timing = Timing::new(&req, &rule, &target, &metrics, response_timeout)?;
     let attempts = req
         .extensions()
         .get::<Attempts>()
         .cloned()
         .unwrap_or_default();
-    // The app dialed one endpoint's IP: every attempt goes there.
-    let pinned = req
-        .extensions()
-        .get::<crate::router::PinnedEndpoint>()
-        .map(|p| p.0);
-    let (parts, body) = req.into_parts();
-    let mut source = if policy.retry.max_attempts > 1 {
-        Source::Replay(Replay::new(body, policy.retry.buffer_bytes))
+    if rule.rule().policy.retry.max_attempts > 1 {
+        rule.budget().deposit();
+        retrying(inner, &target, &rule, &timing, &attempts, req).await
     } else {
-        Source::Once(Some(body))
+        once(inner, &rule, &timing, &attempts, req).await
+    }
+}
+
+/// A request that cannot be retried: one attempt, its body passed on as it
+/// comes, nothing held; only the timeouts apply.
+async fn once<S>(
+    inner: S,
+    rule: &SelectedRule,
+    timing: &Timing<'_>,
+    attempts: &Attempts,
+    mut req: Request<Body>,
+) -> Result<Response<Body>, ProxyError>
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError> + Send,
+    S::Future: Send,
+{
+    attempts.0.store(1, Ordering::Relaxed);
+    let per_try = rule.rule().policy.timeout.per_try;
+    let limit = timing.per_try(per_try)?;
+    timing.pass_on(req.headers_mut());
+    // Only a per-try timeout needs to know the endpoint it hit.
+    let tried = per_try.map(|_| Tried::default());
+    if let Some(t) = &tried {
+        req.extensions_mut().insert(t.clone());
+    }
+    let Some(limit) = limit else {
+        return inner.oneshot(req).await;
     };
+    match tokio::time::timeout(limit, inner.oneshot(req)).await {
+        Ok(result) => result,
+        Err(_) => Err(timing.timed_out(per_try, tried.and_then(|t| t.get()))),
+    }
+}
+
+/// Attempts until one succeeds, fails for good, or the attempts, the budget
+/// or the time run out.
+async fn retrying<S>(
+    inner: S,
+    target: &Arc<Target>,
+    rule: &SelectedRule,
+    timing: &Timing<'_>,
+    attempts: &Attempts,
+    req: Request<Body>,
+) -> Result<Response<Body>, ProxyError>
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError> + Clone + Send,
+    S::Future: Send,
+{
+    let policy = &rule.rule().policy;
+    let service = target.service.as_ref();
+    let pinned = req.extensions().get::<PinnedEndpoint>().copied();
+    let (parts, body) = req.into_parts();
+    let source = Replay::new(body, policy.retry.buffer_bytes);
     let creq = classify::Request {
-        grpc,
+        grpc: timing.grpc,
         method: &parts.method,
         policy: &policy.retry,
     };
-    let deadline_exceeded = || {
-        let no_deadline = deadline.is_none();
-        let kind = if no_deadline { "response" } else { "deadline" };
-        metrics.timeouts.with_label_values(&[service, kind]).inc();
-        let (service, elapsed) = (Arc::clone(&target.service), start.elapsed());
-        if no_deadline {
-            ProxyError::ResponseTimeout { service, elapsed }
-        } else {
-            ProxyError::DeadlineExceeded { service, elapsed }
-        }
-    };
-
-    let mut avoid = None;
+    let tried = Tried::default();
     let mut attempt = 0u32;
+    // Attempts the server never processed (refused, or above its GOAWAY's
+    // last-stream-id): retried without counting against the policy.
+    let mut unprocessed = 0u32;
     loop {
         attempt += 1;
         attempts.0.store(attempt, Ordering::Relaxed);
-        let now = Instant::now();
-        let remaining = deadline.map(|d| d.saturating_duration_since(now));
-        let head_left = head_by.map(|d| d.saturating_duration_since(now));
-        if head_left == Some(Duration::ZERO) {
-            return Err(deadline_exceeded());
-        }
-        let endpoint = match pinned {
-            Some(addr) => target.balancer.get(addr)?,
-            None => target.balancer.pick(subset, avoid)?,
-        };
-        let addr = endpoint.addr();
-        let mut req = Request::new(source.body());
+        let per_try = timing.per_try(policy.timeout.per_try)?;
+        let mut req = Request::new(source.attempt());
         *req.method_mut() = parts.method.clone();
         *req.uri_mut() = parts.uri.clone();
         *req.version_mut() = parts.version;
         *req.headers_mut() = parts.headers.clone();
-        // A caller's deadline always travels re-encoded (canonical, and
-        // shortened by the time spent here); a configured one only for gRPC.
-        if let (Some(rem), true) = (remaining, grpc || incoming.is_some()) {
-            req.headers_mut()
-                .insert(deadline::GRPC_TIMEOUT, deadline::encode(rem));
+        timing.pass_on(req.headers_mut());
+        // What the balance layer chooses the endpoint by.
+        let ext = req.extensions_mut();
+        ext.insert(Arc::clone(target));
+        ext.insert(rule.clone());
+        ext.insert(tried.clone());
+        if let Some(p) = pinned {
+            ext.insert(p);
         }
-        req.extensions_mut().insert(Arc::clone(&target));
-        req.extensions_mut().insert(endpoint);
-        let may_retry = attempt < policy.retry.max_attempts && source.can_replay();
+        let allowed = policy.retry.max_attempts + unprocessed;
+        let may_retry = attempt < allowed && source.can_replay();
+        if may_retry {
+            req.extensions_mut().insert(MayHold);
+        }
         let svc = inner.clone();
         let send = async {
             let rsp = svc.oneshot(req).await?;
-            Ok::<_, ProxyError>(classify::classify(&creq, rsp, may_retry).await)
-        };
-        let per_try = match (policy.timeout.per_try, head_left) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+            let held = may_retry && creq.grpc && balance::layer::held(&rsp);
+            let verdict = classify::classify(&creq, rsp, may_retry).await;
+            Ok::<_, ProxyError>((verdict, held))
         };
         let result = match per_try {
             Some(t) => tokio::time::timeout(t, send).await.ok(),
             None => Some(send.await),
         };
-
+        let addr = tried.get().unwrap_or(NO_ENDPOINT);
         let (last, reason): (Result<Response<Body>, ProxyError>, &'static str) = match result {
-            Some(Ok(Classified::Final(rsp))) => {
-                target
-                    .balancer
-                    .report(addr, !classify::is_failure(&policy.retry, grpc, &rsp));
-                return Ok(rsp);
+            Some(Ok((verdict, held))) => {
+                // The balance layer left a held response's verdict to us.
+                if held {
+                    let ok = matches!(&verdict, Classified::Final(rsp)
+                        if !classify::is_failure(&policy.retry, timing.grpc, rsp));
+                    target.balancer.report(addr, ok);
+                }
+                match verdict {
+                    Classified::Final(rsp) => return Ok(rsp),
+                    Classified::Retryable(rsp, reason) => (Ok(rsp), reason),
+                    Classified::Reset(reason) => (
+                        Err(ProxyError::Reset {
+                            service: Arc::clone(&target.service),
+                            addr,
+                        }),
+                        reason,
+                    ),
+                }
             }
-            Some(Ok(Classified::Retryable(rsp, reason))) => (Ok(rsp), reason),
-            Some(Ok(Classified::Reset(reason))) => (
-                Err(ProxyError::Reset {
-                    service: Arc::clone(&target.service),
-                    addr,
-                }),
-                reason,
-            ),
             Some(Err(e)) if e.is_retryable() => {
                 let reason = e.reason();
                 (Err(e), reason)
             }
-            Some(Err(e)) => {
-                if e.endpoint().is_some() {
-                    target.balancer.report(addr, false);
-                }
-                return Err(e);
-            }
-            None => {
-                if head_by.is_some_and(|d| Instant::now() >= d) {
-                    return Err(deadline_exceeded());
-                }
-                metrics
-                    .timeouts
-                    .with_label_values(&[service, "per_try"])
-                    .inc();
-                let timeout = per_try.unwrap_or_default();
-                (
-                    Err(ProxyError::PerTryTimeout {
-                        service: Arc::clone(&target.service),
-                        addr: Some(addr),
-                        timeout,
-                    }),
-                    "per_try_timeout",
-                )
-            }
+            Some(Err(e)) => return Err(e),
+            None => match timing.timed_out(per_try, Some(addr)) {
+                e @ ProxyError::PerTryTimeout { .. } => (Err(e), "per_try_timeout"),
+                // The whole call's time is up: nothing to retry.
+                e => return Err(e),
+            },
         };
-        target.balancer.report(addr, false);
-
-        if attempt >= policy.retry.max_attempts || !source.can_replay() {
+        if !source.can_replay() {
             return last;
         }
-        if !budget.withdraw() {
-            metrics
+        let free = matches!(&last, Err(e) if e.is_unprocessed()) && unprocessed < MAX_UNPROCESSED;
+        if free {
+            // Nothing was done by the server: resending costs it nothing
+            // new, so neither an attempt nor the budget is spent.
+            unprocessed += 1;
+        } else if attempt >= allowed {
+            return last;
+        } else if !rule.budget().withdraw() {
+            timing
+                .metrics
                 .retry_budget_exhausted
                 .with_label_values(&[service])
                 .inc();
             return last;
         }
-        metrics.retries.with_label_values(&[service, reason]).inc();
+        timing
+            .metrics
+            .retries
+            .with_label_values(&[service, reason])
+            .inc();
         attempts.retrying(attempt, addr, reason);
         tracing::debug!(service, endpoint = %addr, reason, attempt, "retrying");
-        avoid = Some(addr);
+        if free {
+            continue;
+        }
         let pause = backoff(policy.retry.backoff_base, policy.retry.backoff_max)
             .delay(attempt.saturating_sub(1));
-        match deadline {
-            Some(d) if Instant::now() + pause >= d => return Err(deadline_exceeded()),
+        match timing.deadline {
+            Some(d) if Instant::now() + pause >= d => return Err(timing.exceeded()),
             _ => tokio::time::sleep(pause).await,
         }
     }
 }
+
+/// Unprocessed attempts resent per request at most, so a server that
+/// refuses every stream still ends the call.
+const MAX_UNPROCESSED: u32 = 5;
+
+/// Stands for the endpoint in an error when none was picked (the balance
+/// layer records one before every send, so only in theory).
+const NO_ENDPOINT: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
 
 /// Full jitter: the pause after attempt `n` is uniform in `[0, min(max, base · 2^(n-1))]`.
 fn backoff(base: Duration, max: Duration) -> ExpBackoff {

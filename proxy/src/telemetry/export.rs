@@ -3,6 +3,8 @@
 //! One task, one request in flight at a time: while the collector is slow the
 //! queue in front of it fills and [`super::Tracer::record`] drops, so a stuck
 //! collector costs a bounded amount of memory and no request any time.
+//! At shutdown [`super::Tracer::flush`] asks it to send everything queued
+//! at once, without waiting for a batch to fill.
 
 use std::time::Duration;
 
@@ -10,7 +12,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::Trac
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use prometheus::{IntCounter, IntCounterVec};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
 
 use super::{otlp, FinishedSpan};
@@ -27,6 +29,7 @@ pub(super) fn spawn(
     config: &TracingConfig,
     resource: Resource,
     rx: mpsc::Receiver<FinishedSpan>,
+    flushes: mpsc::Receiver<oneshot::Sender<()>>,
     dropped: IntCounterVec,
     exported: IntCounter,
 ) -> Result<(), tonic::transport::Error> {
@@ -44,7 +47,7 @@ pub(super) fn spawn(
         rejected: dropped.with_label_values(&["rejected"]),
         exported,
     };
-    tokio::spawn(exporter.run(rx));
+    tokio::spawn(exporter.run(rx, flushes));
     Ok(())
 }
 
@@ -60,27 +63,70 @@ struct Exporter {
 }
 
 impl Exporter {
-    async fn run(mut self, mut rx: mpsc::Receiver<FinishedSpan>) {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<FinishedSpan>,
+        mut flushes: mpsc::Receiver<oneshot::Sender<()>>,
+    ) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
-        while let Some(first) = rx.recv().await {
-            batch.push(first);
-            self.fill(&mut rx, &mut batch).await;
-            self.send(std::mem::take(&mut batch)).await;
+        loop {
+            let flush = tokio::select! {
+                span = rx.recv() => match span {
+                    Some(first) => {
+                        batch.push(first);
+                        self.fill(&mut rx, &mut flushes, &mut batch).await
+                    }
+                    None => return,
+                },
+                Some(done) = flushes.recv() => Some(done),
+            };
+            if !batch.is_empty() {
+                self.send(std::mem::take(&mut batch)).await;
+            }
+            if let Some(done) = flush {
+                self.flush(&mut rx).await;
+                let _ = done.send(());
+            }
         }
     }
 
-    /// Waits up to the batch delay for more spans, so a busy sidecar sends few requests.
-    async fn fill(&self, rx: &mut mpsc::Receiver<FinishedSpan>, batch: &mut Vec<FinishedSpan>) {
+    /// Waits up to the batch delay for more spans, so a busy sidecar sends few
+    /// requests; a flush asked for meanwhile ends the wait and is returned.
+    async fn fill(
+        &self,
+        rx: &mut mpsc::Receiver<FinishedSpan>,
+        flushes: &mut mpsc::Receiver<oneshot::Sender<()>>,
+        batch: &mut Vec<FinishedSpan>,
+    ) -> Option<oneshot::Sender<()>> {
         let until = tokio::time::sleep(self.batch_delay);
         tokio::pin!(until);
         while batch.len() < MAX_BATCH {
             tokio::select! {
                 span = rx.recv() => match span {
                     Some(s) => batch.push(s),
-                    None => return,
+                    None => return None,
                 },
-                () = &mut until => return,
+                Some(done) = flushes.recv() => return Some(done),
+                () = &mut until => return None,
             }
+        }
+        None
+    }
+
+    /// Sends everything queued now, in batches, without waiting for more.
+    async fn flush(&mut self, rx: &mut mpsc::Receiver<FinishedSpan>) {
+        loop {
+            let mut batch = Vec::with_capacity(MAX_BATCH);
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(s) => batch.push(s),
+                    Err(_) => break,
+                }
+            }
+            if batch.is_empty() {
+                return;
+            }
+            self.send(batch).await;
         }
     }
 

@@ -10,19 +10,20 @@
 //!
 //! Spans leave through a bounded queue to one export task ([`export`]): when
 //! the collector is slow or down the queue fills and spans are dropped and
-//! counted (`tern_trace_spans_dropped_total`), never waited for.
+//! counted (`tern_trace_spans_dropped_total`), never waited for. At shutdown
+//! the sidecar flushes what is queued ([`Tracer::flush`]) before it exits.
 
 mod export;
 mod otlp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use http::HeaderMap;
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::config::tracing::TracingConfig;
 use crate::config::Config;
@@ -35,6 +36,8 @@ pub struct Tracer {
     sample_rate: f64,
     queue: mpsc::Sender<FinishedSpan>,
     dropped_queue_full: IntCounter,
+    /// Asks the export task to send what is queued now; answered when done.
+    flushes: mpsc::Sender<oneshot::Sender<()>>,
 }
 
 /// A sampled request's span, from its arrival; carried in the request's extensions.
@@ -108,13 +111,15 @@ impl Tracer {
         registry.register(Box::new(dropped.clone()))?;
         registry.register(Box::new(exported.clone()))?;
         let (queue, rx) = mpsc::channel(config.queue_size);
+        let (flushes, flush_rx) = mpsc::channel(1);
         let resource = otlp::resource(service_name, namespace);
-        export::spawn(config, resource, rx, dropped.clone(), exported)
+        export::spawn(config, resource, rx, flush_rx, dropped.clone(), exported)
             .with_context(|| format!("trace collector {}", config.collector))?;
         Ok(Arc::new(Self {
             sample_rate: config.sample_rate,
             queue,
             dropped_queue_full: dropped.with_label_values(&["queue_full"]),
+            flushes,
         }))
     }
 
@@ -166,6 +171,14 @@ impl Tracer {
         if self.queue.try_send(span).is_err() {
             self.dropped_queue_full.inc();
         }
+    }
+
+    /// Exports every span queued so far, waiting at most `limit` (a collector that
+    /// is down or stuck must not hold up the exit); false when the time ran out.
+    pub async fn flush(&self, limit: Duration) -> bool {
+        let (done, finished) = oneshot::channel();
+        let flushed = async { self.flushes.send(done).await.is_ok() && finished.await.is_ok() };
+        tokio::time::timeout(limit, flushed).await.unwrap_or(false)
     }
 }
 

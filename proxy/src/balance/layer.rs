@@ -1,0 +1,224 @@
+//! The balance layer: one endpoint per attempt, and what the attempt taught
+//! the balancer.
+//!
+//! Under [`crate::retry`], each attempt of a request passes here once. The
+//! endpoint is the one the app dialed ([`PinnedEndpoint`]), else the
+//! balancer's pick within the backend its route rule drew
+//! ([`SelectedRule::subset`]), passing over the endpoint the previous attempt
+//! failed on ([`Tried`]). The outcome goes back to the balancer: an error of
+//! the endpoint or a failed response head counts against it for failure
+//! accrual, a good head for it; load-aware algorithms count the request in
+//! flight until its response ends and learn its latency. What only the retry
+//! layer learns (a per-try timeout, a status it read past a held head) it
+//! reports itself, on the endpoint [`Tried`] names.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http::{Request, Response};
+
+use super::{start_request, Algorithm, Balancer, InFlight, InFlightBody};
+use crate::body::Body;
+use crate::endpoint::EndpointClient;
+use crate::errors::{grpc_status, is_grpc, ProxyError};
+use crate::router::{authority, PinnedEndpoint, Target, UnservedPort};
+use crate::routes::SelectedRule;
+
+/// The endpoint of a request's latest attempt, shared between the retry
+/// layer (which avoids it next time and names it in errors) and this one.
+/// Only requests that may be retried or time out per try carry one.
+#[derive(Clone, Default)]
+pub struct Tried(Arc<Mutex<Option<SocketAddr>>>);
+
+impl Tried {
+    pub fn get(&self) -> Option<SocketAddr> {
+        self.0.lock().ok().and_then(|a| *a)
+    }
+
+    fn set(&self, addr: SocketAddr) {
+        if let Ok(mut a) = self.0.lock() {
+            *a = Some(addr);
+        }
+    }
+}
+
+/// The retry layer reads the first frame of a gRPC response whose head
+/// carries no status before deciding ([`crate::retry::classify`]); such a
+/// response's verdict is its to report.
+#[derive(Clone, Copy, Debug)]
+pub struct MayHold;
+
+/// Whether a response's verdict waits for its first frame (see [`MayHold`]).
+pub fn held(rsp: &Response<Body>) -> bool {
+    grpc_status(rsp.headers()).is_none() && !http_body::Body::is_end_stream(rsp.body())
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BalanceLayer;
+
+impl<S> tower::Layer<S> for BalanceLayer {
+    type Service = Balance<S>;
+    fn layer(&self, inner: S) -> Balance<S> {
+        Balance { inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct Balance<S> {
+    inner: S,
+}
+
+impl<S> tower::Service<Request<Body>> for Balance<S>
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError>,
+{
+    type Response = Response<Body>;
+    type Error = ProxyError;
+    type Future = Feedback<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        let (target, rule) = match routed(&req) {
+            Ok(routed) => routed,
+            Err(e) => {
+                return Feedback::Failed {
+                    ready: std::future::ready(Err(e)),
+                }
+            }
+        };
+        let ext = req.extensions();
+        let picked = match ext.get::<PinnedEndpoint>() {
+            Some(PinnedEndpoint(addr)) => target.balancer.get(*addr),
+            None => {
+                let avoid = ext.get::<Tried>().and_then(Tried::get);
+                target.balancer.pick(rule.subset(), avoid)
+            }
+        };
+        let ep = match picked {
+            Ok(ep) => ep,
+            Err(e) => {
+                return Feedback::Failed {
+                    ready: std::future::ready(Err(e)),
+                }
+            }
+        };
+        if let Some(tried) = ext.get::<Tried>() {
+            tried.set(ep.addr());
+        }
+        let hold = ext.get::<MayHold>().is_some();
+        let grpc = is_grpc(req.headers());
+        let balancer = Arc::clone(&target.balancer);
+        let algorithm = balancer.algorithm();
+        // Load-aware balancers need requests in flight counted until the
+        // response ends; round robin does not pay for it.
+        let in_flight = (algorithm != Algorithm::RoundRobin).then(|| start_request(&ep));
+        let latency = (algorithm == Algorithm::P2cEwma).then(|| (Arc::clone(&ep), Instant::now()));
+        let addr = ep.addr();
+        req.extensions_mut().insert(ep);
+        Feedback::Sending {
+            inner: self.inner.call(req),
+            state: Some(Sent {
+                balancer,
+                rule,
+                addr,
+                grpc,
+                hold,
+                in_flight,
+                latency,
+            }),
+        }
+    }
+}
+
+/// The target and rule routing chose, or why there is none.
+fn routed(req: &Request<Body>) -> Result<(Arc<Target>, SelectedRule), ProxyError> {
+    let ext = req.extensions();
+    match (ext.get::<Arc<Target>>(), ext.get::<SelectedRule>()) {
+        (Some(t), Some(r)) => Ok((Arc::clone(t), r.clone())),
+        (None, _) if ext.get::<UnservedPort>().is_some() => {
+            let port = ext.get::<UnservedPort>().map_or(0, |p| p.0);
+            Err(ProxyError::PortNotServed { port })
+        }
+        _ => Err(ProxyError::NoRoute {
+            authority: authority(req).to_string(),
+        }),
+    }
+}
+
+/// What is needed to report an attempt once its response head is in.
+struct Sent {
+    balancer: Arc<Balancer>,
+    /// Whose retry policy says which statuses are failures.
+    rule: SelectedRule,
+    addr: SocketAddr,
+    grpc: bool,
+    hold: bool,
+    in_flight: Option<InFlight>,
+    /// For peak-EWMA: the endpoint and when the attempt started.
+    latency: Option<(Arc<EndpointClient>, Instant)>,
+}
+
+impl Sent {
+    fn finish(
+        self,
+        result: Result<Response<Body>, ProxyError>,
+    ) -> Result<Response<Body>, ProxyError> {
+        let rsp = match result {
+            Ok(rsp) => rsp,
+            Err(e) => {
+                if e.is_retryable() || e.endpoint().is_some() {
+                    self.balancer.report(self.addr, false);
+                }
+                return Err(e);
+            }
+        };
+        if let Some((ep, started)) = self.latency {
+            ep.load.observe(started.elapsed());
+        }
+        if !(self.grpc && self.hold && held(&rsp)) {
+            let policy = &self.rule.rule().policy.retry;
+            let failed = crate::retry::classify::is_failure(policy, self.grpc, &rsp);
+            self.balancer.report(self.addr, !failed);
+        }
+        Ok(match self.in_flight {
+            Some(guard) => rsp.map(|b| crate::body::boxed(InFlightBody::new(b, guard))),
+            None => rsp,
+        })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The attempt's response future, reporting its outcome when it is ready.
+    #[project = FeedbackProj]
+    pub enum Feedback<F> {
+        Sending { #[pin] inner: F, state: Option<Sent> },
+        Failed { #[pin] ready: std::future::Ready<Result<Response<Body>, ProxyError>> },
+    }
+}
+
+impl<F> Future for Feedback<F>
+where
+    F: Future<Output = Result<Response<Body>, ProxyError>>,
+{
+    type Output = Result<Response<Body>, ProxyError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            FeedbackProj::Failed { ready } => ready.poll(cx),
+            FeedbackProj::Sending { inner, state } => {
+                let result = std::task::ready!(inner.poll(cx));
+                Poll::Ready(match state.take() {
+                    Some(sent) => sent.finish(result),
+                    None => result,
+                })
+            }
+        }
+    }
+}
