@@ -204,6 +204,26 @@ async fn check_passes_on_a_healthy_mesh_and_names_a_nack_and_a_stopped_sidecar()
         failures(&doc).iter().all(|c| c["fix"].is_string()),
         "{doc:#}"
     );
+    // The dashboard lists it among the recent NACKs, with its reason.
+    let overview = format!("{}/api/overview", demo.dashboard);
+    eventually(Duration::from_secs(10), || async {
+        let v = http_json(&overview).await?;
+        let listed = v["nacks"].as_array().is_some_and(|n| {
+            n.iter().any(|n| {
+                n["sidecar"]
+                    .as_str()
+                    .unwrap_or("")
+                    .starts_with("order.default")
+                    && n["reason"]
+                        .as_str()
+                        .unwrap_or("")
+                        .contains("backoff_max is smaller than backoff_base")
+            })
+        });
+        Ok((!listed).then(|| v["nacks"].to_string()))
+    })
+    .await
+    .must();
 
     // The fixed policy is acknowledged, and the mesh is healthy again.
     write_atomically(&policy_file, &good);
@@ -450,10 +470,13 @@ async fn the_dashboard_shows_pay_and_both_replicas_in_a_browser() {
         .next()
         .unwrap_or_default();
     for addr in &replicas {
-        assert!(
-            sidecars.contains(&format!("<td class=\"address\">{addr}</td>")),
-            "pay replica {addr} missing from the sidecars table:\n{sidecars}"
-        );
+        let row = sidecars
+            .split("<tr")
+            .find(|r| r.contains(&format!("<td class=\"address\">{addr}</td>")))
+            .unwrap_or_else(|| panic!("pay replica {addr} missing:\n{sidecars}"));
+        // Its certificate (a day from tern-control's CA) and its inbound traffic, all mTLS.
+        assert!(row.contains("(in 23h "), "certificate expiry: {row}");
+        assert!(row.contains(">100.00%</td>"), "inbound mTLS: {row}");
     }
     // A screenshot renders too (docs/dashboard.png is one).
     let shot = demo.dir.path().join("dashboard.png");
