@@ -16,6 +16,7 @@ use crate::metrics::{Direction, Metrics};
 use crate::observe::{Observe, ObserveLayer};
 use crate::retry::{Retry, RetryLayer};
 use crate::router::{Forward, Route, RouteLayer, Selector};
+use crate::tap::Tap;
 use crate::telemetry::Tracer;
 use crate::trace_context::{TraceContext, TraceContextLayer};
 
@@ -26,7 +27,8 @@ pub type Stack<S> = TraceContext<Route<Observe<ErrorResponse<Authorize<Retry<S>>
 
 /// `inbound_authz`: the inbound authorization policy in force (see
 /// [`crate::authz::Policy::shared`]); `None` for outbound listeners, which
-/// authorize nothing.
+/// authorize nothing. `tap`: where requests are reported while someone taps.
+#[allow(clippy::too_many_arguments)]
 pub fn http(
     direction: Direction,
     selector: Selector,
@@ -35,6 +37,7 @@ pub fn http(
     inbound_authz: Option<SharedPolicy>,
     limits: &Limits,
     tracer: Option<Arc<Tracer>>,
+    tap: Option<Tap>,
 ) -> HttpStack {
     http_over(
         direction,
@@ -44,6 +47,7 @@ pub fn http(
         inbound_authz,
         limits,
         tracer,
+        tap,
         Forward,
     )
 }
@@ -58,6 +62,7 @@ pub(crate) fn http_over<S>(
     inbound_authz: Option<SharedPolicy>,
     limits: &Limits,
     tracer: Option<Arc<Tracer>>,
+    tap: Option<Tap>,
     bottom: S,
 ) -> Stack<S> {
     ServiceBuilder::new()
@@ -67,8 +72,8 @@ pub(crate) fn http_over<S>(
         // 2. name the target service (listener, :authority)
         .layer(RouteLayer::new(selector))
         // 3. count the request, follow the response to its end, log it
-        //    (and finish its span, when sampled)
-        .layer(ObserveLayer::new(direction, Arc::clone(metrics), log))
+        //    (and finish its span, when sampled; report it to /tap, when tapped)
+        .layer(ObserveLayer::new(direction, Arc::clone(metrics), log, tap))
         // 4. the proxy's own failures become a gRPC status or HTTP 4xx/5xx;
         //    a request head over the header limit stops here
         .layer(ErrorResponseLayer::new(

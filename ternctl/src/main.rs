@@ -1,11 +1,14 @@
 //! `ternctl`: run the meshed demo on loopback, benchmark the proxy, mint
-//! bootstrap tokens for tern-control's CA, or inject the sidecar into
-//! Kubernetes manifests.
+//! bootstrap tokens for tern-control's CA, inject the sidecar into
+//! Kubernetes manifests, or look at a running sidecar (`tap`, `explain`).
 
+mod admin_client;
 mod bench;
 mod demo;
+mod explain;
 mod inject;
 mod procs;
+mod tap;
 mod token;
 mod trace_sink;
 
@@ -28,6 +31,10 @@ enum Command {
     Token(token::TokenArgs),
     /// Add the tern-proxy sidecar and its init step to Kubernetes workloads (YAML in, YAML out).
     Inject(inject::InjectArgs),
+    /// Watch the requests passing through sidecars, live (metadata only, no bodies).
+    Tap(tap::TapArgs),
+    /// Show what a sidecar does with a request: route rule, backends, endpoints, policy, authorization.
+    Explain(explain::ExplainArgs),
 }
 
 fn main() {
@@ -48,6 +55,8 @@ fn main() {
             Command::Bench(args) => bench::run(args).await,
             Command::Token(args) => token::run(args),
             Command::Inject(args) => inject::run(args),
+            Command::Tap(args) => tap::run(args).await,
+            Command::Explain(args) => explain::run(args).await,
         };
         match result {
             Ok(code) => code,

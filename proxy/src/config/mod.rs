@@ -86,6 +86,10 @@ pub struct AdminFile {
     pub listen: Option<String>,
     /// Serve `/config` to peers off loopback too (default: loopback only).
     pub expose_config: Option<bool>,
+    /// Serve `/tap` although `listen` is not loopback (default: only on loopback).
+    pub tap: Option<bool>,
+    /// Request headers whose values `/tap` shows.
+    pub tap_headers: Option<Vec<String>>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -129,6 +133,10 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     /// `/config` answers any peer, not only loopback.
     pub admin_expose_config: bool,
+    /// `/tap` is served although the admin port is not on loopback.
+    pub admin_tap: bool,
+    /// The only request headers whose values `/tap` shows, lowercase.
+    pub tap_headers: Vec<String>,
     pub dns_nameserver: Option<SocketAddr>,
     pub access_log: AccessLogTarget,
     #[serde(with = "humantime_serde_compat")]
@@ -271,6 +279,7 @@ impl FileConfig {
         let inbound = self
             .inbound
             .validate(&[outbound_listen.port(), admin_listen.port()])?;
+        let tap_headers = tap_headers(self.admin.tap_headers.as_deref())?;
         let dns_nameserver = match self.dns.nameserver.as_deref() {
             None | Some("") | Some("system") => None,
             Some(v) => Some(addr("dns.nameserver", v)?),
@@ -475,6 +484,8 @@ impl FileConfig {
             outbound_listen,
             admin_listen,
             admin_expose_config: self.admin.expose_config.unwrap_or(false),
+            admin_tap: self.admin.tap.unwrap_or(false),
+            tap_headers,
             dns_nameserver,
             access_log,
             drain_grace,
@@ -516,3 +527,23 @@ mod humantime_serde_compat {
 
 #[cfg(test)]
 mod tests;
+
+/// Headers `/tap` may show unless configured otherwise: none carries a secret.
+pub const DEFAULT_TAP_HEADERS: &[&str] = &["content-type", "user-agent", "grpc-timeout", "te"];
+
+/// The `/tap` header allowlist, each a valid header name, lowercase.
+fn tap_headers(names: Option<&[String]>) -> Result<Vec<String>, ConfigError> {
+    let Some(names) = names else {
+        return Ok(DEFAULT_TAP_HEADERS.iter().map(|h| h.to_string()).collect());
+    };
+    names
+        .iter()
+        .map(|n| n.trim())
+        .filter(|n| !n.is_empty())
+        .map(|n| {
+            http::HeaderName::from_bytes(n.as_bytes())
+                .map(|h| h.as_str().to_string())
+                .map_err(|_| err("admin.tap_headers", format!("{n:?} is not a header name")))
+        })
+        .collect()
+}
