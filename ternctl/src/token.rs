@@ -47,7 +47,7 @@ struct CreateArgs {
     #[arg(long, default_value = "default")]
     namespace: String,
 
-    /// The workload's service account: the token lets it get spiffe://<td>/ns/<namespace>/sa/<this>.
+    /// The workload's service account: the token lets it get spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/SERVICE_ACCOUNT.
     #[arg(long)]
     service_account: String,
 
