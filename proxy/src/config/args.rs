@@ -79,7 +79,7 @@ pub struct Args {
     #[arg(long, env = "TERN_OUTBOUND_LISTEN")]
     pub outbound_listen: Option<String>,
 
-    /// Admin listener: /metrics, /ready, /live, /config, /shutdown [default: 127.0.0.1:4191].
+    /// Admin listener: /metrics, /ready, /live, /config, /tap, /explain, /shutdown [default: 127.0.0.1:4191].
     #[arg(long, env = "TERN_ADMIN_LISTEN")]
     pub admin_listen: Option<String>,
 

@@ -526,6 +526,8 @@ mod humantime_serde_compat {
 }
 
 #[cfg(test)]
+mod reference;
+#[cfg(test)]
 mod tests;
 
 /// Headers `/tap` may show unless configured otherwise: none carries a secret.
