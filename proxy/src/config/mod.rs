@@ -5,6 +5,7 @@
 //! error naming the field and the reason. Nothing past this module parses
 //! configuration again.
 
+pub mod admin;
 pub mod args;
 pub mod identity;
 pub mod inbound;
@@ -20,6 +21,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use admin::AdminFile;
 use identity::{IdentityConfig, IdentityFile, InboundTls};
 pub use inbound::{InboundConfig, InboundFile};
 use limits::{ClientLimits, Limits, LimitsFile};
@@ -78,18 +80,6 @@ pub struct FileConfig {
 #[serde(deny_unknown_fields)]
 pub struct OutboundFile {
     pub listen: Option<String>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct AdminFile {
-    pub listen: Option<String>,
-    /// Serve `/config` to peers off loopback too (default: loopback only).
-    pub expose_config: Option<bool>,
-    /// Serve `/tap` although `listen` is not loopback (default: only on loopback).
-    pub tap: Option<bool>,
-    /// Request headers whose values `/tap` shows.
-    pub tap_headers: Option<Vec<String>>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -279,7 +269,7 @@ impl FileConfig {
         let inbound = self
             .inbound
             .validate(&[outbound_listen.port(), admin_listen.port()])?;
-        let tap_headers = tap_headers(self.admin.tap_headers.as_deref())?;
+        let tap_headers = self.admin.tap_headers()?;
         let dns_nameserver = match self.dns.nameserver.as_deref() {
             None | Some("") | Some("system") => None,
             Some(v) => Some(addr("dns.nameserver", v)?),
@@ -529,23 +519,3 @@ mod humantime_serde_compat {
 mod reference;
 #[cfg(test)]
 mod tests;
-
-/// Headers `/tap` may show unless configured otherwise: none carries a secret.
-pub const DEFAULT_TAP_HEADERS: &[&str] = &["content-type", "user-agent", "grpc-timeout", "te"];
-
-/// The `/tap` header allowlist, each a valid header name, lowercase.
-fn tap_headers(names: Option<&[String]>) -> Result<Vec<String>, ConfigError> {
-    let Some(names) = names else {
-        return Ok(DEFAULT_TAP_HEADERS.iter().map(|h| h.to_string()).collect());
-    };
-    names
-        .iter()
-        .map(|n| n.trim())
-        .filter(|n| !n.is_empty())
-        .map(|n| {
-            http::HeaderName::from_bytes(n.as_bytes())
-                .map(|h| h.as_str().to_string())
-                .map_err(|_| err("admin.tap_headers", format!("{n:?} is not a header name")))
-        })
-        .collect()
-}

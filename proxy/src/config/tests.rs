@@ -342,7 +342,7 @@ fn ipv6_addresses_may_come_without_brackets() {
 fn tap_is_configured_by_flag_env_and_file() {
     let c = parse(&["--service-name", "pay"]).unwrap();
     assert!(!c.admin_tap);
-    assert_eq!(c.tap_headers, super::DEFAULT_TAP_HEADERS);
+    assert_eq!(c.tap_headers, super::admin::DEFAULT_TAP_HEADERS);
     let c = parse(&[
         "--service-name",
         "pay",
