@@ -2,8 +2,8 @@
 //! `tern-proxy --help` and `tern-control --help` print is in docs/CONFIGURATION.md's tables, and
 //! every flag there is one the binary has; the mesh config example passes `tern-control
 //! --check`; and every relative link in README.md and docs/ leads to a file of this checkout.
-//! (The bootstrap YAML keys are checked against the proxy's config structs in
-//! proxy/src/config/reference.rs.)
+//! (The YAML examples are checked field by field against the config structs in
+//! proxy/src/config/reference.rs and control/src/config/tests/reference.rs.)
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
