@@ -108,7 +108,7 @@ pub struct Args {
     #[arg(long, env = "TERN_CONTROL_CA_ISSUER_KEY")]
     pub ca_issuer_key: Option<PathBuf>,
 
-    /// Trust domain of the SPIFFE ids the CA issues (spiffe://<trust-domain>/ns/<ns>/sa/<sa>).
+    /// Trust domain of the SPIFFE ids the CA issues (spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/SERVICE_ACCOUNT).
     #[arg(
         long,
         env = "TERN_CONTROL_TRUST_DOMAIN",
@@ -127,12 +127,12 @@ pub struct Args {
     pub cert_lifetime: Duration,
 
     /// The control plane's own SPIFFE id, presented on TLS connections
-    /// [default: spiffe://<trust-domain>/ns/tern/sa/tern-control].
+    /// [default: spiffe://TRUST_DOMAIN/ns/tern/sa/tern-control].
     #[arg(long, env = "TERN_CONTROL_IDENTITY")]
     pub identity: Option<String>,
 
     /// HMAC key that bootstrap tokens are signed with (`ternctl token create` reads the same file)
-    /// [default: <state-dir>/token.key, generated if missing].
+    /// [default: STATE_DIR/token.key, generated if missing].
     #[arg(long, env = "TERN_CONTROL_TOKEN_KEY_FILE")]
     pub token_key_file: Option<PathBuf>,
 
@@ -161,7 +161,7 @@ pub struct Args {
 
     /// Token ids refused by Certify, one per line (`ternctl token revoke` appends to it); re-read
     /// on every Certify, so a revocation holds from the next request
-    /// [default: <state-dir>/revoked-tokens].
+    /// [default: STATE_DIR/revoked-tokens].
     #[arg(long, env = "TERN_CONTROL_REVOKED_TOKENS_FILE")]
     pub revoked_tokens_file: Option<PathBuf>,
 
@@ -184,7 +184,7 @@ pub struct Args {
 /// Where the API server is and how to reach it (defaults: in a pod).
 #[derive(Clone, Debug, clap::Args)]
 pub struct KubeArgs {
-    /// The Kubernetes API server that TokenReviews are posted to (https://HOST[:PORT])
+    /// The Kubernetes API server that TokenReviews are posted to (https://HOST or https://HOST:PORT)
     /// [default: https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT].
     #[arg(long, env = "TERN_CONTROL_KUBE_API_SERVER")]
     pub kube_api_server: Option<String>,

@@ -5,7 +5,7 @@
 //! every view into a message, then an encoding per sidecar. A view that a
 //! thousand sidecars watch is the same bytes for all of them, so the session
 //! assembles each snapshot from the views' cached encodings
-//! ([`crate::state::Built::encode`]) and this codec writes those bytes as
+//! ([`crate::snapshot::Built::encode`]) and this codec writes those bytes as
 //! they are. On the wire nothing differs: clients use the generated client.
 
 use std::convert::Infallible;

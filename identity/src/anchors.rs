@@ -137,7 +137,7 @@ impl TrustAnchors {
         Ok(Self::new(Bundle::parse(pem)?))
     }
 
-    /// The bundle in force; handshakes take a cheaper guard through [`TrustAnchors::with`].
+    /// The bundle in force; handshakes take a cheaper guard through `TrustAnchors::with`.
     pub fn current(&self) -> Arc<Bundle> {
         self.current.load_full()
     }

@@ -9,7 +9,7 @@
 //!   port, resources, and a non-root, read-only, no-capability security context;
 //! - the `tern-init` init container, which redirects every inbound TCP port but the skipped ones
 //!   and all outbound TCP to the proxy, for IPv4 and IPv6 (the only container with `NET_ADMIN`
-//!   and `NET_RAW`); the proxy forwards inbound only to the ports the app serves ([`ports`]);
+//!   and `NET_RAW`); the proxy forwards inbound only to the ports the app serves (`ports`);
 //! - the volumes those mount, the Prometheus scrape annotations (when the pod has none of its
 //!   own) and [`annotations::INJECTED`], which makes injecting twice the same as once.
 //!
@@ -96,9 +96,9 @@ pub mod annotations {
 /// What injection adds that a cluster may want different.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Options {
-    /// The proxy image [default: `tern/proxy:<version>`].
+    /// The proxy image; by default `tern/proxy:<version>`.
     pub proxy_image: String,
-    /// The init image, holding `tern-init` [default: `tern/init:<version>`].
+    /// The init image, holding `tern-init`; by default `tern/init:<version>`.
     pub init_image: String,
     /// The proxy as a native sidecar for every pod, not only for those that run to completion.
     pub native_sidecar: bool,

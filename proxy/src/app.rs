@@ -38,6 +38,8 @@ struct Core {
     tcp: Arc<tcp::Tcp>,
     /// Where sampled requests' spans go (`--trace-collector`); `None` when tracing is off.
     tracer: Option<Arc<crate::telemetry::Tracer>>,
+    /// Where every request is reported while someone taps (`/tap`).
+    tap: crate::tap::Tap,
 }
 
 /// When to stop accepting, how to drain, and whether `/ready` says yes.
@@ -76,6 +78,14 @@ pub async fn run(config: Config, file: FileConfig) -> anyhow::Result<()> {
         shutdown: life.shutdown.clone(),
         identity: core.identity.clone(),
         expose_config: config.admin_expose_config,
+        tap: core.tap.clone(),
+        tap_enabled: config.admin_listen.ip().is_loopback() || config.admin_tap,
+        explain: crate::explain::Explainer {
+            targets: Arc::clone(&core.out.targets),
+            inbound_authz: Arc::clone(&core.inbound_authz),
+            app: core.app.clone(),
+            service_name: config.service_name.clone(),
+        },
     };
     // The admin port keeps answering during the drain (probes see not-ready),
     // so it stops only with the process.
@@ -133,6 +143,7 @@ impl Core {
         let tcp =
             tcp::Tcp::new(&metrics, log.clone(), config.connect_timeout).context("TCP metrics")?;
         let tracer = crate::telemetry::Tracer::configured(config, &metrics.registry)?;
+        let tap = crate::tap::Tap::new(&config.tap_headers, &metrics.registry)?;
         Ok(Self {
             metrics,
             log,
@@ -142,6 +153,7 @@ impl Core {
             app,
             tcp,
             tracer,
+            tap,
         })
     }
 
@@ -160,6 +172,7 @@ impl Core {
             authz.then(|| Arc::clone(&self.inbound_authz)),
             &config.limits,
             self.tracer.clone(),
+            Some(self.tap.clone()),
         )
     }
 }

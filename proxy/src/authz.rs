@@ -121,13 +121,38 @@ impl Policy {
     /// Whether a caller (its verified SPIFFE id, if any) may make a request
     /// (its gRPC `(service, method)`, if it is gRPC).
     pub fn allows(&self, peer: Option<&str>, grpc: Option<(&str, &str)>) -> bool {
+        self.decide(peer, grpc).allowed
+    }
+
+    /// The decision for a request and what made it: the first rule that
+    /// matches, else the default action. `/explain` shows it; the request
+    /// path asks [`Policy::allows`], which is this.
+    pub fn decide(&self, peer: Option<&str>, grpc: Option<(&str, &str)>) -> Decision {
+        let by_default = Decision {
+            allowed: self.default_action == Action::Allow,
+            rule: None,
+        };
         if self.allows_all() {
-            return true;
+            return by_default;
         }
         let peer = peer.and_then(IdParts::parse);
-        let matched = peer.is_some_and(|p| self.rules.iter().any(|r| r.matches(&p, grpc)));
-        matched || self.default_action == Action::Allow
+        let rule = peer.and_then(|p| self.rules.iter().position(|r| r.matches(&p, grpc)));
+        match rule {
+            Some(i) => Decision {
+                allowed: true,
+                rule: Some(i),
+            },
+            None => by_default,
+        }
     }
+}
+
+/// What [`Policy::decide`] decided, and by which rule (its index), if any.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    /// `None`: no rule matched (or none is looked at): the default action decided.
+    pub rule: Option<usize>,
 }
 
 impl Rule {

@@ -3,7 +3,8 @@
 //! It counts the request when it arrives, then follows the response body to
 //! its end (or its reset, or the caller going away) to learn the gRPC status
 //! from trailers, the bytes moved and the total duration, and records
-//! everything once.
+//! everything once. While someone taps (`/tap`), it also reports each
+//! request's metadata to [`crate::tap`]; otherwise tapping costs one atomic load.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -25,6 +26,7 @@ use crate::errors::{self, grpc_status, ProxyErrorReason};
 use crate::metrics::{Direction, Metrics, RouteMetrics};
 use crate::retry::Attempts;
 use crate::router::Target;
+use crate::tap::{self, Tap};
 use crate::telemetry::{FinishedSpan, SpanStart};
 use crate::trace_context;
 
@@ -40,16 +42,23 @@ struct Shared {
     direction: Direction,
     metrics: Arc<Metrics>,
     log: Option<AccessLog>,
+    tap: Option<Tap>,
     unknown: Arc<str>,
 }
 
 impl ObserveLayer {
-    pub fn new(direction: Direction, metrics: Arc<Metrics>, log: Option<AccessLog>) -> Self {
+    pub fn new(
+        direction: Direction,
+        metrics: Arc<Metrics>,
+        log: Option<AccessLog>,
+        tap: Option<Tap>,
+    ) -> Self {
         Self {
             shared: Arc::new(Shared {
                 direction,
                 metrics,
                 log,
+                tap,
                 unknown: Arc::from(UNKNOWN_SERVICE),
             }),
         }
@@ -121,6 +130,7 @@ where
                 trace_id: trace_context::trace_id(req.headers()).to_string(),
             })
         });
+        let tapped = sh.tap.as_ref().and_then(|t| t.start(&req));
         let bytes_in = Arc::new(AtomicU64::new(0));
         let attempts = match span {
             Some(_) => Attempts::recorded(),
@@ -154,6 +164,7 @@ where
             tls,
             log,
             span,
+            tapped,
         })));
         let fut = self.inner.call(req);
         Box::pin(async move {
@@ -211,6 +222,8 @@ struct Completion {
     tls: Option<ConnTls>,
     log: Option<Box<LogInfo>>,
     span: Option<Box<SpanInfo>>,
+    /// Present only while someone taps.
+    tapped: Option<Box<tap::Started>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -223,7 +236,7 @@ enum Outcome {
 }
 
 impl Completion {
-    fn finish(self, outcome: Outcome) {
+    fn finish(mut self, outcome: Outcome) {
         let elapsed = self.start.elapsed();
         let sh = &self.shared;
         let dir = sh.direction;
@@ -280,6 +293,32 @@ impl Completion {
         if let Some(span) = &self.span {
             self.record_span(span, error);
         }
+        if let Some(started) = self.tapped.take() {
+            self.report_tap(*started, elapsed.as_secs_f64() * 1000.0, error);
+        }
+    }
+
+    fn report_tap(&self, started: tap::Started, latency_ms: f64, error: Option<&'static str>) {
+        let Some(hub) = &self.shared.tap else {
+            return;
+        };
+        let tls = self.tls.as_ref();
+        hub.finish(
+            started,
+            tap::Finished {
+                direction: self.shared.direction,
+                service: &self.route.service,
+                route: &self.route.route,
+                status: self.status,
+                grpc_status: self.grpc_status,
+                latency_ms,
+                peer_identity: tls.and_then(|t| t.peer_identity.as_deref()),
+                tls: tls.and_then(|t| t.version),
+                attempts: self.attempts.0.load(Ordering::Relaxed),
+                upstream: self.upstream,
+                error,
+            },
+        );
     }
 
     fn record_span(&self, span: &SpanInfo, error: Option<&'static str>) {

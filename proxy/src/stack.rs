@@ -17,6 +17,7 @@ use crate::metrics::{Direction, Metrics};
 use crate::observe::{Observe, ObserveLayer};
 use crate::retry::{Retry, RetryLayer};
 use crate::router::{Forward, Route, RouteLayer, Selector};
+use crate::tap::Tap;
 use crate::telemetry::Tracer;
 use crate::trace_context::{TraceContext, TraceContextLayer};
 
@@ -27,7 +28,8 @@ pub type Stack<S> = TraceContext<Route<Observe<ErrorResponse<Authorize<Retry<Bal
 
 /// `inbound_authz`: the inbound authorization policy in force (see
 /// [`crate::authz::Policy::shared`]); `None` for outbound listeners, which
-/// authorize nothing.
+/// authorize nothing. `tap`: where requests are reported while someone taps.
+#[allow(clippy::too_many_arguments)]
 pub fn http(
     direction: Direction,
     selector: Selector,
@@ -36,6 +38,7 @@ pub fn http(
     inbound_authz: Option<SharedPolicy>,
     limits: &Limits,
     tracer: Option<Arc<Tracer>>,
+    tap: Option<Tap>,
 ) -> HttpStack {
     http_over(
         direction,
@@ -45,6 +48,7 @@ pub fn http(
         inbound_authz,
         limits,
         tracer,
+        tap,
         Forward,
     )
 }
@@ -59,6 +63,7 @@ pub(crate) fn http_over<S>(
     inbound_authz: Option<SharedPolicy>,
     limits: &Limits,
     tracer: Option<Arc<Tracer>>,
+    tap: Option<Tap>,
     bottom: S,
 ) -> Stack<S> {
     ServiceBuilder::new()
@@ -69,8 +74,8 @@ pub(crate) fn http_over<S>(
         //    rule the request falls under, with the backend drawn for it
         .layer(RouteLayer::new(selector))
         // 3. count the request, follow the response to its end, log it
-        //    (and finish its span, when sampled)
-        .layer(ObserveLayer::new(direction, Arc::clone(metrics), log))
+        //    (and finish its span, when sampled; report it to /tap, when tapped)
+        .layer(ObserveLayer::new(direction, Arc::clone(metrics), log, tap))
         // 4. the proxy's own failures become a gRPC status or HTTP 4xx/5xx;
         //    a request head over the header limit stops here
         .layer(ErrorResponseLayer::new(

@@ -1,12 +1,14 @@
 //! Plain HTTP/1.1 GETs to admin listeners (tern-control's, the sidecars')
-//! and to Prometheus: one connection per request, a deadline on the whole
-//! exchange, the body as text.
+//! and to Prometheus: one connection per request. A whole exchange has a
+//! deadline and gives its body as text; a stream (`/tap`) is handed back
+//! open. The admin port is loopback, or reached through `kubectl port-forward`.
 
 use std::time::Duration;
 
-use anyhow::Context as _;
+use anyhow::{bail, Context as _};
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty};
+use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 /// How long one admin request may take, connect to last byte.
@@ -49,6 +51,48 @@ async fn exchange(addr: &str, path_and_query: &str) -> anyhow::Result<Reply> {
         status,
         body: String::from_utf8_lossy(&bytes).into_owned(),
     })
+}
+
+/// The body of `GET path_and_query`, which must answer 200 (otherwise its text is the error).
+pub async fn get_ok(addr: &str, path_and_query: &str) -> anyhow::Result<String> {
+    let reply = get(addr, path_and_query).await?;
+    let text = reply.body.trim_end().to_string();
+    if !reply.ok() {
+        bail!("{addr} answered {}: {text}", reply.status);
+    }
+    Ok(text)
+}
+
+/// Sends `GET path_and_query` to `addr` and hands back the response with its
+/// body still streaming (no deadline: the caller reads as long as it wants).
+pub async fn open_stream(
+    addr: &str,
+    path_and_query: &str,
+) -> anyhow::Result<http::Response<Incoming>> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to the admin port {addr}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .with_context(|| format!("HTTP to {addr}"))?;
+    tokio::spawn(conn);
+    let req = http::Request::get(path_and_query)
+        .header(http::header::HOST, addr)
+        .body(Empty::<Bytes>::new())
+        .with_context(|| format!("request {path_and_query}"))?;
+    sender
+        .send_request(req)
+        .await
+        .with_context(|| format!("GET {path_and_query} from {addr}"))
+}
+
+/// A query string from `(key, value)` pairs, percent-encoded.
+pub fn query(pairs: &[(&str, &str)]) -> String {
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{}={}", encode_query(k), encode_query(v)))
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 /// `http://host:port[/prefix]` → (`host:port`, `/prefix` without a trailing slash).
@@ -94,6 +138,10 @@ mod tests {
             ("prom:9090".into(), "/sub".into())
         );
         assert!(split_url("https://prom:9090").is_err());
+        assert_eq!(
+            query(&[("header", "x-canary:1"), ("caller", "spiffe://a/ns/b c")]),
+            "header=x-canary%3A1&caller=spiffe%3A%2F%2Fa%2Fns%2Fb%20c"
+        );
         assert_eq!(
             encode_query("sum(rate(x{a=\"b\"}[1m]))"),
             "sum%28rate%28x%7Ba%3D%22b%22%7D%5B1m%5D%29%29"

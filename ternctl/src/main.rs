@@ -1,7 +1,7 @@
 //! `ternctl`: run the meshed demo on loopback, benchmark the proxy, mint
 //! bootstrap tokens for tern-control's CA, inject the sidecar into
 //! Kubernetes manifests, or look at a running mesh (`check`, `stat`,
-//! `dashboard`).
+//! `dashboard`, `tap`, `explain`).
 
 mod admin_client;
 mod bench;
@@ -9,12 +9,14 @@ mod check;
 mod dashboard;
 mod demo;
 mod golden;
+mod explain;
 mod inject;
 mod mesh_state;
 mod procs;
 mod prom_text;
 mod scrape;
 mod stat;
+mod tap;
 mod token;
 mod trace_sink;
 
@@ -43,6 +45,10 @@ enum Command {
     Stat(stat::StatArgs),
     /// A live HTML dashboard of the mesh, served on loopback.
     Dashboard(dashboard::DashboardArgs),
+    /// Watch the requests passing through sidecars, live (metadata only, no bodies).
+    Tap(tap::TapArgs),
+    /// Show what a sidecar does with a request: route rule, backends, endpoints, policy, authorization.
+    Explain(explain::ExplainArgs),
 }
 
 fn main() {
@@ -66,6 +72,8 @@ fn main() {
             Command::Check(args) => check::run(args).await,
             Command::Stat(args) => stat::run(args).await,
             Command::Dashboard(args) => dashboard::run(args).await,
+            Command::Tap(args) => tap::run(args).await,
+            Command::Explain(args) => explain::run(args).await,
         };
         match result {
             Ok(code) => code,

@@ -47,7 +47,7 @@ struct CreateArgs {
     #[arg(long, default_value = "default")]
     namespace: String,
 
-    /// The workload's service account: the token lets it get spiffe://<td>/ns/<namespace>/sa/<this>.
+    /// The workload's service account: the token lets it get spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/SERVICE_ACCOUNT.
     #[arg(long)]
     service_account: String,
 
@@ -87,11 +87,11 @@ struct StateFiles {
     #[arg(long, env = "TERN_CONTROL_STATE_DIR", default_value = ".tern-control")]
     state_dir: PathBuf,
 
-    /// The token key file [default: <state-dir>/token.key].
+    /// The token key file [default: STATE_DIR/token.key].
     #[arg(long, env = "TERN_CONTROL_TOKEN_KEY_FILE")]
     token_key_file: Option<PathBuf>,
 
-    /// The revocation list tern-control reads [default: <state-dir>/revoked-tokens].
+    /// The revocation list tern-control reads [default: STATE_DIR/revoked-tokens].
     #[arg(long, env = "TERN_CONTROL_REVOKED_TOKENS_FILE")]
     revoked_tokens_file: Option<PathBuf>,
 }

@@ -83,3 +83,52 @@ async fn config_answers_loopback_unless_exposed() {
     let shutdown = conn.request("POST", "/shutdown", &[], None).await.must();
     assert_eq!(shutdown.status, 403);
 }
+
+/// `curl` of `path` on the sidecar's admin port from the pod's own loopback, for at most `secs`
+/// seconds: (HTTP status, body). A stream cut off by the time limit still gives both.
+fn curl_in_pod(pod: &netns::Pod, path: &str, secs: &str) -> (u16, String) {
+    let url = format!("http://127.0.0.1:4191{path}");
+    let out = pod
+        .exec(
+            "curl",
+            &["-sS", "--max-time", secs, "-w", "\n%{http_code}", &url],
+        )
+        .must();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (status.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// `/tap` shows who calls what: on an admin port that listens on the pod's address it is off
+/// unless `--admin-tap`, and says so; when on, it still answers the pod's loopback only, like
+/// `/explain`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tap_is_off_on_a_pod_address_unless_enabled_and_answers_loopback_only() {
+    if let Some(what) = netns::missing_prerequisite() {
+        return tern_tests::missing(&what).must();
+    }
+    let dir = TestDir::new("admin-tap").must();
+    let mut net = netns::Network::create().must();
+    let off = net.pod("tap-off").must();
+    let on = net.pod("tap-on").must();
+    let _off_proxy = sidecar(&off, &dir, "tap-off", &[]).await.must();
+    let _on_proxy = sidecar(&on, &dir, "tap-on", &["--admin-tap"]).await.must();
+
+    let (status, body) = curl_in_pod(&off, "/tap", "5");
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.contains("--admin-tap"),
+        "the refusal names the flag: {body}"
+    );
+
+    for path in ["/tap", "/explain?authority=pay"] {
+        let remote = http1::get(on.addr(4191), path).await.must();
+        assert_eq!(remote.status, 403, "{path}: {}", remote.text());
+    }
+    let (status, body) = curl_in_pod(&on, "/tap", "1");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body.lines().next(), Some(r#"{"tapping":true}"#), "{body}");
+    let (status, body) = curl_in_pod(&on, "/explain?authority=pay", "5");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("no service is known"), "{body}");
+}

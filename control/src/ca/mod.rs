@@ -4,7 +4,7 @@
 //!
 //! Both come from PEM files (`--ca-anchor`, `--ca-issuer-cert`,
 //! `--ca-issuer-key`), or, for local use, from `--state-dir`, where they are
-//! generated on first start and reused after ([`generate`]). Only the issuer's
+//! generated on first start and reused after (`generate`). Only the issuer's
 //! key is needed to sign; the root's key, when it is in the state directory,
 //! serves to replace an issuer that is about to expire.
 //!

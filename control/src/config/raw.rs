@@ -4,15 +4,16 @@
 //! setting that silently does nothing. Values stay as written (durations as
 //! strings, names unchecked); [`super::validate`] turns them into the model.
 //! Optional fields are `Option` so that validation can say which one is
-//! missing instead of serde's path-less "missing field".
+//! missing instead of serde's path-less "missing field". `Serialize` is for
+//! the test that checks docs/CONFIGURATION.md shows every field.
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// One YAML document: the Kubernetes-style envelope. `spec` stays untyped
 /// until `kind` says which spec type to read it as.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Document {
     pub api_version: Option<String>,
@@ -21,7 +22,7 @@ pub struct Document {
     pub spec: Option<serde_yaml::Value>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Metadata {
     pub name: Option<String>,
@@ -33,7 +34,7 @@ pub struct Metadata {
     pub annotations: Option<BTreeMap<String, String>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ServiceSpec {
     pub protocol: Option<Protocol>,
@@ -45,14 +46,14 @@ pub struct ServiceSpec {
     pub dns_name: Option<String>,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Grpc,
     Http,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PortSpec {
     pub name: Option<String>,
@@ -64,14 +65,14 @@ pub struct PortSpec {
     pub protocol: Option<PortProtocol>,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PortProtocol {
     Opaque,
     Tcp,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TrafficPolicySpec {
     pub service: Option<String>,
@@ -84,7 +85,7 @@ pub struct TrafficPolicySpec {
     pub routes: Vec<RouteSpec>,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum LoadBalancer {
     RoundRobin,
@@ -92,21 +93,21 @@ pub enum LoadBalancer {
     LeastRequest,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct FailureAccrualSpec {
     pub consecutive_failures: Option<u32>,
     pub backoff: Option<MinMax>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MinMax {
     pub min: Option<String>,
     pub max: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RetrySpec {
     pub max_attempts: Option<u32>,
@@ -116,21 +117,21 @@ pub struct RetrySpec {
     pub budget: Option<BudgetSpec>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BaseMax {
     pub base: Option<String>,
     pub max: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct BudgetSpec {
     pub percent: Option<f64>,
     pub min_per_second: Option<u32>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendSpec {
     #[serde(default)]
@@ -138,7 +139,7 @@ pub struct BackendSpec {
     pub weight: Option<u32>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteSpec {
     pub name: Option<String>,
@@ -149,7 +150,7 @@ pub struct RouteSpec {
     pub timeout: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct MatchSpec {
     pub grpc: Option<GrpcMethodSpec>,
@@ -158,14 +159,14 @@ pub struct MatchSpec {
     pub headers: Vec<HeaderMatchSpec>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GrpcMethodSpec {
     pub service: Option<String>,
     pub method: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HeaderMatchSpec {
     pub name: Option<String>,
@@ -174,7 +175,7 @@ pub struct HeaderMatchSpec {
     pub present: Option<bool>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthorizationPolicySpec {
     pub service: Option<String>,
@@ -183,14 +184,14 @@ pub struct AuthorizationPolicySpec {
     pub rules: Vec<AuthorizationRuleSpec>,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
     Allow,
     Deny,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthorizationRuleSpec {
     #[serde(default)]
@@ -199,14 +200,14 @@ pub struct AuthorizationRuleSpec {
     pub methods: Vec<GrpcMethodSpec>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentitySpec {
     pub identity: Option<String>,
     pub namespace: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointsSpec {
     pub service: Option<String>,
@@ -214,7 +215,7 @@ pub struct EndpointsSpec {
     pub endpoints: Vec<EndpointSpec>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointSpec {
     pub address: Option<String>,

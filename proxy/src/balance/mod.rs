@@ -364,6 +364,7 @@ impl Balancer {
                     "labels": c.labels(),
                     "identity": c.identity(),
                     "ejected": c.accrual.is_ejected(now),
+                    "connect_failing": c.connect_failing(now),
                     "in_flight": c.load.in_flight(),
                 })
             })

@@ -57,7 +57,7 @@ pub struct Args {
     pub watch_all_services: Option<bool>,
 
     /// Transparent inbound: connections iptables redirected to the inbound
-    /// listener go to the app on <the IP and port they were sent to> (the pod
+    /// listener go to the app on the IP and port they were sent to (the pod
     /// IP, never loopback), if it is a port the app serves [default: false].
     #[arg(long, env = "TERN_INBOUND_TRANSPARENT", num_args = 0..=1, default_missing_value = "true")]
     pub inbound_transparent: Option<bool>,
@@ -80,7 +80,7 @@ pub struct Args {
     #[arg(long, env = "TERN_OUTBOUND_LISTEN")]
     pub outbound_listen: Option<String>,
 
-    /// Admin listener: /metrics, /ready, /live, /config, /shutdown [default: 127.0.0.1:4191].
+    /// Admin listener: /metrics, /ready, /live, /config, /tap, /explain, /shutdown [default: 127.0.0.1:4191].
     #[arg(long, env = "TERN_ADMIN_LISTEN")]
     pub admin_listen: Option<String>,
 
@@ -88,6 +88,17 @@ pub struct Args {
     /// identities, policies); `kubectl port-forward` reaches it without this [default: false].
     #[arg(long, env = "TERN_ADMIN_EXPOSE_CONFIG", num_args = 0..=1, default_missing_value = "true")]
     pub admin_expose_config: Option<bool>,
+
+    /// Serve /tap (a live stream of request metadata) even though --admin-listen is not a
+    /// loopback address; it still answers loopback peers only unless --admin-expose-config
+    /// [default: false: /tap is on only when the admin port listens on loopback].
+    #[arg(long, env = "TERN_ADMIN_TAP", num_args = 0..=1, default_missing_value = "true")]
+    pub admin_tap: Option<bool>,
+
+    /// Request headers whose values /tap shows, comma-separated (no other header value ever
+    /// leaves the sidecar through /tap) [default: content-type,user-agent,grpc-timeout,te].
+    #[arg(long, env = "TERN_TAP_HEADERS", value_delimiter = ',')]
+    pub tap_headers: Vec<String>,
 
     /// NAME=ADDR: an explicit outbound port; every request accepted on ADDR goes to service NAME.
     #[arg(long = "upstream", env = "TERN_UPSTREAMS", value_delimiter = ';')]
@@ -167,7 +178,7 @@ pub struct Args {
     #[arg(long, env = "TERN_SERVICE_ACCOUNT")]
     pub service_account: Option<String>,
 
-    /// SPIFFE id the control plane must present [default: spiffe://<trust-domain>/ns/tern/sa/tern-control].
+    /// SPIFFE id the control plane must present [default: spiffe://TRUST_DOMAIN/ns/tern/sa/tern-control].
     #[arg(long, env = "TERN_CONTROL_PLANE_IDENTITY")]
     pub control_plane_identity: Option<String>,
 
@@ -282,6 +293,12 @@ impl Args {
         set(&mut f.admin.listen, &self.admin_listen);
         if self.admin_expose_config.is_some() {
             f.admin.expose_config = self.admin_expose_config;
+        }
+        if self.admin_tap.is_some() {
+            f.admin.tap = self.admin_tap;
+        }
+        if !self.tap_headers.is_empty() {
+            f.admin.tap_headers = Some(self.tap_headers.clone());
         }
         set(&mut f.dns.nameserver, &self.dns_nameserver);
         set(&mut f.access_log, &self.access_log);

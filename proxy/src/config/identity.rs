@@ -23,7 +23,7 @@ pub struct IdentityFile {
     pub trust_domain: Option<String>,
     /// Default: the service name.
     pub service_account: Option<String>,
-    /// The control plane's SPIFFE id [default: spiffe://<trust-domain>/ns/tern/sa/tern-control].
+    /// The control plane's SPIFFE id [default: spiffe://TRUST_DOMAIN/ns/tern/sa/tern-control].
     pub control_plane_identity: Option<String>,
     /// `https://host:port` of the CA's Identity service [default: the control plane's URL].
     pub server: Option<String>,

@@ -5,6 +5,7 @@
 //! error naming the field and the reason. Nothing past this module parses
 //! configuration again.
 
+pub mod admin;
 pub mod args;
 pub mod control_plane;
 pub mod identity;
@@ -22,6 +23,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use control_plane::ControlPlanes;
+pub use admin::AdminFile;
 use identity::{IdentityConfig, IdentityFile, InboundTls};
 pub use inbound::{InboundConfig, InboundFile};
 use limits::{ClientLimits, Limits, LimitsFile};
@@ -84,14 +86,6 @@ pub struct OutboundFile {
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct AdminFile {
-    pub listen: Option<String>,
-    /// Serve `/config` to peers off loopback too (default: loopback only).
-    pub expose_config: Option<bool>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
 pub struct DnsFile {
     pub nameserver: Option<String>,
 }
@@ -131,6 +125,10 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     /// `/config` answers any peer, not only loopback.
     pub admin_expose_config: bool,
+    /// `/tap` is served although the admin port is not on loopback.
+    pub admin_tap: bool,
+    /// The only request headers whose values `/tap` shows, lowercase.
+    pub tap_headers: Vec<String>,
     pub dns_nameserver: Option<SocketAddr>,
     pub access_log: AccessLogTarget,
     #[serde(with = "humantime_serde_compat")]
@@ -273,6 +271,7 @@ impl FileConfig {
         let inbound = self
             .inbound
             .validate(&[outbound_listen.port(), admin_listen.port()])?;
+        let tap_headers = self.admin.tap_headers()?;
         let dns_nameserver = match self.dns.nameserver.as_deref() {
             None | Some("") | Some("system") => None,
             Some(v) => Some(addr("dns.nameserver", v)?),
@@ -465,6 +464,8 @@ impl FileConfig {
             outbound_listen,
             admin_listen,
             admin_expose_config: self.admin.expose_config.unwrap_or(false),
+            admin_tap: self.admin.tap.unwrap_or(false),
+            tap_headers,
             dns_nameserver,
             access_log,
             drain_grace,
@@ -504,5 +505,7 @@ mod humantime_serde_compat {
     }
 }
 
+#[cfg(test)]
+mod reference;
 #[cfg(test)]
 mod tests;

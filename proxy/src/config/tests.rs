@@ -337,3 +337,32 @@ fn ipv6_addresses_may_come_without_brackets() {
         assert_eq!(parse(&["--advertise", bad]).unwrap_err().field, "advertise");
     }
 }
+
+#[test]
+fn tap_is_configured_by_flag_env_and_file() {
+    let c = parse(&["--service-name", "pay"]).unwrap();
+    assert!(!c.admin_tap);
+    assert_eq!(c.tap_headers, super::admin::DEFAULT_TAP_HEADERS);
+    let c = parse(&[
+        "--service-name",
+        "pay",
+        "--admin-tap",
+        "--tap-headers",
+        "X-Canary, te",
+    ])
+    .unwrap();
+    assert!(c.admin_tap);
+    assert_eq!(c.tap_headers, ["x-canary", "te"]);
+    let e = parse(&["--service-name", "pay", "--tap-headers", "bad header"]).unwrap_err();
+    assert!(e.to_string().contains("tap_headers"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tern.yaml");
+    std::fs::write(
+        &path,
+        "service_name: pay\nadmin:\n  tap: true\n  tap_headers: [x-request-id]\n",
+    )
+    .unwrap();
+    let c = parse(&["--config", path.to_str().unwrap()]).unwrap();
+    assert!(c.admin_tap);
+    assert_eq!(c.tap_headers, ["x-request-id"]);
+}

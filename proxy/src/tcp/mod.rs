@@ -7,10 +7,10 @@
 //! - outbound to the mesh: a redirected connection to a mesh service on a
 //!   port marked opaque (or one that does not speak HTTP) goes to one of its
 //!   endpoints, over mTLS with the [`header`] when both sides have an
-//!   identity ([`outbound`]);
+//!   identity (`outbound`);
 //! - inbound: a sidecar's `tern.tcp/1` connection (header, authorization,
 //!   then the app, at the pod IP), or a redirected plaintext connection to an
-//!   opaque port of the app ([`inbound`]).
+//!   opaque port of the app (`inbound`).
 //!
 //! Each connection counts in `tern_tcp_connections_total{direction, service,
 //! tls, outcome}` and `tern_tcp_bytes_total{direction, service, flow}` and is

@@ -42,7 +42,7 @@ impl Tcp {
 
     /// A redirected connection for `target` (the app dialed `dst`): to one
     /// of its endpoints (`pinned`: that one only), trying up to
-    /// [`MAX_ATTEMPTS`] while connecting fails.
+    /// `MAX_ATTEMPTS` while connecting fails.
     pub async fn to_mesh(
         &self,
         mut client: TcpStream,

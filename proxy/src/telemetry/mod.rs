@@ -8,7 +8,7 @@
 //! response ends and hands it to [`Tracer::record`]. An unsampled request
 //! costs the header parse the proxy did anyway, and nothing more.
 //!
-//! Spans leave through a bounded queue to one export task ([`export`]): when
+//! Spans leave through a bounded queue to one export task (`export`): when
 //! the collector is slow or down the queue fills and spans are dropped and
 //! counted (`tern_trace_spans_dropped_total`), never waited for. At shutdown
 //! the sidecar flushes what is queued ([`Tracer::flush`]) before it exits.

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod errors;
+mod reference;
 
 use std::path::PathBuf;
 use std::time::Duration;
