@@ -12,10 +12,18 @@ use tokio::sync::mpsc;
 use crate::admin_client;
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("sidecars").required(true).multiple(true).args(["admins", "service"])))]
 pub struct TapArgs {
     /// A sidecar's admin address (host:port); repeat to tap several sidecars at once.
-    #[arg(long = "admin", required = true)]
+    #[arg(long = "admin")]
     admins: Vec<String>,
+    /// Tap every sidecar of this service (`name` or `name.namespace`) that tern-control
+    /// lists, at the admin address each one reported.
+    #[arg(long)]
+    service: Option<String>,
+    /// tern-control's admin listener (host:port), to list the sidecars of `--service`.
+    #[arg(long, env = "TERN_CONTROL_ADMIN", default_value = "127.0.0.1:9990")]
+    control: String,
     /// Only requests in this direction.
     #[arg(long, value_parser = ["inbound", "outbound"])]
     direction: Option<String>,
@@ -56,9 +64,13 @@ pub async fn run(args: TapArgs) -> Result<i32> {
         }
     }
     let path = format!("/tap?{}", admin_client::query(&filter));
+    let mut admins = args.admins.clone();
+    if let Some(service) = &args.service {
+        admins.extend(service_admins(&args.control, service).await?);
+    }
     let (tx, mut rx) = mpsc::channel::<(String, Value)>(256);
     let mut streams = Vec::new();
-    for admin in &args.admins {
+    for admin in &admins {
         let rsp = admin_client::open_stream(admin, &path).await?;
         if rsp.status() != StatusCode::OK {
             let status = rsp.status();
@@ -87,7 +99,7 @@ pub async fn run(args: TapArgs) -> Result<i32> {
                 e["sidecar"] = Value::from(admin);
                 println!("{e}");
             }
-            Output::Text => println!("{}", line(&admin, &event, args.admins.len() > 1)),
+            Output::Text => println!("{}", line(&admin, &event, admins.len() > 1)),
         }
         seen += 1;
         if args.count.is_some_and(|c| seen >= c) {
@@ -99,6 +111,25 @@ pub async fn run(args: TapArgs) -> Result<i32> {
     }
     eprintln!("ternctl tap: every tapped sidecar closed its stream");
     Ok(1)
+}
+
+/// The admin addresses of the sidecars of `service` (`name` or `name.namespace`, the
+/// namespace `default` when not given) that tern-control's `/state` lists.
+async fn service_admins(control: &str, service: &str) -> Result<Vec<String>> {
+    let (name, namespace) = service.split_once('.').unwrap_or((service, "default"));
+    let state = crate::mesh_state::fetch(control)
+        .await
+        .with_context(|| format!("listing the sidecars of {service}"))?;
+    let admins: Vec<String> = state
+        .sidecars
+        .into_iter()
+        .filter(|s| s.service == name && s.namespace == namespace)
+        .filter_map(|s| s.admin)
+        .collect();
+    if admins.is_empty() {
+        bail!("tern-control at {control} lists no sidecar of {name}.{namespace} with an admin address");
+    }
+    Ok(admins)
 }
 
 /// Forwards each JSON line of one sidecar's `/tap` stream.

@@ -228,15 +228,21 @@ async fn tap_shows_the_calls_its_filter_matches_and_only_allowed_headers() {
         ],
     )
     .await);
+    // Every pay sidecar, listed by tern-control: the marked calls all land on v2.
+    let control_admin = mesh.ca.control.admin.to_string();
     let mut inbound = mesh.ok(ternctl(
         dir,
-        "tap-pay-v2",
+        "tap-pay",
         &[
             "tap",
-            "--admin",
-            &v2_admin,
+            "--service",
+            "pay",
+            "--control",
+            &control_admin,
             "--direction",
             "inbound",
+            "--route",
+            "tern.test.v1.Echo/Unary",
             "--peer",
             "order",
             "--count",
@@ -303,6 +309,7 @@ async fn tap_shows_the_calls_its_filter_matches_and_only_allowed_headers() {
         assert!(l.contains(&format!("peer={}", spiffe("order"))), "{l}");
         assert!(l.contains("grpc=OK") && l.contains("tls=TLSv1.3"), "{l}");
         assert!(!l.contains("tap-must-not-show-this"), "{l}");
+        assert!(l.starts_with(&format!("[{v2_admin}] ")), "{l}");
     }
     // The calls were counted where they landed: every marked one on v2.
     let v2_calls = tern_tests::mesh::stats(mesh.apps[1].addr)

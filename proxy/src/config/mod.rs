@@ -22,8 +22,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use control_plane::ControlPlanes;
 pub use admin::AdminFile;
+use control_plane::ControlPlanes;
 use identity::{IdentityConfig, IdentityFile, InboundTls};
 pub use inbound::{InboundConfig, InboundFile};
 use limits::{ClientLimits, Limits, LimitsFile};
