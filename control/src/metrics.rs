@@ -40,6 +40,8 @@ pub struct Metrics {
     pub trust_anchor_reloads: IntCounterVec,
     /// Roots in the trust-anchor bundle in force.
     pub trust_anchors: IntGauge,
+    /// Sidecars' on-demand lookups answered, by `result`: found, outside_mesh, unknown.
+    pub lookups: IntCounterVec,
     resident_memory: IntGauge,
 }
 
@@ -90,7 +92,16 @@ impl Metrics {
         for result in ["ok", "rejected"] {
             trust_anchor_reloads.with_label_values(&[result]);
         }
+        let lookups = counters(
+            "lookups_total",
+            "On-demand lookups (an address or a name a sidecar does not know) answered, by result: found, outside_mesh, unknown.",
+            "result",
+        )?;
+        for result in ["found", "outside_mesh", "unknown"] {
+            lookups.with_label_values(&[result]);
+        }
         Ok(Metrics {
+            lookups,
             certificates_issued: counter(
                 "certificates_issued_total",
                 "Workload certificates signed by the CA (Identity.Certify).",

@@ -214,8 +214,10 @@ impl Session {
         };
         let subscriber = &sub.subscriber;
         let since = subscriber.take_pending();
-        let built = self.mesh.build(subscriber.id)?;
-        if self.last.as_ref().is_some_and(|l| l.same_as(&built)) {
+        let mut built = self.mesh.build(subscriber.id)?;
+        // Lookup answers are due even when nothing else changed.
+        built.lookups = subscriber.take_answers();
+        if built.lookups.is_empty() && self.last.as_ref().is_some_and(|l| l.same_as(&built)) {
             return None;
         }
         let version = self.mesh.next_version();
@@ -229,6 +231,7 @@ impl Session {
             id = subscriber.id,
             version,
             services = built.services.len(),
+            lookups = built.lookups.len(),
             "snapshot sent"
         );
         self.last = Some(built);

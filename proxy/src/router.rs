@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -24,6 +25,7 @@ use crate::body::Body;
 use crate::endpoint::EndpointClient;
 use crate::errors::ProxyError;
 use crate::inbound::AppPorts;
+use crate::on_demand::Unanswered;
 use crate::routes::Routes;
 
 /// The port an intercepted request was sent to, told by the calling sidecar
@@ -64,6 +66,8 @@ pub struct Target {
     pub service: Arc<str>,
     pub balancer: Arc<Balancer>,
     pub routes: ArcSwap<Routes>,
+    /// When a request or connection last went to it ([`crate::accrual::now_ms`]).
+    used: AtomicU64,
 }
 
 impl Target {
@@ -73,7 +77,22 @@ impl Target {
             service,
             balancer,
             routes: ArcSwap::from_pointee(routes),
+            used: AtomicU64::new(crate::accrual::now_ms()),
         }
+    }
+
+    /// Marks it used now. Stored at most once a second: a busy target's
+    /// requests do not all write the same cache line.
+    pub fn touch(&self) {
+        let now = crate::accrual::now_ms();
+        if now.saturating_sub(self.used.load(Ordering::Relaxed)) >= 1000 {
+            self.used.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// When it was last used, in [`crate::accrual::now_ms`] (to the second).
+    pub fn last_used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
     }
 
     /// Replaces the routes; the balancer keeps the subsets they select ready first.
@@ -104,6 +123,16 @@ pub enum Selector {
         app: Option<Arc<Target>>,
         ports: Option<Arc<AppPorts>>,
     },
+}
+
+impl Selector {
+    /// The names it routes by, if it routes by name.
+    pub fn table(&self) -> Option<Arc<ArcSwap<RouteTable>>> {
+        match self {
+            Self::Authority(t) | Self::Intercepted(t) => Some(Arc::clone(t)),
+            Self::Fixed(_) | Self::Local { .. } => None,
+        }
+    }
 }
 
 /// Names under which each service is known: `pay`, `pay.ns`, `pay.ns.svc`,
@@ -232,6 +261,7 @@ where
             }
         };
         if let Some(t) = target {
+            t.touch();
             req.extensions_mut().insert(t);
         }
         self.inner.call(req)
@@ -309,6 +339,12 @@ impl tower::Service<Request<Body>> for Forward {
                 (None, None) => {
                     if let Some(UnservedPort(port)) = req.extensions().get::<UnservedPort>() {
                         return Err(ProxyError::PortNotServed { port: *port });
+                    }
+                    if let Some(u) = req.extensions().get::<Unanswered>() {
+                        return Err(ProxyError::Unanswered {
+                            destination: u.destination.clone(),
+                            waited_ms: u64::try_from(u.waited.as_millis()).unwrap_or(u64::MAX),
+                        });
                     }
                     return Err(ProxyError::NoRoute {
                         authority: authority(&req).to_string(),

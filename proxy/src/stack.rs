@@ -14,6 +14,7 @@ use crate::config::limits::Limits;
 use crate::errors::{ErrorResponse, ErrorResponseLayer};
 use crate::metrics::{Direction, Metrics};
 use crate::observe::{Observe, ObserveLayer};
+use crate::on_demand::{Discover, DiscoverLayer, OnDemand};
 use crate::retry::{Retry, RetryLayer};
 use crate::router::{Forward, Route, RouteLayer, Selector};
 use crate::telemetry::Tracer;
@@ -22,11 +23,13 @@ use crate::trace_context::{TraceContext, TraceContextLayer};
 pub type HttpStack = Stack<Forward>;
 
 /// The stack over any bottom service (tests put a stub where [`Forward`] goes).
-pub type Stack<S> = TraceContext<Route<Observe<ErrorResponse<Authorize<Retry<S>>>>>>;
+pub type Stack<S> = TraceContext<Discover<Route<Observe<ErrorResponse<Authorize<Retry<S>>>>>>>;
 
 /// `inbound_authz`: the inbound authorization policy in force (see
 /// [`crate::authz::Policy::shared`]); `None` for outbound listeners, which
-/// authorize nothing.
+/// authorize nothing. `on_demand`: where unknown authorities are looked up
+/// (outbound listeners with a control plane).
+#[allow(clippy::too_many_arguments)]
 pub fn http(
     direction: Direction,
     selector: Selector,
@@ -35,6 +38,7 @@ pub fn http(
     inbound_authz: Option<SharedPolicy>,
     limits: &Limits,
     tracer: Option<Arc<Tracer>>,
+    on_demand: Option<Arc<OnDemand>>,
 ) -> HttpStack {
     http_over(
         direction,
@@ -44,6 +48,7 @@ pub fn http(
         inbound_authz,
         limits,
         tracer,
+        on_demand,
         Forward,
     )
 }
@@ -58,37 +63,42 @@ pub(crate) fn http_over<S>(
     inbound_authz: Option<SharedPolicy>,
     limits: &Limits,
     tracer: Option<Arc<Tracer>>,
+    on_demand: Option<Arc<OnDemand>>,
     bottom: S,
 ) -> Stack<S> {
+    let names = selector.table();
     ServiceBuilder::new()
         // 1. pass on W3C traceparent, or start a trace; with a tracer, decide
         //    whether the request is sampled and make this sidecar's span its parent
         .layer(TraceContextLayer::new(tracer))
-        // 2. name the target service (listener, :authority)
+        // 2. an authority no known service has waits for the control plane
+        //    to say which service it is (outbound, with a control plane)
+        .layer(DiscoverLayer::new(on_demand, names))
+        // 3. name the target service (listener, :authority)
         .layer(RouteLayer::new(selector))
-        // 3. count the request, follow the response to its end, log it
+        // 4. count the request, follow the response to its end, log it
         //    (and finish its span, when sampled)
         .layer(ObserveLayer::new(direction, Arc::clone(metrics), log))
-        // 4. the proxy's own failures become a gRPC status or HTTP 4xx/5xx;
+        // 5. the proxy's own failures become a gRPC status or HTTP 4xx/5xx;
         //    a request head over the header limit stops here
         .layer(ErrorResponseLayer::new(
             direction,
             Arc::clone(metrics),
             limits.max_header_list_size,
         ))
-        // 5. inbound only: callers the authorization policy does not allow
+        // 6. inbound only: callers the authorization policy does not allow
         //    stop here (PERMISSION_DENIED / 403), still logged and counted
         .layer(AuthorizeLayer::new(
             direction,
             inbound_authz,
             Arc::clone(metrics),
         ))
-        // 6. retries within a budget, per-try timeouts, deadlines; each attempt
+        // 7. retries within a budget, per-try timeouts, deadlines; each attempt
         //    picks an endpoint (round robin, skipping ejected ones)
         .layer(RetryLayer::new(
             Arc::clone(metrics),
             limits.response_timeout,
         ))
-        // 7. send on the endpoint's pooled connection
+        // 8. send on the endpoint's pooled connection
         .service(bottom)
 }

@@ -10,6 +10,7 @@
 //! nothing at all.
 
 mod convert;
+mod index;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::Hash;
@@ -23,6 +24,7 @@ use crate::config::{names, MeshConfig, ServiceKey};
 use crate::registry::Registry;
 
 pub use convert::{inbound as inbound_policy, no_policy};
+pub use index::{normalize as normalize_name, Index};
 
 pub type Views = HashMap<ServiceKey, Arc<View<pb::ServiceConfig>>>;
 pub type InboundViews = HashMap<ServiceKey, Arc<View<pb::InboundPolicy>>>;
@@ -201,6 +203,8 @@ pub struct Built {
     pub config_version: u64,
     pub services: Vec<Arc<View<pb::ServiceConfig>>>,
     pub inbound: Arc<View<pb::InboundPolicy>>,
+    /// Lookup answers this snapshot carries (never part of [`Built::same_as`]).
+    pub lookups: Vec<pb::LookupResult>,
 }
 
 impl Built {
@@ -222,6 +226,7 @@ impl Built {
             config_version: self.config_version,
             services: self.services.iter().map(|s| s.message.clone()).collect(),
             inbound: Some(self.inbound.message.clone()),
+            lookups: self.lookups.clone(),
         }
     }
 
@@ -251,6 +256,9 @@ impl Built {
             encode_varint(part.len() as u64, &mut buf);
             buf.put_slice(part);
         }
+        for answer in &self.lookups {
+            prost::encoding::message::encode(5, answer, &mut buf);
+        }
         buf.freeze()
     }
 }
@@ -270,6 +278,18 @@ pub struct Interest {
 impl Interest {
     pub fn watch(&mut self, id: u64, key: &ServiceKey) {
         self.watchers.entry(key.clone()).or_default().insert(id);
+    }
+
+    /// Stops counting `id` as a watcher of `keys`.
+    pub fn unwatch(&mut self, id: u64, keys: &[ServiceKey]) {
+        for key in keys {
+            if let Some(set) = self.watchers.get_mut(key) {
+                set.remove(&id);
+                if set.is_empty() {
+                    self.watchers.remove(key);
+                }
+            }
+        }
     }
 
     pub fn watch_all(&mut self, id: u64) {

@@ -270,6 +270,7 @@ async fn a_denied_call_is_answered_logged_and_counted_without_reaching_the_app()
         Some(Arc::clone(&policy)),
         &Default::default(),
         None,
+        None,
         app.clone(),
     );
 

@@ -6,6 +6,10 @@
 //! with a reason and keeps what it had. When the control plane goes away the
 //! sidecar keeps its last snapshot, keeps serving, and reconnects with
 //! backoff.
+//!
+//! The same stream carries on-demand lookups ([`crate::on_demand`]): their
+//! requests go out between snapshots, and each answer is handed over once
+//! the snapshot carrying it (and the service it found) is applied.
 
 pub mod channel;
 pub mod convert;
@@ -74,6 +78,8 @@ pub struct Client {
     pub inbound_authz: crate::authz::SharedPolicy,
     /// With an identity the stream is mTLS, so the control plane knows who registers.
     pub identity: Option<Arc<crate::identity::Identity>>,
+    /// Lookups to send and answer; `None`: this sidecar sends none.
+    pub on_demand: Option<Arc<crate::on_demand::OnDemand>>,
 }
 
 impl Client {
@@ -112,7 +118,14 @@ impl Client {
             identity: self.me.identity.clone(),
             address: self.me.address.clone(),
             labels: self.me.labels.clone().into_iter().collect(),
-            calls: self.me.calls.clone(),
+            // Services found by lookups before stay watched on a new stream.
+            calls: self
+                .me
+                .calls
+                .iter()
+                .cloned()
+                .chain(self.on_demand.iter().flat_map(|o| o.found()))
+                .collect(),
             all_services: self.me.all_services,
         };
         send(&tx, pb::sidecar_message::Kind::Hello(hello)).await?;
@@ -139,6 +152,10 @@ impl Client {
             let holding = hold_until.is_some();
             let message = tokio::select! {
                 m = stream.message() => m,
+                Some(request) = next_request(self.on_demand.as_deref()) => {
+                    send(&tx, request).await?;
+                    continue;
+                }
                 _ = sleep_until(hold_until), if holding => {
                     hold_until = None;
                     if let Some(snap) = &last {
@@ -158,6 +175,9 @@ impl Client {
             let version = snapshot.version;
             let hold = hold_until.is_some_and(|t| tokio::time::Instant::now() < t);
             let result = self.apply(&snapshot, hold);
+            if let Some(o) = &self.on_demand {
+                o.answer(&snapshot.lookups, result.is_ok());
+            }
             last = Some(snapshot);
             let kind = match result {
                 Ok(()) => {
@@ -271,6 +291,15 @@ const RECONNECT: ExpBackoff =
 /// Longer than a sidecar's longest reconnect backoff, so every workload that
 /// was registered before a control-plane restart has re-registered by then.
 const RESUME_GRACE: Duration = Duration::from_secs(6);
+
+async fn next_request(
+    on_demand: Option<&crate::on_demand::OnDemand>,
+) -> Option<pb::sidecar_message::Kind> {
+    match on_demand {
+        Some(o) => o.next_request().await,
+        None => std::future::pending().await,
+    }
+}
 
 async fn sleep_until(t: Option<tokio::time::Instant>) {
     match t {
