@@ -12,6 +12,8 @@ pub struct Metrics {
     registry: Registry,
     pub subscribers: IntGauge,
     pub pushes: IntCounter,
+    /// Bytes of the snapshots sent (protobuf, before gRPC framing).
+    pub push_bytes: IntCounter,
     pub push_latency: Histogram,
     pub acks: IntCounter,
     pub nacks: IntCounter,
@@ -139,6 +141,10 @@ impl Metrics {
             )?,
             subscribers: gauge("subscribers", "Sidecars with an open Subscribe stream.")?,
             pushes: counter("pushes_total", "Snapshots sent to sidecars.")?,
+            push_bytes: counter(
+                "push_bytes_total",
+                "Bytes of the snapshots sent to sidecars (protobuf encoding, before gRPC framing).",
+            )?,
             push_latency,
             acks: counter("acks_total", "Snapshots acknowledged by sidecars.")?,
             nacks: counter("nacks_total", "Snapshots rejected by sidecars.")?,

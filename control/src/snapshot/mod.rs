@@ -10,6 +10,7 @@
 //! nothing at all.
 
 mod convert;
+mod delta;
 mod index;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -227,18 +228,31 @@ impl Built {
             services: self.services.iter().map(|s| s.message.clone()).collect(),
             inbound: Some(self.inbound.message.clone()),
             lookups: self.lookups.clone(),
+            incremental: false,
+            removed: Vec::new(),
         }
     }
 
     /// The snapshot's protobuf encoding, assembled from the views' own
     /// encodings: what a `pb::Snapshot` would encode to, without building one.
     pub fn encode(&self, version: u64) -> Bytes {
-        use prost::encoding::{encode_key, encode_varint, encoded_len_varint, uint64, WireType};
-        let parts = self
-            .services
-            .iter()
-            .map(|s| (3, &s.encoded))
-            .chain([(4, &self.inbound.encoded)]);
+        let services = self.services.iter().map(|s| &s.encoded);
+        self.encode_with(version, services, Some(&self.inbound.encoded), None)
+    }
+
+    /// [`Built::encode`] of some services and maybe the inbound policy;
+    /// with `removed`, an incremental snapshot.
+    fn encode_with<'a>(
+        &self,
+        version: u64,
+        services: impl Iterator<Item = &'a Bytes> + Clone,
+        inbound: Option<&'a Bytes>,
+        removed: Option<&[String]>,
+    ) -> Bytes {
+        use prost::encoding::{
+            bool, encode_key, encode_varint, encoded_len_varint, string, uint64, WireType,
+        };
+        let parts = services.map(|b| (3, b)).chain(inbound.map(|b| (4, b)));
         let len: usize = parts
             .clone()
             .map(|(_, b)| 1 + encoded_len_varint(b.len() as u64) + b.len())
@@ -258,6 +272,10 @@ impl Built {
         }
         for answer in &self.lookups {
             prost::encoding::message::encode(5, answer, &mut buf);
+        }
+        if let Some(removed) = removed {
+            bool::encode(6, &true, &mut buf);
+            string::encode_repeated(7, removed, &mut buf);
         }
         buf.freeze()
     }

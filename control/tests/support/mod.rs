@@ -130,6 +130,8 @@ pub fn hello(service: &str, address: &str, version: &str, calls: &[&str]) -> pb:
         labels: [("version".to_owned(), version.to_owned())].into(),
         calls: calls.iter().map(|c| (*c).to_owned()).collect(),
         all_services: false,
+        // A sidecar of before incremental snapshots; tests that want them say so.
+        incremental: false,
     }
 }
 

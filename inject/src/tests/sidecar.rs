@@ -23,7 +23,6 @@ fn the_proxy_gets_its_environment() {
         ("TERN_OUTBOUND_LISTEN", "127.0.0.1:4140"),
         ("TERN_ADMIN_LISTEN", "0.0.0.0:4191"),
         ("TERN_CONTROL_PLANE", "https://tern-control.tern.svc:8090"),
-        ("TERN_WATCH_ALL_SERVICES", "true"),
         (
             "TERN_IDENTITY_TRUST_ANCHORS",
             "/var/run/tern/trust-anchors/trust-anchor.pem",
