@@ -106,7 +106,8 @@ pub async fn run(args: &Args, bin: &std::path::Path) -> anyhow::Result<()> {
         let watchers: Vec<usize> = (0..n)
             .filter(|i| calls_index(*i, args.calls, services).contains(&target))
             .collect();
-        let address = format!("127.0.1.{}:{}", 1 + round / 250, 10_000 + round % 250);
+        // A registered address must be the stream's own IP.
+        let address = format!("127.0.0.1:{}", 10_000 + round);
         let pushed_before = cp.metric("tern_control_push_bytes_total").await?;
         let changed = Instant::now();
         let registering = Sidecar::connect(
