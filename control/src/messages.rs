@@ -349,6 +349,33 @@ mod tests {
     }
 
     #[test]
+    fn lookups_ask_for_one_address_or_one_name() {
+        let l = |address: &str, name: &str| pb::Lookup {
+            id: 1,
+            address: address.into(),
+            name: name.into(),
+        };
+        assert!(matches!(
+            lookup_query(&l("[fd00::10]:80", "")),
+            Ok(Query::Address(a)) if a.port() == 80
+        ));
+        assert!(matches!(
+            lookup_query(&l("", "pay.default:8080")),
+            Ok(Query::Name(_))
+        ));
+        for (bad, says) in [
+            (l("10.0.0.1", ""), "not an ip:port"),
+            (l("10.0.0.1:80", "pay"), "exactly one"),
+            (l("", ""), "exactly one"),
+            (l("", "pay/evil"), "not a host name"),
+            (l("", &"a".repeat(300)), "longer than"),
+        ] {
+            let e = lookup_query(&bad).unwrap_err();
+            assert!(e.contains(says), "{e}");
+        }
+    }
+
+    #[test]
     fn the_address_is_the_peers_ip() {
         let peer: SocketAddr = "10.1.2.3:55000".parse().unwrap();
         let mut h = hello();
