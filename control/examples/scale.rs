@@ -12,7 +12,25 @@
 //! arrives. Each round rewrites `pay.yaml` with a new timeout; a round ends
 //! when every sidecar has ACKed the snapshot carrying it. A last change
 //! touches one small service to show that only its callers are pushed to.
+//!
+//! Two more scenarios (`--scenario`) measure discovery at scale:
+//! `endpoint-change` (a 10,000-service mesh, 1,000 sidecars using 10
+//! services each: one endpoint change → every watcher's ACK, bytes pushed,
+//! RSS; see `scale/endpoints.rs`) and `sidecar` (a real tern-proxy's RSS in
+//! a 10,000-service mesh against a 10-service one, and the first call to a
+//! service it never saw; see `scale/sidecar.rs`, which needs tern-proxy
+//! built beside tern-control).
+//!
+//! ```text
+//! cargo build --release -p tern-control -p tern-proxy
+//! cargo run --release -p tern-control --example scale -- --scenario endpoint-change
+//! cargo run --release -p tern-control --example scale -- --scenario sidecar
+//! ```
 
+#[path = "scale/endpoints.rs"]
+mod endpoints;
+#[path = "scale/sidecar.rs"]
+mod sidecar;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -28,6 +46,22 @@ use tokio::sync::{mpsc, Semaphore};
 #[derive(Parser)]
 #[command(about = "tern-control scale benchmark: config change → every ACK, and control-plane RSS")]
 struct Args {
+    /// What to measure.
+    #[arg(long, value_enum, default_value_t = Scenario::ConfigChange)]
+    scenario: Scenario,
+    /// endpoint-change, sidecar: services in the mesh.
+    #[arg(long, default_value_t = 10_000)]
+    mesh_services: usize,
+    /// endpoint-change: static endpoints per service.
+    #[arg(long, default_value_t = 3)]
+    endpoints: usize,
+    /// endpoint-change, sidecar: services each sidecar (app) uses.
+    #[arg(long, default_value_t = 10)]
+    calls: usize,
+    /// endpoint-change: the sidecars ask for complete snapshots (as before
+    /// incremental ones), for comparison.
+    #[arg(long)]
+    complete: bool,
     /// Simulated sidecars, each on its own connection.
     #[arg(long, default_value_t = 1000)]
     subscribers: usize,
@@ -48,6 +82,16 @@ struct Args {
     control_bin: Option<PathBuf>,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Scenario {
+    /// A TrafficPolicy change pushed to every subscriber.
+    ConfigChange,
+    /// One endpoint change in a large mesh, to the watchers of its service.
+    EndpointChange,
+    /// A real sidecar's memory and first-call latency in a large mesh.
+    Sidecar,
+}
+
 /// (sidecar index, pay's timeout in the snapshot, when it was ACKed)
 type Acked = (usize, u64, Instant);
 
@@ -64,6 +108,11 @@ async fn main() -> anyhow::Result<()> {
     };
     if !bin.exists() {
         bail!("{} not found: run `cargo build --release -p tern-control` first, or pass --control-bin", bin.display());
+    }
+    match args.scenario {
+        Scenario::EndpointChange => return endpoints::run(&args, &bin).await,
+        Scenario::Sidecar => return sidecar::run(&args, &bin).await,
+        Scenario::ConfigChange => {}
     }
     let (n, services) = (args.subscribers, args.services.max(1));
     let tmp = tempfile::tempdir()?;

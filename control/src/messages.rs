@@ -19,12 +19,14 @@ use crate::admission::{self, Refusal};
 use crate::config::{names, ServiceKey};
 use crate::metrics::Metrics;
 use crate::snapshot;
-use crate::state::{Mesh, Subscriber, Workload};
+use crate::state::{Mesh, Query, Subscriber, Workload};
 
 /// Bounds what one sidecar can make the control plane hold.
 const MAX_WATCHED: usize = 10_000;
 const MAX_LABELS: usize = 64;
 const MAX_NACK_REASON: usize = 1024;
+/// A DNS name with a port.
+const MAX_LOOKUP_NAME: usize = 253 + 6;
 
 /// Acts on one message after the Hello; an error ends the stream.
 pub fn handle(
@@ -73,6 +75,24 @@ pub fn handle(
                 )));
             }
         }
+        Some(Kind::Lookup(l)) => {
+            let query =
+                lookup_query(&l).map_err(|e| Status::invalid_argument(format!("Lookup: {e}")))?;
+            if !mesh.lookup(sub.id, l.id, &query, MAX_WATCHED) {
+                return Err(Status::resource_exhausted(format!(
+                    "Lookup: more than {MAX_WATCHED} services"
+                )));
+            }
+        }
+        Some(Kind::Forget(pb::Forget { services })) => {
+            let own = &sub.workload.key.namespace;
+            let keys = services
+                .iter()
+                .map(|s| snapshot::target(s, own))
+                .collect::<Result<BTreeSet<_>, _>>()
+                .map_err(|e| Status::invalid_argument(format!("Forget: {e}")))?;
+            mesh.forget(sub.id, &keys);
+        }
         Some(Kind::Hello(_)) => {
             return Err(Status::invalid_argument(
                 "Hello may only be sent once, first",
@@ -81,6 +101,30 @@ pub fn handle(
         None => return Err(Status::invalid_argument("empty SidecarMessage")),
     }
     Ok(())
+}
+
+/// The one thing a Lookup asks for: an address or a name.
+fn lookup_query(l: &pb::Lookup) -> Result<Query, String> {
+    match (l.address.is_empty(), l.name.is_empty()) {
+        (false, true) => l
+            .address
+            .parse()
+            .map(Query::Address)
+            .map_err(|_| format!("address `{}` is not an ip:port address", l.address)),
+        (true, false) if l.name.len() > MAX_LOOKUP_NAME => {
+            Err(format!("name: longer than {MAX_LOOKUP_NAME} bytes"))
+        }
+        (true, false)
+            if !l
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.:_".contains(&b)) =>
+        {
+            Err(format!("name `{}` is not a host name", l.name))
+        }
+        (true, false) => Ok(Query::Name(l.name.clone())),
+        _ => Err("exactly one of address and name must be set".into()),
+    }
 }
 
 /// Checks a Hello and turns it into the workload and the services it calls.
@@ -326,6 +370,33 @@ mod tests {
             .status();
         assert_eq!(e.code(), tonic::Code::PermissionDenied);
         assert!(e.message().contains("namespace `default`"), "{e}");
+    }
+
+    #[test]
+    fn lookups_ask_for_one_address_or_one_name() {
+        let l = |address: &str, name: &str| pb::Lookup {
+            id: 1,
+            address: address.into(),
+            name: name.into(),
+        };
+        assert!(matches!(
+            lookup_query(&l("[fd00::10]:80", "")),
+            Ok(Query::Address(a)) if a.port() == 80
+        ));
+        assert!(matches!(
+            lookup_query(&l("", "pay.default:8080")),
+            Ok(Query::Name(_))
+        ));
+        for (bad, says) in [
+            (l("10.0.0.1", ""), "not an ip:port"),
+            (l("10.0.0.1:80", "pay"), "exactly one"),
+            (l("", ""), "exactly one"),
+            (l("", "pay/evil"), "not a host name"),
+            (l("", &"a".repeat(300)), "longer than"),
+        ] {
+            let e = lookup_query(&bad).unwrap_err();
+            assert!(e.contains(says), "{e}");
+        }
     }
 
     #[test]

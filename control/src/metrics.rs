@@ -12,6 +12,8 @@ pub struct Metrics {
     registry: Registry,
     pub subscribers: IntGauge,
     pub pushes: IntCounter,
+    /// Bytes of the snapshots sent (protobuf, before gRPC framing).
+    pub push_bytes: IntCounter,
     pub push_latency: Histogram,
     pub acks: IntCounter,
     pub nacks: IntCounter,
@@ -40,6 +42,8 @@ pub struct Metrics {
     pub trust_anchor_reloads: IntCounterVec,
     /// Roots in the trust-anchor bundle in force.
     pub trust_anchors: IntGauge,
+    /// Sidecars' on-demand lookups answered, by `result`: found, outside_mesh, unknown.
+    pub lookups: IntCounterVec,
     resident_memory: IntGauge,
 }
 
@@ -90,7 +94,16 @@ impl Metrics {
         for result in ["ok", "rejected"] {
             trust_anchor_reloads.with_label_values(&[result]);
         }
+        let lookups = counters(
+            "lookups_total",
+            "On-demand lookups (an address or a name a sidecar does not know) answered, by result: found, outside_mesh, unknown.",
+            "result",
+        )?;
+        for result in ["found", "outside_mesh", "unknown"] {
+            lookups.with_label_values(&[result]);
+        }
         Ok(Metrics {
+            lookups,
             certificates_issued: counter(
                 "certificates_issued_total",
                 "Workload certificates signed by the CA (Identity.Certify).",
@@ -128,6 +141,10 @@ impl Metrics {
             )?,
             subscribers: gauge("subscribers", "Sidecars with an open Subscribe stream.")?,
             pushes: counter("pushes_total", "Snapshots sent to sidecars.")?,
+            push_bytes: counter(
+                "push_bytes_total",
+                "Bytes of the snapshots sent to sidecars (protobuf encoding, before gRPC framing).",
+            )?,
             push_latency,
             acks: counter("acks_total", "Snapshots acknowledged by sidecars.")?,
             nacks: counter("nacks_total", "Snapshots rejected by sidecars.")?,

@@ -51,6 +51,8 @@ pub struct Session {
     last: Option<Built>,
     /// Woken since the last snapshot was built.
     dirty: bool,
+    /// The sidecar applies incremental snapshots (Hello.incremental).
+    incremental: bool,
 }
 
 enum State {
@@ -85,6 +87,7 @@ impl Session {
             state: State::AwaitingHello,
             last: None,
             dirty: false,
+            incremental: false,
         }
     }
 
@@ -182,6 +185,7 @@ impl Session {
             Err(_) => return Err(Some(Status::deadline_exceeded("no Hello within 10s"))),
         };
         let service = hello.service.clone();
+        self.incremental = hello.incremental;
         let refuse = |r: Refusal| {
             let log = &self.refusal_log;
             Some(admission::refuse(
@@ -214,12 +218,20 @@ impl Session {
         };
         let subscriber = &sub.subscriber;
         let since = subscriber.take_pending();
-        let built = self.mesh.build(subscriber.id)?;
-        if self.last.as_ref().is_some_and(|l| l.same_as(&built)) {
+        let mut built = self.mesh.build(subscriber.id)?;
+        // Lookup answers are due even when nothing else changed.
+        built.lookups = subscriber.take_answers();
+        if built.lookups.is_empty() && self.last.as_ref().is_some_and(|l| l.same_as(&built)) {
             return None;
         }
         let version = self.mesh.next_version();
-        let bytes = built.encode(version);
+        // After the stream's first (complete) snapshot, a sidecar that
+        // applies incremental ones is sent only what changed.
+        let bytes = match (&self.last, self.incremental) {
+            (Some(last), true) => built.encode_delta(version, last),
+            _ => built.encode(version),
+        };
+        self.metrics.push_bytes.inc_by(bytes.len() as u64);
         subscriber.sent(version);
         self.metrics.pushes.inc();
         if let Some(t) = since {
@@ -229,6 +241,8 @@ impl Session {
             id = subscriber.id,
             version,
             services = built.services.len(),
+            lookups = built.lookups.len(),
+            bytes = bytes.len(),
             "snapshot sent"
         );
         self.last = Some(built);

@@ -23,11 +23,13 @@ use crate::admission::{self, Refusal};
 use crate::config::{Action, ConfigErrors, MeshConfig, ServiceKey};
 use crate::metrics::Metrics;
 use crate::registry::{Registration, Registry};
-use crate::snapshot::{self, Built, InboundViews, Interest, View, Views};
+use crate::snapshot::{self, Built, InboundViews, Index, Interest, View, Views};
 
 mod discovered;
+mod on_demand;
 mod report;
 mod subscriber;
+pub use on_demand::Query;
 pub use subscriber::{Delivery, NackRecord, Subscriber, Workload};
 
 pub struct Mesh {
@@ -46,6 +48,8 @@ struct Inner {
     last_error: Option<ConfigErrors>,
     registry: Registry,
     views: Views,
+    /// Addresses and names → service, for lookups; follows `views`.
+    index: Index,
     inbound: InboundViews,
     interest: Interest,
     subscribers: HashMap<u64, Entry>,
@@ -76,6 +80,7 @@ impl Mesh {
         let registry = Registry::new(grace);
         let mut views = Views::new();
         snapshot::refresh_all(&mut views, &config, &registry);
+        let index = Index::of(&views);
         let mut inbound = InboundViews::new();
         snapshot::refresh_inbound(&mut inbound, &config);
         metrics.config_version.set(1);
@@ -86,6 +91,7 @@ impl Mesh {
                 last_error: None,
                 registry,
                 views,
+                index,
                 inbound,
                 interest: Interest::default(),
                 subscribers: HashMap::new(),
@@ -121,6 +127,7 @@ impl Mesh {
         inner.config = config;
         inner.config_version += 1;
         let views = snapshot::refresh_all(&mut inner.views, &inner.config, &inner.registry);
+        inner.index.update(&inner.views, &views);
         let policies = snapshot::refresh_inbound(&mut inner.inbound, &inner.config);
         let affected = inner.interest.affected(&views, &policies);
         for id in &affected {
@@ -188,6 +195,7 @@ impl Mesh {
             if changed {
                 let changed =
                     snapshot::refresh(&mut inner.views, [key], &inner.config, &inner.registry);
+                inner.index.update(&inner.views, &changed);
                 for id in inner.interest.affected(&changed, &BTreeSet::new()) {
                     if let Some(e) = inner.subscribers.get(&id) {
                         e.sub.wake(now);
@@ -272,6 +280,7 @@ impl Mesh {
                 .get(&entry.sub.workload.key)
                 .cloned()
                 .unwrap_or_else(|| Arc::clone(&self.no_policy)),
+            lookups: Vec::new(),
         })
     }
 
@@ -319,6 +328,7 @@ impl Mesh {
             return;
         }
         let changed = snapshot::refresh(&mut inner.views, &gone, &inner.config, &inner.registry);
+        inner.index.update(&inner.views, &changed);
         for id in inner.interest.affected(&changed, &BTreeSet::new()) {
             if let Some(e) = inner.subscribers.get(&id) {
                 e.sub.wake(now);

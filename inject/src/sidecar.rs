@@ -151,8 +151,6 @@ pub(crate) fn proxy_container(f: &Facts, options: &Options) -> Container {
         env("TERN_OUTBOUND_LISTEN", format!("127.0.0.1:{OUTBOUND_PORT}")),
         env("TERN_ADMIN_LISTEN", format!("0.0.0.0:{ADMIN_PORT}")),
         env("TERN_CONTROL_PLANE", CONTROL_PLANE_URL),
-        // The app may dial any service's virtual IP: learn them all.
-        env("TERN_WATCH_ALL_SERVICES", "true"),
         env(
             "TERN_IDENTITY_TRUST_ANCHORS",
             format!("{TRUST_ANCHORS_DIR}/{TRUST_ANCHORS_KEY}"),

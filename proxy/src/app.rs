@@ -17,6 +17,7 @@ use crate::config::identity::InboundTls;
 use crate::config::{Config, FileConfig};
 use crate::identity::{issue::Issuer, tls::Inbound, Identity};
 use crate::metrics::{Direction, Metrics};
+use crate::on_demand::OnDemand;
 use crate::router::{Selector, Target};
 use crate::serve::bind::{bind, bind_with_twin};
 use crate::serve::{accept_loop, ConnMetrics, Drain, Listener, Mode};
@@ -40,6 +41,8 @@ struct Core {
     tracer: Option<Arc<crate::telemetry::Tracer>>,
     /// Where every request is reported while someone taps (`/tap`).
     tap: crate::tap::Tap,
+    /// Lookups of unknown destinations; with a control plane only.
+    on_demand: Option<Arc<OnDemand>>,
 }
 
 /// When to stop accepting, how to drain, and whether `/ready` says yes.
@@ -144,7 +147,27 @@ impl Core {
             tcp::Tcp::new(&metrics, log.clone(), config.connect_timeout).context("TCP metrics")?;
         let tracer = crate::telemetry::Tracer::configured(config, &metrics.registry)?;
         let tap = crate::tap::Tap::new(&config.tap_headers, &metrics.registry)?;
+        let on_demand = match config.control_plane {
+            None => None,
+            Some(_) => {
+                let pinned = config
+                    .services
+                    .iter()
+                    .map(|s| (s.name.clone(), s.namespace.clone()))
+                    .collect();
+                let od = OnDemand::new(
+                    config.on_demand,
+                    Arc::clone(&out.targets),
+                    pinned,
+                    &metrics.registry,
+                )
+                .context("lookup metrics")?;
+                tokio::spawn(Arc::clone(&od).sweep_idle());
+                Some(od)
+            }
+        };
         Ok(Self {
+            on_demand,
             metrics,
             log,
             identity,
@@ -173,6 +196,9 @@ impl Core {
             &config.limits,
             self.tracer.clone(),
             Some(self.tap.clone()),
+            (direction == Direction::Outbound)
+                .then(|| self.on_demand.clone())
+                .flatten(),
         )
     }
 }
@@ -225,6 +251,7 @@ async fn data_listeners<'a>(
         targets: Arc::clone(&core.out.targets),
         opaque_ports: config.opaque_ports.clone(),
         tcp: Arc::clone(&core.tcp),
+        on_demand: core.on_demand.clone(),
     }));
     let outbound = listener("outbound", svc, None, mode);
     for l in outbound_listeners {
@@ -364,6 +391,7 @@ fn start_control(
         first: first_tx,
         identity: core.identity.clone(),
         inbound_authz: Arc::clone(&core.inbound_authz),
+        on_demand: core.on_demand.clone(),
     };
     tokio::spawn(client.run());
     (Some(status), Some(first_rx))

@@ -27,6 +27,8 @@ pub const PROXY_ERROR_HEADER: &str = "x-tern-proxy-error";
 pub enum ProxyError {
     #[error("no route: authority {authority:?} names no known service")]
     NoRoute { authority: String },
+    #[error("no answer from the control plane about {destination} within {waited_ms}ms")]
+    Unanswered { destination: String, waited_ms: u64 },
     #[error("service {service}: no endpoints available")]
     NoEndpoints { service: Arc<str> },
     #[error("service {service}: connect to {addr} failed: {source}")]
@@ -115,6 +117,7 @@ impl ProxyError {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::NoRoute { .. } => "no_route",
+            Self::Unanswered { .. } => "lookup_unanswered",
             Self::NoEndpoints { .. } => "no_endpoints",
             Self::Connect { .. } => "connect",
             Self::ConnectTimeout { .. } => "connect_timeout",
@@ -172,7 +175,9 @@ impl ProxyError {
 
     fn http_status(&self) -> StatusCode {
         match self {
-            Self::NoRoute { .. } | Self::NoEndpoints { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NoRoute { .. } | Self::NoEndpoints { .. } | Self::Unanswered { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::ConnectTimeout { .. }
             | Self::PerTryTimeout { .. }
             | Self::DeadlineExceeded { .. }

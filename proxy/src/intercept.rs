@@ -9,8 +9,12 @@
 //!   [`crate::router::Selector::Intercepted`]), or opaque TCP to the
 //!   service when the port is marked opaque or the client does not speak
 //!   HTTP first ([`DETECT_TIMEOUT`]);
-//! - anything else passes through untouched, at once, with no detection, so
-//!   protocols whose server speaks first work.
+//! - an address no known service has is looked up ([`crate::on_demand`],
+//!   with a control plane): a service found is mesh traffic as above; one
+//!   outside the mesh, and anything without a control plane, passes through
+//!   untouched, with no detection, so protocols whose server speaks first
+//!   work; no answer in time fails the connection
+//!   ([`OutboundConn::Unanswered`]).
 //!
 //! A connection that was not redirected (its original destination is the
 //! listener itself) is served as it always was.
@@ -32,6 +36,7 @@ use tokio::net::TcpStream;
 use crate::config::identity::InboundTls;
 use crate::config::ports::PortSet;
 use crate::inbound::AppPorts;
+use crate::on_demand::{OnDemand, Outcome};
 use crate::router::{Destination, Target};
 use crate::targets::Targets;
 use crate::tcp::Tcp;
@@ -96,6 +101,9 @@ pub enum OutboundConn {
         pinned: Option<SocketAddr>,
     },
     Passthrough,
+    /// The control plane did not say in time what the destination is: an
+    /// HTTP client gets UNAVAILABLE naming it, anything else a reset.
+    Unanswered,
 }
 
 /// The outbound listener's interception.
@@ -103,12 +111,23 @@ pub struct Outbound {
     pub targets: Arc<Targets>,
     pub opaque_ports: PortSet,
     pub tcp: Arc<Tcp>,
+    /// Asks the control plane about unknown destinations; `None` without one.
+    pub on_demand: Option<Arc<OnDemand>>,
 }
 
 impl Outbound {
     pub async fn classify(&self, stream: &TcpStream, dst: SocketAddr) -> OutboundConn {
-        let Some(r) = self.targets.resolve(dst) else {
-            return OutboundConn::Passthrough;
+        let r = match (self.targets.resolve(dst), &self.on_demand) {
+            (Some(r), _) => r,
+            (None, None) => return OutboundConn::Passthrough,
+            (None, Some(on_demand)) => match on_demand.address(dst).await {
+                Outcome::OutsideMesh | Outcome::Unknown => return OutboundConn::Passthrough,
+                Outcome::NoAnswer => return OutboundConn::Unanswered,
+                Outcome::Found => match self.targets.resolve(dst) {
+                    Some(r) => r,
+                    None => return OutboundConn::Unanswered,
+                },
+            },
         };
         let opaque = r.opaque || self.opaque_ports.contains(dst.port());
         if opaque || detect(stream).await == Protocol::Opaque {

@@ -23,6 +23,7 @@ pub mod intercept;
 pub mod limits;
 pub mod metrics;
 pub mod observe;
+pub mod on_demand;
 pub mod outbound;
 pub mod retry;
 pub mod router;

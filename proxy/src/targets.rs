@@ -104,13 +104,19 @@ impl Entry {
 
     fn publish(&self, s: &Sources) -> bool {
         let set = s.control.clone().unwrap_or_else(|| s.local.clone());
-        self.tx.send_if_modified(|cur| {
+        let changed = self.tx.send_if_modified(|cur| {
             let changed = *cur != set;
             if changed {
-                *cur = set;
+                *cur = set.clone();
             }
             changed
-        })
+        });
+        // A request waiting for this push (an on-demand lookup) picks an
+        // endpoint right after it: the balancer must not lag behind.
+        if changed {
+            self.target.balancer.set_endpoints(set);
+        }
+        changed
     }
 
     /// The virtual IP from bootstrap config (`--virtual-ip`).
@@ -246,6 +252,20 @@ impl Targets {
         entry
     }
 
+    /// Forgets `name` in `namespace`: no name or IP leads to it any more.
+    pub fn remove(&self, name: &str, namespace: &str) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if entries
+            .remove(&(namespace.to_string(), name.to_string()))
+            .is_none()
+        {
+            return;
+        }
+        self.rebuild(&entries);
+        drop(entries);
+        self.reindex();
+    }
+
     pub fn get(&self, name: &str, namespace: &str) -> Option<Arc<Entry>> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         entries
@@ -292,6 +312,7 @@ impl Targets {
     pub fn resolve(&self, dst: SocketAddr) -> Option<Resolved> {
         let table = self.by_ip.load();
         let d = table.get(&dst.ip())?;
+        d.target.touch();
         Some(Resolved {
             target: Arc::clone(&d.target),
             endpoint: d.endpoint,

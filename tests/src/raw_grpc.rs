@@ -46,6 +46,17 @@ pub async fn unary(
     message: &impl prost::Message,
     headers: &[(&str, &str)],
 ) -> Result<RawReply> {
+    unary_to(addr, &addr.to_string(), path, message, headers).await
+}
+
+/// [`unary`] with `authority` as the request's `:authority` (a service name, say).
+pub async fn unary_to(
+    addr: SocketAddr,
+    authority: &str,
+    path: &str,
+    message: &impl prost::Message,
+    headers: &[(&str, &str)],
+) -> Result<RawReply> {
     let tcp = TcpStream::connect(addr)
         .await
         .with_context(|| format!("connecting to {addr}"))?;
@@ -56,14 +67,14 @@ pub async fn unary(
     let driver = tokio::spawn(async move {
         let _ = connection.await;
     });
-    let result = call(client, addr, path, message, headers).await;
+    let result = call(client, authority, path, message, headers).await;
     driver.abort();
     result
 }
 
 async fn call(
     client: h2::client::SendRequest<Bytes>,
-    addr: SocketAddr,
+    authority: &str,
     path: &str,
     message: &impl prost::Message,
     headers: &[(&str, &str)],
@@ -74,7 +85,7 @@ async fn call(
         .context("HTTP/2 connection not ready")?;
     let mut request = http::Request::builder()
         .method("POST")
-        .uri(format!("http://{addr}{path}"))
+        .uri(format!("http://{authority}{path}"))
         .header("content-type", "application/grpc")
         .header("te", "trailers");
     for (name, value) in headers {

@@ -10,6 +10,8 @@
 //! nothing at all.
 
 mod convert;
+mod delta;
+mod index;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::Hash;
@@ -23,6 +25,7 @@ use crate::config::{names, MeshConfig, ServiceKey};
 use crate::registry::Registry;
 
 pub use convert::{inbound as inbound_policy, no_policy};
+pub use index::{normalize as normalize_name, Index};
 
 pub type Views = HashMap<ServiceKey, Arc<View<pb::ServiceConfig>>>;
 pub type InboundViews = HashMap<ServiceKey, Arc<View<pb::InboundPolicy>>>;
@@ -204,6 +207,8 @@ pub struct Built {
     pub config_version: u64,
     pub services: Vec<Arc<View<pb::ServiceConfig>>>,
     pub inbound: Arc<View<pb::InboundPolicy>>,
+    /// Lookup answers this snapshot carries (never part of [`Built::same_as`]).
+    pub lookups: Vec<pb::LookupResult>,
 }
 
 impl Built {
@@ -225,18 +230,32 @@ impl Built {
             config_version: self.config_version,
             services: self.services.iter().map(|s| s.message.clone()).collect(),
             inbound: Some(self.inbound.message.clone()),
+            lookups: self.lookups.clone(),
+            incremental: false,
+            removed: Vec::new(),
         }
     }
 
     /// The snapshot's protobuf encoding, assembled from the views' own
     /// encodings: what a `pb::Snapshot` would encode to, without building one.
     pub fn encode(&self, version: u64) -> Bytes {
-        use prost::encoding::{encode_key, encode_varint, encoded_len_varint, uint64, WireType};
-        let parts = self
-            .services
-            .iter()
-            .map(|s| (3, &s.encoded))
-            .chain([(4, &self.inbound.encoded)]);
+        let services = self.services.iter().map(|s| &s.encoded);
+        self.encode_with(version, services, Some(&self.inbound.encoded), None)
+    }
+
+    /// [`Built::encode`] of some services and maybe the inbound policy;
+    /// with `removed`, an incremental snapshot.
+    fn encode_with<'a>(
+        &self,
+        version: u64,
+        services: impl Iterator<Item = &'a Bytes> + Clone,
+        inbound: Option<&'a Bytes>,
+        removed: Option<&[String]>,
+    ) -> Bytes {
+        use prost::encoding::{
+            bool, encode_key, encode_varint, encoded_len_varint, string, uint64, WireType,
+        };
+        let parts = services.map(|b| (3, b)).chain(inbound.map(|b| (4, b)));
         let len: usize = parts
             .clone()
             .map(|(_, b)| 1 + encoded_len_varint(b.len() as u64) + b.len())
@@ -253,6 +272,13 @@ impl Built {
             encode_key(tag, WireType::LengthDelimited, &mut buf);
             encode_varint(part.len() as u64, &mut buf);
             buf.put_slice(part);
+        }
+        for answer in &self.lookups {
+            prost::encoding::message::encode(5, answer, &mut buf);
+        }
+        if let Some(removed) = removed {
+            bool::encode(6, &true, &mut buf);
+            string::encode_repeated(7, removed, &mut buf);
         }
         buf.freeze()
     }
@@ -273,6 +299,18 @@ pub struct Interest {
 impl Interest {
     pub fn watch(&mut self, id: u64, key: &ServiceKey) {
         self.watchers.entry(key.clone()).or_default().insert(id);
+    }
+
+    /// Stops counting `id` as a watcher of `keys`.
+    pub fn unwatch(&mut self, id: u64, keys: &[ServiceKey]) {
+        for key in keys {
+            if let Some(set) = self.watchers.get_mut(key) {
+                set.remove(&id);
+                if set.is_empty() {
+                    self.watchers.remove(key);
+                }
+            }
+        }
     }
 
     pub fn watch_all(&mut self, id: u64) {

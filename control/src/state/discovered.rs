@@ -32,6 +32,7 @@ impl Mesh {
             return 0;
         }
         let changed = snapshot::refresh(&mut inner.views, &touched, &inner.config, &inner.registry);
+        inner.index.update(&inner.views, &changed);
         let affected = inner.interest.affected(&changed, &BTreeSet::new());
         for id in &affected {
             if let Some(e) = inner.subscribers.get(id) {

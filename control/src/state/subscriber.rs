@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde::Serialize;
+use tern_proto::control::v1 as pb;
 use tokio::sync::watch;
 
 use super::lock;
@@ -53,6 +54,8 @@ pub struct Subscriber {
     /// The earliest change not yet pushed: where push latency is measured from.
     pending: Mutex<Option<Instant>>,
     delivery: Mutex<Delivery>,
+    /// Lookup answers for the next snapshot.
+    answers: Mutex<Vec<pb::LookupResult>>,
 }
 
 impl Subscriber {
@@ -65,6 +68,7 @@ impl Subscriber {
             wake,
             pending: Mutex::new(None),
             delivery: Mutex::new(Delivery::default()),
+            answers: Mutex::new(Vec::new()),
         };
         (Arc::new(sub), woken)
     }
@@ -73,6 +77,17 @@ impl Subscriber {
     pub(super) fn wake(&self, since: Instant) {
         lock(&self.pending).get_or_insert(since);
         self.wake.send_replace(());
+    }
+
+    /// Queues a lookup's answer for the next snapshot and wakes the session.
+    pub(super) fn answer(&self, result: pb::LookupResult, since: Instant) {
+        lock(&self.answers).push(result);
+        self.wake(since);
+    }
+
+    /// The lookup answers queued since the last snapshot.
+    pub fn take_answers(&self) -> Vec<pb::LookupResult> {
+        std::mem::take(&mut *lock(&self.answers))
     }
 
     pub fn take_pending(&self) -> Option<Instant> {

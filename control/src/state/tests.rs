@@ -370,3 +370,78 @@ fn an_address_held_by_another_identity_is_refused() {
     let state = m.state();
     assert_eq!(state["subscribers"].as_array().unwrap().len(), 1, "{state}");
 }
+
+const VIPS: &str = "\
+apiVersion: tern.dev/v1alpha1
+kind: Service
+metadata: {name: pay}
+spec: {ports: [{port: 50051}], virtualIP: 10.96.0.10, dnsName: pay.example.com}
+---
+apiVersion: tern.dev/v1alpha1
+kind: Service
+metadata: {name: inventory}
+spec: {ports: [{port: 50053}], virtualIP: 10.96.0.11}
+";
+
+#[tokio::test]
+async fn lookups_answer_in_the_next_snapshot_and_add_the_service() {
+    let m = Mesh::new(
+        config(VIPS),
+        Duration::from_secs(1),
+        Arc::new(Metrics::new().unwrap()),
+    );
+    let mut order = m.subscribe(workload("order", None), calls(&[])).unwrap();
+    woken(&mut order);
+    let id = order.subscriber.id;
+    let names = |m: &Mesh| -> Vec<String> {
+        let b = m.build(id).unwrap();
+        b.services.iter().map(|s| s.name.clone()).collect()
+    };
+    assert!(names(&m).is_empty());
+    let q = |a: &str| Query::Address(a.parse().unwrap());
+    assert!(m.lookup(id, 1, &q("10.96.0.10:50051"), 10));
+    assert!(m.lookup(id, 2, &q("10.0.0.99:443"), 10));
+    assert!(m.lookup(id, 3, &Query::Name("pay.example.com:80".into()), 10));
+    assert!(m.lookup(
+        id,
+        4,
+        &Query::Name("inventory.default.svc.cluster.local".into()),
+        10
+    ));
+    assert!(m.lookup(id, 5, &Query::Name("nowhere".into()), 10));
+    assert!(woken(&mut order));
+    let answers = order.subscriber.take_answers();
+    let got: Vec<(u64, i32, &str)> = answers
+        .iter()
+        .map(|a| (a.id, a.outcome, a.service.as_str()))
+        .collect();
+    use pb::LookupOutcome as O;
+    assert_eq!(
+        got,
+        [
+            (1, O::Found as i32, "pay.default"),
+            (2, O::OutsideMesh as i32, ""),
+            (3, O::Found as i32, "pay.default"),
+            (4, O::Found as i32, "inventory.default"),
+            (5, O::Unknown as i32, ""),
+        ]
+    );
+    assert_eq!(names(&m), ["inventory", "pay"]);
+    // The watch limit holds for lookups as for Watch.
+    m.forget(id, &calls(&["inventory"]));
+    assert!(!m.lookup(id, 6, &q("10.96.0.11:50053"), 1));
+    assert_eq!(names(&m), ["pay"]);
+    // Forgotten: the next change to pay does not concern it.
+    woken(&mut order);
+    m.forget(id, &calls(&["pay"]));
+    assert!(woken(&mut order));
+    assert!(names(&m).is_empty());
+    let reg = m
+        .subscribe(workload("pay", Some("10.1.0.7:4143")), calls(&[]))
+        .unwrap();
+    assert!(!woken(&mut order));
+    // A pod IP dialed directly names its service too.
+    assert!(m.lookup(id, 7, &q("10.1.0.7:8080"), 10));
+    assert_eq!(order.subscriber.take_answers()[0].service, "pay.default");
+    drop(reg);
+}

@@ -131,6 +131,8 @@ pub fn hello(service: &str, address: &str, version: &str, calls: &[&str]) -> pb:
         calls: calls.iter().map(|c| (*c).to_owned()).collect(),
         all_services: false,
         admin: String::new(),
+        // A sidecar of before incremental snapshots; tests that want them say so.
+        incremental: false,
     }
 }
 

@@ -26,7 +26,6 @@ fn the_proxy_gets_its_environment() {
             "TERN_CONTROL_PLANE",
             "https://tern-control-replicas.tern.svc:8090",
         ),
-        ("TERN_WATCH_ALL_SERVICES", "true"),
         (
             "TERN_IDENTITY_TRUST_ANCHORS",
             "/var/run/tern/trust-anchors/trust-anchor.pem",

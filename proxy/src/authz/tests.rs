@@ -271,6 +271,7 @@ async fn a_denied_call_is_answered_logged_and_counted_without_reaching_the_app()
         &Default::default(),
         None,
         None,
+        None,
         app.clone(),
     );
 

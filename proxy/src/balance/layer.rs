@@ -25,6 +25,7 @@ use super::{start_request, Algorithm, Balancer, InFlight, InFlightBody};
 use crate::body::Body;
 use crate::endpoint::EndpointClient;
 use crate::errors::{grpc_status, is_grpc, ProxyError};
+use crate::on_demand::Unanswered;
 use crate::router::{authority, PinnedEndpoint, Target, UnservedPort};
 use crate::routes::SelectedRule;
 
@@ -145,6 +146,17 @@ fn routed(req: &Request<Body>) -> Result<(Arc<Target>, SelectedRule), ProxyError
         (None, _) if ext.get::<UnservedPort>().is_some() => {
             let port = ext.get::<UnservedPort>().map_or(0, |p| p.0);
             Err(ProxyError::PortNotServed { port })
+        }
+        // The control plane did not say in time which service the authority is.
+        (None, _) if ext.get::<Unanswered>().is_some() => {
+            let (destination, waited) = ext
+                .get::<Unanswered>()
+                .map(|u| (u.destination.clone(), u.waited))
+                .unwrap_or_default();
+            Err(ProxyError::Unanswered {
+                destination,
+                waited_ms: u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
+            })
         }
         _ => Err(ProxyError::NoRoute {
             authority: authority(req).to_string(),

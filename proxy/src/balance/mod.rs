@@ -199,7 +199,8 @@ impl Balancer {
         self.rebuild(&w);
     }
 
-    fn set_endpoints(&self, set: EndpointSet) {
+    /// Replaces the endpoints now (the watch it follows catches up later).
+    pub fn set_endpoints(&self, set: EndpointSet) {
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         w.set = set;
         self.rebuild(&w);

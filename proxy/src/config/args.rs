@@ -56,6 +56,22 @@ pub struct Args {
     #[arg(long, env = "TERN_WATCH_ALL_SERVICES", num_args = 0..=1, default_missing_value = "true")]
     pub watch_all_services: Option<bool>,
 
+    /// How long a connection to an unknown destination, or a request naming
+    /// an unknown authority, waits for the control plane to say what it is
+    /// before it fails with UNAVAILABLE naming the destination [default: 1s].
+    #[arg(long, env = "TERN_LOOKUP_TIMEOUT")]
+    pub lookup_timeout: Option<String>,
+
+    /// How long an address the control plane says is outside the mesh is
+    /// passed through without asking again [default: 30s].
+    #[arg(long, env = "TERN_OUTSIDE_MESH_TTL")]
+    pub outside_mesh_ttl: Option<String>,
+
+    /// A service this sidecar looked up and has not used for this long is
+    /// dropped (the control plane stops sending it) [default: 10m].
+    #[arg(long, env = "TERN_SERVICE_IDLE_TIMEOUT")]
+    pub service_idle_timeout: Option<String>,
+
     /// Transparent inbound: connections iptables redirected to the inbound
     /// listener go to the app on the IP and port they were sent to (the pod
     /// IP, never loopback), if it is a port the app serves [default: false].
@@ -280,6 +296,9 @@ impl Args {
         if self.watch_all_services.is_some() {
             f.watch_all_services = self.watch_all_services;
         }
+        set(&mut f.on_demand.lookup_timeout, &self.lookup_timeout);
+        set(&mut f.on_demand.outside_mesh_ttl, &self.outside_mesh_ttl);
+        set(&mut f.on_demand.idle_timeout, &self.service_idle_timeout);
         if self.inbound_transparent.is_some() {
             f.inbound.transparent = self.inbound_transparent;
         }

@@ -11,6 +11,7 @@ pub mod control_plane;
 pub mod identity;
 pub mod inbound;
 pub mod limits;
+pub mod on_demand;
 pub mod policy;
 pub mod ports;
 pub mod tracing;
@@ -27,6 +28,7 @@ use control_plane::ControlPlanes;
 use identity::{IdentityConfig, IdentityFile, InboundTls};
 pub use inbound::{InboundConfig, InboundFile};
 use limits::{ClientLimits, Limits, LimitsFile};
+use on_demand::{OnDemandConfig, OnDemandFile};
 use policy::{PolicyFile, ServicePolicy};
 use ports::{PortItem, PortSet};
 use tracing::{TracingConfig, TracingFile};
@@ -65,6 +67,9 @@ pub struct FileConfig {
     pub identity: IdentityFile,
     /// Subscribe to every service the control plane knows (transparent interception).
     pub watch_all_services: Option<bool>,
+    /// Lookups of destinations the sidecar does not know.
+    #[serde(default)]
+    pub on_demand: OnDemandFile,
     /// Span export over OTLP (off without a collector).
     #[serde(default)]
     pub tracing: TracingFile,
@@ -139,6 +144,7 @@ pub struct Config {
     pub identity: Option<IdentityConfig>,
     pub inbound_tls: InboundTls,
     pub watch_all_services: bool,
+    pub on_demand: OnDemandConfig,
     /// Ports carried as opaque TCP (see [`crate::tcp`]).
     pub opaque_ports: PortSet,
     pub services: Vec<ServiceConfig>,
@@ -474,6 +480,7 @@ impl FileConfig {
             identity,
             inbound_tls,
             watch_all_services: self.watch_all_services.unwrap_or(false),
+            on_demand: self.on_demand.validate()?,
             opaque_ports,
             services,
             limits: self.limits.validate()?,

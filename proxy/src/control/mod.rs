@@ -6,10 +6,15 @@
 //! with a reason and keeps what it had. When the control plane goes away the
 //! sidecar keeps its last snapshot, keeps serving, and reconnects with
 //! backoff, to another replica when there are several (`failover`).
+//!
+//! The same stream carries on-demand lookups ([`crate::on_demand`]): their
+//! requests go out between snapshots, and each answer is handed over once
+//! the snapshot carrying it (and the service it found) is applied.
 
 pub mod channel;
 pub mod convert;
 pub mod failover;
+mod merge;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -80,6 +85,8 @@ pub struct Client {
     pub inbound_authz: crate::authz::SharedPolicy,
     /// With an identity the stream is mTLS, so the control plane knows who registers.
     pub identity: Option<Arc<crate::identity::Identity>>,
+    /// Lookups to send and answer; `None`: this sidecar sends none.
+    pub on_demand: Option<Arc<crate::on_demand::OnDemand>>,
 }
 
 impl Client {
@@ -118,9 +125,17 @@ impl Client {
             identity: self.me.identity.clone(),
             address: self.me.address.clone(),
             labels: self.me.labels.clone().into_iter().collect(),
-            calls: self.me.calls.clone(),
+            // Services found by lookups before stay watched on a new stream.
+            calls: self
+                .me
+                .calls
+                .iter()
+                .cloned()
+                .chain(self.on_demand.iter().flat_map(|o| o.found()))
+                .collect(),
             all_services: self.me.all_services,
             admin: self.me.admin.clone(),
+            incremental: true,
         };
         send(&tx, pb::sidecar_message::Kind::Hello(hello)).await?;
         let mut stream = client
@@ -139,16 +154,22 @@ impl Client {
             .load()
             .is_some()
             .then(|| tokio::time::Instant::now() + RESUME_GRACE);
+        // Everything in force, incremental snapshots merged in: what is
+        // re-applied once the hold after a reconnect ends.
         let mut last: Option<pb::Snapshot> = None;
         loop {
             let holding = hold_until.is_some();
             let message = tokio::select! {
                 m = stream.message() => m,
+                Some(request) = next_request(self.on_demand.as_deref()) => {
+                    send(&tx, request).await?;
+                    continue;
+                }
                 _ = sleep_until(hold_until), if holding => {
                     hold_until = None;
                     if let Some(snap) = &last {
-                        if let Err(reason) = self.apply(snap, false) {
-                            tracing::warn!(reason, "re-applying the last snapshot failed");
+                        if let Err(r) = self.apply(snap, false) {
+                            tracing::warn!(reason = r.reasons.join("; "), "re-applying the last snapshot failed");
                         }
                     }
                     continue;
@@ -163,7 +184,11 @@ impl Client {
             let version = snapshot.version;
             let hold = hold_until.is_some_and(|t| tokio::time::Instant::now() < t);
             let result = self.apply(&snapshot, hold);
-            last = Some(snapshot);
+            if let Some(o) = &self.on_demand {
+                o.answer(&snapshot.lookups, result.is_ok());
+            }
+            last = merge::in_force(last, snapshot, result.as_ref().err());
+            let result = result.map_err(|r| r.reasons.join("; "));
             let kind = match result {
                 Ok(()) => {
                     self.metrics
@@ -207,10 +232,14 @@ impl Client {
         }
     }
 
-    /// Validates the whole snapshot, then applies it service by service.
-    /// With `hold`, endpoints the sidecar already had stay beside the pushed ones.
-    fn apply(&self, snap: &pb::Snapshot, hold: bool) -> Result<(), String> {
+    /// Validates a complete snapshot as a whole, then applies it service by
+    /// service; an incremental one is applied service by service, each valid
+    /// service taking effect and each invalid one keeping its last good
+    /// state (the error names them). With `hold`, endpoints the sidecar
+    /// already had stay beside the pushed ones.
+    fn apply(&self, snap: &pb::Snapshot, hold: bool) -> Result<(), Rejected> {
         let mut updates = Vec::with_capacity(snap.services.len());
+        let mut rejected = Rejected::default();
         for svc in &snap.services {
             let ns = if svc.namespace.is_empty() {
                 "default"
@@ -222,9 +251,24 @@ impl Client {
                 .get(&svc.name, ns)
                 .map(|e| e.base_policy.clone())
                 .unwrap_or_else(|| self.defaults.clone());
-            updates.push(convert::service(svc, &base)?);
+            match convert::service(svc, &base) {
+                Ok(u) => updates.push(u),
+                Err(e) if snap.incremental => rejected.service(e, format!("{}.{ns}", svc.name)),
+                Err(e) => return Err(Rejected::whole(e)),
+            }
         }
-        let authz = convert::inbound(snap.inbound.as_ref())?;
+        // Absent from an incremental snapshot: unchanged.
+        let authz = match (&snap.inbound, snap.incremental) {
+            (None, true) => None,
+            (p, false) => Some(convert::inbound(p.as_ref()).map_err(Rejected::whole)?),
+            (Some(p), true) => match convert::inbound(Some(p)) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    rejected.inbound(e);
+                    None
+                }
+            },
+        };
         let mut listed = Vec::with_capacity(updates.len());
         for u in updates {
             let base = self
@@ -250,21 +294,35 @@ impl Client {
         // A service the control plane stopped listing falls back to local discovery.
         for entry in self.targets.all() {
             let key = format!("{}.{}", entry.target.service, entry.namespace);
-            if entry.from_control() && !listed.contains(&key) {
+            let gone = match snap.incremental {
+                true => snap.removed.contains(&key),
+                false => !listed.contains(&key),
+            };
+            if entry.from_control() && gone {
                 entry.set_control(None);
                 entry.set_pushed_addressing(Vec::new(), Vec::new());
             }
         }
+        if snap.incremental {
+            listed = merge::listed(self.status.applied.load().as_deref(), listed, &snap.removed);
+        }
+        let previous_policy = self
+            .status
+            .applied
+            .load()
+            .as_ref()
+            .and_then(|a| a.inbound_policy.clone());
+        let inbound_policy = match (&snap.inbound, &authz) {
+            (Some(p), Some(_)) => Some(p.name.clone()).filter(|n| !n.is_empty()),
+            (None, Some(_)) => None,
+            (_, None) => previous_policy,
+        };
         let applied = Applied {
             version: snap.version,
             config_version: snap.config_version,
             applied_at: crate::access_log::now_rfc3339(),
             services: listed,
-            inbound_policy: snap
-                .inbound
-                .as_ref()
-                .map(|p| p.name.clone())
-                .filter(|n| !n.is_empty()),
+            inbound_policy,
         };
         self.metrics.config_version.set(snap.version as i64);
         let now = SystemTime::now()
@@ -272,16 +330,58 @@ impl Client {
             .map(|d| d.as_secs_f64())
             .unwrap_or(0.0);
         self.metrics.config_last_push.set(now);
-        self.inbound_authz.store(Arc::new(authz));
+        if let Some(authz) = authz {
+            self.inbound_authz.store(Arc::new(authz));
+        }
         self.status.applied.store(Some(Arc::new(applied)));
-        self.status.last_error.store(None);
         self.first.send_replace(true);
         tracing::info!(
             version = snap.version,
             services = snap.services.len(),
+            incremental = snap.incremental,
+            removed = snap.removed.len(),
+            rejected = rejected.reasons.len(),
             "applied config snapshot"
         );
-        Ok(())
+        match rejected.reasons.is_empty() {
+            true => {
+                self.status.last_error.store(None);
+                Ok(())
+            }
+            false => Err(rejected),
+        }
+    }
+}
+
+/// What of a snapshot was not applied, and why.
+#[derive(Debug, Default)]
+pub struct Rejected {
+    pub reasons: Vec<String>,
+    /// Nothing was applied (a complete snapshot, all or nothing).
+    pub whole: bool,
+    /// Services ("name.namespace") that keep their last good state.
+    pub services: Vec<String>,
+    /// The inbound policy keeps its last good state.
+    pub inbound: bool,
+}
+
+impl Rejected {
+    fn whole(reason: String) -> Self {
+        Self {
+            reasons: vec![reason],
+            whole: true,
+            ..Self::default()
+        }
+    }
+
+    fn service(&mut self, reason: String, service: String) {
+        self.reasons.push(reason);
+        self.services.push(service);
+    }
+
+    fn inbound(&mut self, reason: String) {
+        self.reasons.push(reason);
+        self.inbound = true;
     }
 }
 
@@ -293,6 +393,15 @@ const RECONNECT: ExpBackoff =
 /// Longer than a sidecar's longest reconnect backoff, so every workload that
 /// was registered before a control-plane restart has re-registered by then.
 const RESUME_GRACE: Duration = Duration::from_secs(6);
+
+async fn next_request(
+    on_demand: Option<&crate::on_demand::OnDemand>,
+) -> Option<pb::sidecar_message::Kind> {
+    match on_demand {
+        Some(o) => o.next_request().await,
+        None => std::future::pending().await,
+    }
+}
 
 async fn sleep_until(t: Option<tokio::time::Instant>) {
     match t {

@@ -208,6 +208,8 @@ struct ConnInfo {
     tls: Option<ConnTls>,
     dest: Option<Destination>,
     addrs: Option<ConnAddrs>,
+    /// An intercepted connection whose destination went unanswered.
+    unanswered: Option<crate::on_demand::Unanswered>,
 }
 
 impl<S, B> Ctx<S>
@@ -240,6 +242,17 @@ where
                         }
                         OutboundConn::Passthrough => {
                             return out.tcp.passthrough(stream, peer, dst).await
+                        }
+                        OutboundConn::Unanswered => {
+                            if intercept::detect(&stream).await != intercept::Protocol::Http {
+                                tracing::warn!(%peer, %dst, "no answer from the control plane about the destination; connection reset");
+                                return crate::tcp::reset(stream);
+                            }
+                            let waited = out.on_demand.as_ref().map(|o| o.lookup_timeout());
+                            info.unanswered = Some(crate::on_demand::Unanswered {
+                                destination: dst.to_string(),
+                                waited: waited.unwrap_or_default(),
+                            });
                         }
                     }
                 }
@@ -381,6 +394,9 @@ where
         }
         if let Some(addrs) = self.info.addrs {
             req.extensions_mut().insert(addrs);
+        }
+        if let Some(u) = &self.info.unanswered {
+            req.extensions_mut().insert(u.clone());
         }
         Tracked::new(self.inner.call(req), &self.state)
     }
