@@ -1,22 +1,16 @@
 //! The benchmark's output: a header saying how it was measured, one table of
 //! paths, one of proxies, comparisons against direct and against haproxy of
-//! the same shape, the spec's targets, and the JSON line.
+//! the same shape, h2load's figures, instructions and allocations per request,
+//! memory per connection, the targets, and the JSON line.
 
 use std::path::Path;
 
 use serde::Serialize;
 
 use super::paths::PathKind;
-use super::{PathResult, Settings, Skipped};
+use super::{targets, PathResult, Settings, Skipped};
 
 const MIB: f64 = 1024.0 * 1024.0;
-
-/// The spec's targets for two sidecars at one call in flight, and per request
-/// under load; stated for mTLS, which this run does not use.
-const TARGET_P50_US: i64 = 50;
-const TARGET_P99_US: i64 = 150;
-const TARGET_CPU_US: f64 = 14.0;
-const TARGET_IDLE_RSS_MIB: f64 = 8.0;
 
 /// One path against a baseline: ratios above 1 and deltas above 0 mean "more".
 #[derive(Debug, Serialize)]
@@ -215,7 +209,10 @@ pub fn print_tables(s: &Settings, results: &[PathResult], skipped: &[Skipped]) {
         &vs_haproxy(results),
         true,
     );
-    print_targets(results);
+    print_h2load(results);
+    print_cost(results);
+    print_conn_memory(results);
+    targets::print(&targets::checks(results));
     for sk in skipped {
         println!("skipped {}: {}", sk.path.key(), sk.reason);
     }
@@ -292,60 +289,115 @@ fn print_cpu(s: &Settings, results: &[PathResult]) {
     }
 }
 
-/// The spec's figures for two sidecars, next to what this run measured.
-fn print_targets(results: &[PathResult]) {
-    // The targets are stated for the mTLS path; plaintext stands in when it was not run.
-    let mtls = find(results, PathKind::TwoMtls);
-    let (Some(two), Some(direct)) = (
-        mtls.or_else(|| find(results, PathKind::Two)),
-        find(results, PathKind::Direct),
-    ) else {
+fn print_h2load(results: &[PathResult]) {
+    if results.iter().all(|p| p.h2load.is_none()) {
         return;
-    };
-    let c = compare(two, direct);
-    let cpu = two.cpu_us_per_req.map_or(0.0, |c| c.load);
-    let idle = two
-        .sidecars
-        .iter()
-        .map(|s| s.rss_idle_bytes)
-        .max()
-        .unwrap_or(0) as f64
-        / MIB;
-    println!();
-    if mtls.is_some() {
-        println!("spec targets, two sidecars with mTLS:");
-    } else {
-        println!("spec targets, two sidecars (stated for mTLS; this run is plaintext):");
     }
-    let line = |what: &str, got: String, target: String, ok: bool| {
-        let mark = if ok { "ok" } else { "over" };
-        println!("  {what:<32} {got:>10}   target {target:<10} {mark}");
-    };
-    let [p50, p99, _] = c.single_delta_us;
-    line(
-        "added p50, 1 call in flight",
-        format!("{p50:+} µs"),
-        format!("≤ +{TARGET_P50_US} µs"),
-        p50 <= TARGET_P50_US,
+    println!();
+    println!("h2load, same calls (HTTP 200 counts as success)");
+    println!(
+        "{:<12} {:>10} {:>10} {:>9} {:>14}",
+        "path", "req/s", "mean µs", "failed", "proxies µs/req"
     );
-    line(
-        "added p99, 1 call in flight",
-        format!("{p99:+} µs"),
-        format!("≤ +{TARGET_P99_US} µs"),
-        p99 <= TARGET_P99_US,
+    for p in results {
+        if let Some(h) = &p.h2load {
+            println!(
+                "{:<12} {:>10.0} {:>10.0} {:>9} {:>14}",
+                p.path.key(),
+                h.rps,
+                h.mean_us,
+                h.failed,
+                h.proxies_cpu_us_per_req
+                    .map_or("-".into(), |c| format!("{c:.1}"))
+            );
+        }
+    }
+}
+
+fn print_cost(results: &[PathResult]) {
+    if results.iter().all(|p| p.cost.is_none()) {
+        return;
+    }
+    println!();
+    println!(
+        "under callgrind, per call, all the path's proxies (repeatable: compare commits by these)"
     );
-    line(
-        "CPU per call, both proxies",
-        format!("{cpu:.1} µs"),
-        format!("≤ {TARGET_CPU_US} µs"),
-        cpu <= TARGET_CPU_US,
+    println!(
+        "{:<12} {:>7} {:>14} {:>12} {:>10}   per proxy: instructions/req",
+        "path", "calls", "instructions", "allocations", "reallocs"
     );
-    line(
-        "idle RSS, largest proxy",
-        format!("{idle:.1} MiB"),
-        format!("≤ {TARGET_IDLE_RSS_MIB} MiB"),
-        idle <= TARGET_IDLE_RSS_MIB,
-    );
+    for p in results {
+        if let Some(c) = &p.cost {
+            let each: Vec<String> = c
+                .sidecars
+                .iter()
+                .map(|(name, n)| {
+                    format!(
+                        "{name} {:.0}",
+                        n.instructions as f64 / c.calls.max(1) as f64
+                    )
+                })
+                .collect();
+            println!(
+                "{:<12} {:>7} {:>14.0} {:>12.1} {:>10.1}   {}",
+                p.path.key(),
+                c.calls,
+                c.instructions_per_req,
+                c.allocations_per_req,
+                c.reallocations_per_req,
+                each.join(", ")
+            );
+        }
+    }
+}
+
+fn print_conn_memory(results: &[PathResult]) {
+    if results.iter().all(|p| p.conn_memory.is_none()) {
+        return;
+    }
+    println!();
+    println!("memory per connection: RSS (MiB) of each proxy, open client HTTP/2 connections idle / with one call in flight each");
+    for p in results {
+        let Some(m) = &p.conn_memory else { continue };
+        for (i, sc) in p.sidecars.iter().enumerate() {
+            let mib = |v: &[u64]| {
+                v.get(i)
+                    .map_or("-".into(), |b| format!("{:.1}", *b as f64 / MIB))
+            };
+            let levels: Vec<String> = m
+                .levels
+                .iter()
+                .map(|l| {
+                    format!(
+                        "{}: {} / {}",
+                        l.connections,
+                        mib(&l.rss_idle_bytes),
+                        mib(&l.rss_in_flight_bytes)
+                    )
+                })
+                .collect();
+            println!(
+                "  {:<10} {:<22} before {:>5}   {}   after close {}",
+                p.path.key(),
+                sc.name,
+                mib(&m.rss_before_bytes),
+                levels.join("   "),
+                mib(&m.rss_after_close_bytes),
+            );
+        }
+        let calls: Vec<String> = m
+            .levels
+            .iter()
+            .map(|l| format!("{}/{}", l.calls_ok, l.connections))
+            .collect();
+        println!(
+            "  {:<10} held calls completed OK: {}; back within 20% of before: {}",
+            p.path.key(),
+            calls.join(", "),
+            m.recovered_after_s
+                .map_or("not within 60 s".into(), |s| format!("after {s:.0} s"))
+        );
+    }
 }
 
 /// Everything in one line, last on stdout, for scripts; `type` comes first so
@@ -358,6 +410,7 @@ pub fn json_line(s: &Settings, results: &[PathResult], skipped: &[Skipped]) -> S
         paths: &'a [PathResult],
         vs_direct: Vec<Comparison>,
         vs_haproxy: Vec<Comparison>,
+        targets: Vec<targets::Check>,
         skipped: &'a [Skipped],
     }
     let line = Line {
@@ -366,6 +419,7 @@ pub fn json_line(s: &Settings, results: &[PathResult], skipped: &[Skipped]) -> S
         paths: results,
         vs_direct: vs_direct(results),
         vs_haproxy: vs_haproxy(results),
+        targets: targets::checks(results),
         skipped,
     };
     serde_json::to_string(&line).unwrap_or_else(|e| {
@@ -412,6 +466,9 @@ mod tests {
             }),
             sidecars,
             cpu_seconds: Default::default(),
+            h2load: None,
+            cost: None,
+            conn_memory: None,
         }
     }
 
