@@ -22,8 +22,11 @@ use super::paths::Sidecar;
 /// value before they opened, within [`RECOVERY_LIMIT`].
 pub const RECOVERY_SLACK: f64 = 0.2;
 pub const RECOVERY_LIMIT: Duration = Duration::from_secs(60);
-/// Connections opened at once.
-const OPEN_BATCH: usize = 200;
+/// Connections opened at once: a burst larger than the proxy's accept
+/// backlog on a busy machine gets connections reset.
+const OPEN_BATCH: usize = 50;
+/// Attempts to open each connection.
+const OPEN_ATTEMPTS: usize = 3;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ConnMemory {
@@ -147,25 +150,56 @@ async fn open(
         let mut opening = JoinSet::new();
         for _ in 0..batch {
             opening.spawn(async move {
-                let tcp = tokio::net::TcpStream::connect(target).await?;
-                tcp.set_nodelay(true)?;
-                let (tx, conn) = h2::client::handshake(tcp)
-                    .await
-                    .map_err(std::io::Error::other)?;
-                Ok::<_, std::io::Error>((tx, conn))
+                let mut last = None;
+                for _ in 0..OPEN_ATTEMPTS {
+                    match open_one(target).await {
+                        Ok(c) => return Ok(c),
+                        Err(e) => last = Some(e),
+                    }
+                }
+                Err(last.unwrap_or_else(|| std::io::Error::other("no attempt made")))
             });
         }
         while let Some(r) = opening.join_next().await {
             let (tx, conn) = r
                 .context("a connecting task failed")?
                 .with_context(|| format!("opening connection {} to {target}", conns.len() + 1))?;
-            drivers.spawn(async move {
-                let _ = conn.await;
-            });
+            drivers.spawn(conn);
             conns.push(tx);
         }
     }
     Ok(())
+}
+
+/// A connection the proxy has answered: a PING came back over it, so it is
+/// accepted and its HTTP/2 handshake done. Returns its sender and a task
+/// driving it.
+async fn open_one(
+    target: SocketAddr,
+) -> std::io::Result<(Sender, impl std::future::Future<Output = ()> + Send)> {
+    let tcp = tokio::net::TcpStream::connect(target).await?;
+    tcp.set_nodelay(true)?;
+    let (tx, mut conn) = h2::client::handshake(tcp)
+        .await
+        .map_err(std::io::Error::other)?;
+    let mut ping = conn
+        .ping_pong()
+        .ok_or_else(|| std::io::Error::other("no ping handle"))?;
+    let pong = ping.ping(h2::Ping::opaque());
+    tokio::pin!(pong);
+    // The connection must be driven for the PONG to arrive.
+    tokio::select! {
+        r = &mut pong => {
+            r.map_err(std::io::Error::other)?;
+        }
+        r = &mut conn => {
+            r.map_err(std::io::Error::other)?;
+            return Err(std::io::Error::other("closed before answering a PING"));
+        }
+    }
+    Ok((tx, async move {
+        let _ = conn.await;
+    }))
 }
 
 type Held = Vec<(h2::client::ResponseFuture, h2::SendStream<Bytes>)>;
