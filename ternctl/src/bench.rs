@@ -283,7 +283,14 @@ async fn bench(args: BenchArgs) -> anyhow::Result<i32> {
     .await;
     let measured = match (measured, &callgrind) {
         (Ok(mut results), Some(cg)) => {
-            count_all(&mut results, pay_addr, haproxy.as_deref(), cg, &args).await;
+            callgrind::count_all(
+                &mut results,
+                pay_addr,
+                haproxy.as_deref(),
+                cg,
+                (args.callgrind_calls, args.json_only),
+            )
+            .await;
             Ok(results)
         }
         (r, _) => r,
@@ -309,30 +316,6 @@ struct Extras<'a> {
     h2load: Option<&'a h2load::H2load>,
     /// Connection counts for the memory figures; empty: none.
     levels: &'a [usize],
-}
-
-/// Each measured proxy path again, under callgrind; a failure leaves that
-/// path without the figures and says why.
-async fn count_all(
-    results: &mut [PathResult],
-    pay: SocketAddr,
-    haproxy: Option<&Path>,
-    cg: &Arc<callgrind::Callgrind>,
-    args: &BenchArgs,
-) {
-    for r in results.iter_mut().filter(|r| r.path != PathKind::Direct) {
-        if !args.json_only {
-            eprintln!(
-                "counting   {:<11} {} calls under callgrind",
-                r.path.key(),
-                args.callgrind_calls
-            );
-        }
-        match callgrind::measure(r.path, pay, haproxy, cg, args.callgrind_calls, 1).await {
-            Ok(cost) => r.cost = Some(cost),
-            Err(e) => eprintln!("no instruction counts for {}: {e:#}", r.path.key()),
-        }
-    }
 }
 
 async fn measure_all(

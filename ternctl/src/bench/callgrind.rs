@@ -14,8 +14,8 @@ use std::sync::Arc;
 use anyhow::{bail, Context as _};
 use serde::Serialize;
 
-use super::load;
 use super::paths::{PathKind, Topology};
+use super::{load, PathResult};
 
 /// Calls before the counters are zeroed: connections, pools and caches settle.
 const WARMUP_CALLS: u64 = 50;
@@ -55,6 +55,30 @@ pub struct PathCost {
     pub reallocations_per_req: f64,
     /// Each proxy's totals over `calls`.
     pub sidecars: Vec<(String, Counts)>,
+}
+
+/// Each measured proxy path again, under callgrind; a failure leaves that
+/// path without the figures and says why.
+pub async fn count_all(
+    results: &mut [PathResult],
+    pay: SocketAddr,
+    haproxy: Option<&Path>,
+    cg: &Arc<Callgrind>,
+    (calls, quiet): (u64, bool),
+) {
+    for r in results.iter_mut().filter(|r| r.path != PathKind::Direct) {
+        if !quiet {
+            eprintln!(
+                "counting   {:<11} {} calls under callgrind",
+                r.path.key(),
+                calls
+            );
+        }
+        match measure(r.path, pay, haproxy, cg, calls, 1).await {
+            Ok(cost) => r.cost = Some(cost),
+            Err(e) => eprintln!("no instruction counts for {}: {e:#}", r.path.key()),
+        }
+    }
 }
 
 /// Starts `kind` with its proxies under callgrind and counts `calls` calls.
@@ -237,6 +261,44 @@ fn parse(text: &str) -> anyhow::Result<Counts> {
     }
     counts.instructions = totals.context("the dump has no totals: line")?;
     Ok(counts)
+}
+
+/// Instructions and allocations per request, one row per path counted.
+pub fn print(results: &[PathResult]) {
+    if results.iter().all(|p| p.cost.is_none()) {
+        return;
+    }
+    println!();
+    println!(
+        "under callgrind, per call, all the path's proxies (repeatable: compare commits by these)"
+    );
+    println!(
+        "{:<12} {:>7} {:>14} {:>12} {:>10}   per proxy: instructions/req",
+        "path", "calls", "instructions", "allocations", "reallocs"
+    );
+    for p in results {
+        if let Some(c) = &p.cost {
+            let each: Vec<String> = c
+                .sidecars
+                .iter()
+                .map(|(name, n)| {
+                    format!(
+                        "{name} {:.0}",
+                        n.instructions as f64 / c.calls.max(1) as f64
+                    )
+                })
+                .collect();
+            println!(
+                "{:<12} {:>7} {:>14.0} {:>12.1} {:>10.1}   {}",
+                p.path.key(),
+                c.calls,
+                c.instructions_per_req,
+                c.allocations_per_req,
+                c.reallocations_per_req,
+                each.join(", ")
+            );
+        }
+    }
 }
 
 #[cfg(test)]

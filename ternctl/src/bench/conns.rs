@@ -15,13 +15,15 @@ use prost::Message as _;
 use serde::Serialize;
 use tokio::task::JoinSet;
 
-use super::load;
 use super::paths::Sidecar;
+use super::{load, PathResult};
 
 /// After the connections close, RSS must come back within this share of its
 /// value before they opened, within [`RECOVERY_LIMIT`].
 pub const RECOVERY_SLACK: f64 = 0.2;
 pub const RECOVERY_LIMIT: Duration = Duration::from_secs(60);
+const MIB: f64 = 1024.0 * 1024.0;
+
 /// Connections opened at once: a burst larger than the proxy's accept
 /// backlog on a busy machine gets connections reset.
 const OPEN_BATCH: usize = 50;
@@ -283,6 +285,56 @@ fn current_rss(pid: u32) -> Option<u64> {
         .parse()
         .ok()?;
     Some(kb * 1024)
+}
+
+/// Each proxy's RSS at each connection count, one row per proxy.
+pub fn print(results: &[PathResult]) {
+    if results.iter().all(|p| p.conn_memory.is_none()) {
+        return;
+    }
+    println!();
+    println!("memory per connection: RSS (MiB) of each proxy, open client HTTP/2 connections idle / with one call in flight each");
+    for p in results {
+        let Some(m) = &p.conn_memory else { continue };
+        for (i, sc) in p.sidecars.iter().enumerate() {
+            let mib = |v: &[u64]| {
+                v.get(i)
+                    .map_or("-".into(), |b| format!("{:.1}", *b as f64 / MIB))
+            };
+            let levels: Vec<String> = m
+                .levels
+                .iter()
+                .map(|l| {
+                    format!(
+                        "{}: {} / {}",
+                        l.connections,
+                        mib(&l.rss_idle_bytes),
+                        mib(&l.rss_in_flight_bytes)
+                    )
+                })
+                .collect();
+            println!(
+                "  {:<10} {:<22} before {:>5}   {}   after close {}",
+                p.path.key(),
+                sc.name,
+                mib(&m.rss_before_bytes),
+                levels.join("   "),
+                mib(&m.rss_after_close_bytes),
+            );
+        }
+        let calls: Vec<String> = m
+            .levels
+            .iter()
+            .map(|l| format!("{}/{}", l.calls_ok, l.connections))
+            .collect();
+        println!(
+            "  {:<10} held calls completed OK: {}; back within 20% of before: {}",
+            p.path.key(),
+            calls.join(", "),
+            m.recovered_after_s
+                .map_or("not within 60 s".into(), |s| format!("after {s:.0} s"))
+        );
+    }
 }
 
 #[cfg(test)]

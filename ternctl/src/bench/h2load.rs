@@ -12,7 +12,7 @@ use anyhow::{bail, Context as _};
 use prost::Message as _;
 use serde::Serialize;
 
-use super::load;
+use super::{load, PathResult};
 
 /// h2load's shape: connections, and streams in flight on each.
 pub const CONNECTIONS: u32 = 8;
@@ -154,6 +154,32 @@ fn duration_us(s: &str) -> Option<f64> {
         (s.strip_suffix('s')?, 1e6)
     };
     n.parse::<f64>().ok().map(|v| v * scale)
+}
+
+/// h2load's table, one row per path it drove.
+pub fn print(results: &[PathResult]) {
+    if results.iter().all(|p| p.h2load.is_none()) {
+        return;
+    }
+    println!();
+    println!("h2load, same calls (HTTP 200 counts as success)");
+    println!(
+        "{:<12} {:>10} {:>10} {:>9} {:>14}",
+        "path", "req/s", "mean µs", "failed", "proxies µs/req"
+    );
+    for p in results {
+        if let Some(h) = &p.h2load {
+            println!(
+                "{:<12} {:>10.0} {:>10.0} {:>9} {:>14}",
+                p.path.key(),
+                h.rps,
+                h.mean_us,
+                h.failed,
+                h.proxies_cpu_us_per_req
+                    .map_or("-".into(), |c| format!("{c:.1}"))
+            );
+        }
+    }
 }
 
 #[cfg(test)]

@@ -209,9 +209,9 @@ pub fn print_tables(s: &Settings, results: &[PathResult], skipped: &[Skipped]) {
         &vs_haproxy(results),
         true,
     );
-    print_h2load(results);
-    print_cost(results);
-    print_conn_memory(results);
+    super::h2load::print(results);
+    super::callgrind::print(results);
+    super::conns::print(results);
     targets::print(&targets::checks(results));
     for sk in skipped {
         println!("skipped {}: {}", sk.path.key(), sk.reason);
@@ -285,117 +285,6 @@ fn print_cpu(s: &Settings, results: &[PathResult]) {
                 pct(b.proxies.load)
             },
             b.others.map_or("-".into(), |o| pct(o.load)),
-        );
-    }
-}
-
-fn print_h2load(results: &[PathResult]) {
-    if results.iter().all(|p| p.h2load.is_none()) {
-        return;
-    }
-    println!();
-    println!("h2load, same calls (HTTP 200 counts as success)");
-    println!(
-        "{:<12} {:>10} {:>10} {:>9} {:>14}",
-        "path", "req/s", "mean µs", "failed", "proxies µs/req"
-    );
-    for p in results {
-        if let Some(h) = &p.h2load {
-            println!(
-                "{:<12} {:>10.0} {:>10.0} {:>9} {:>14}",
-                p.path.key(),
-                h.rps,
-                h.mean_us,
-                h.failed,
-                h.proxies_cpu_us_per_req
-                    .map_or("-".into(), |c| format!("{c:.1}"))
-            );
-        }
-    }
-}
-
-fn print_cost(results: &[PathResult]) {
-    if results.iter().all(|p| p.cost.is_none()) {
-        return;
-    }
-    println!();
-    println!(
-        "under callgrind, per call, all the path's proxies (repeatable: compare commits by these)"
-    );
-    println!(
-        "{:<12} {:>7} {:>14} {:>12} {:>10}   per proxy: instructions/req",
-        "path", "calls", "instructions", "allocations", "reallocs"
-    );
-    for p in results {
-        if let Some(c) = &p.cost {
-            let each: Vec<String> = c
-                .sidecars
-                .iter()
-                .map(|(name, n)| {
-                    format!(
-                        "{name} {:.0}",
-                        n.instructions as f64 / c.calls.max(1) as f64
-                    )
-                })
-                .collect();
-            println!(
-                "{:<12} {:>7} {:>14.0} {:>12.1} {:>10.1}   {}",
-                p.path.key(),
-                c.calls,
-                c.instructions_per_req,
-                c.allocations_per_req,
-                c.reallocations_per_req,
-                each.join(", ")
-            );
-        }
-    }
-}
-
-fn print_conn_memory(results: &[PathResult]) {
-    if results.iter().all(|p| p.conn_memory.is_none()) {
-        return;
-    }
-    println!();
-    println!("memory per connection: RSS (MiB) of each proxy, open client HTTP/2 connections idle / with one call in flight each");
-    for p in results {
-        let Some(m) = &p.conn_memory else { continue };
-        for (i, sc) in p.sidecars.iter().enumerate() {
-            let mib = |v: &[u64]| {
-                v.get(i)
-                    .map_or("-".into(), |b| format!("{:.1}", *b as f64 / MIB))
-            };
-            let levels: Vec<String> = m
-                .levels
-                .iter()
-                .map(|l| {
-                    format!(
-                        "{}: {} / {}",
-                        l.connections,
-                        mib(&l.rss_idle_bytes),
-                        mib(&l.rss_in_flight_bytes)
-                    )
-                })
-                .collect();
-            println!(
-                "  {:<10} {:<22} before {:>5}   {}   after close {}",
-                p.path.key(),
-                sc.name,
-                mib(&m.rss_before_bytes),
-                levels.join("   "),
-                mib(&m.rss_after_close_bytes),
-            );
-        }
-        let calls: Vec<String> = m
-            .levels
-            .iter()
-            .map(|l| format!("{}/{}", l.calls_ok, l.connections))
-            .collect();
-        println!(
-            "  {:<10} held calls completed OK: {}; back within 20% of before: {}",
-            p.path.key(),
-            calls.join(", "),
-            m.recovered_after_s
-                .map_or("not within 60 s".into(), |s| format!("after {s:.0} s"))
         );
     }
 }
