@@ -172,7 +172,9 @@ impl EndpointClient {
         } else {
             strip_hop_by_hop(req.headers_mut());
             origin_form(&mut req);
-            let rsp = self.send_h1(req).await?;
+            // Boxed: HTTP/1 is the rare protocol here, and its connect and
+            // pool states would otherwise grow every request's future.
+            let rsp = Box::pin(self.send_h1(req)).await?;
             let (mut parts, body) = rsp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             Response::from_parts(parts, body)
@@ -180,14 +182,7 @@ impl EndpointClient {
         self.check_head(&rsp)?;
         let grpc = crate::errors::is_grpc(rsp.headers());
         let (limit, oversized) = (self.limits.max_header_list_size, self.oversized.clone());
-        Ok(rsp.map(|b| {
-            crate::body::boxed(CheckedTrailers::new(
-                crate::body::boxed(b),
-                limit,
-                grpc,
-                oversized,
-            ))
-        }))
+        Ok(rsp.map(|b| crate::body::boxed(CheckedTrailers::new(b, limit, grpc, oversized))))
     }
 
     /// A response head over the header limit is the app's answer, not a
@@ -208,7 +203,12 @@ impl EndpointClient {
     }
 
     async fn send_h2(&self, req: Request<Body>) -> Result<Response<Incoming>, ProxyError> {
-        let mut tx = self.h2_sender().await?;
+        // Connecting (TCP, TLS, the HTTP/2 handshake) is rare and its future
+        // large: boxed, it does not make every request's future that large.
+        let mut tx = match self.pooled_h2() {
+            Some(tx) => tx,
+            None => Box::pin(self.h2_sender()).await?,
+        };
         match tx.try_send_request(req).await {
             Ok(rsp) => Ok(rsp),
             Err(mut e) => match e.take_message() {
@@ -217,7 +217,7 @@ impl EndpointClient {
                 // connection may carry it.
                 Some(req) => {
                     self.h2.store(None);
-                    let mut tx = self.h2_sender().await?;
+                    let mut tx = Box::pin(self.h2_sender()).await?;
                     tx.send_request(req).await.map_err(|e| self.upstream(e))
                 }
                 None => Err(self.upstream(e.into_error())),
@@ -225,11 +225,16 @@ impl EndpointClient {
         }
     }
 
+    /// The pooled HTTP/2 connection, when it can take a request.
+    fn pooled_h2(&self) -> Option<http2::SendRequest<Body>> {
+        let c = self.h2.load();
+        let c = c.as_deref()?;
+        (!c.tx.is_closed() && !c.retired()).then(|| c.tx.clone())
+    }
+
     async fn h2_sender(&self) -> Result<http2::SendRequest<Body>, ProxyError> {
-        if let Some(c) = self.h2.load().as_deref() {
-            if !c.tx.is_closed() && !c.retired() {
-                return Ok(c.tx.clone());
-            }
+        if let Some(tx) = self.pooled_h2() {
+            return Ok(tx);
         }
         let _connecting = self.h2_connecting.lock().await;
         if let Some(c) = self.h2.load().as_deref() {

@@ -37,15 +37,15 @@ pub fn header_list_size(headers: &HeaderMap) -> usize {
 /// A response body whose trailers are checked against the header limit: an
 /// oversized trailer block becomes a gRPC INTERNAL status naming the limit
 /// (for gRPC), or is dropped with a log line, and is counted either way.
-pub struct CheckedTrailers {
-    inner: Body,
+pub struct CheckedTrailers<B = Body> {
+    inner: B,
     limit: usize,
     grpc: bool,
     rejected: IntCounter,
 }
 
-impl CheckedTrailers {
-    pub fn new(inner: Body, limit: u32, grpc: bool, rejected: IntCounter) -> Self {
+impl<B> CheckedTrailers<B> {
+    pub fn new(inner: B, limit: u32, grpc: bool, rejected: IntCounter) -> Self {
         Self {
             inner,
             limit: limit as usize,
@@ -79,7 +79,13 @@ impl CheckedTrailers {
     }
 }
 
-impl http_body::Body for CheckedTrailers {
+// Generic over the body so the upstream's body is wrapped as it comes, not
+// boxed twice per response.
+impl<B> http_body::Body for CheckedTrailers<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -89,7 +95,9 @@ impl http_body::Body for CheckedTrailers {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(f))) => f,
-            other => return other,
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => return Poll::Pending,
         };
         let size = frame.trailers_ref().map_or(0, header_list_size);
         if size > self.limit {

@@ -68,6 +68,11 @@ pub struct Metrics {
     routes: [RwLock<RoutesByService>; 2],
 }
 
+/// Response counters one route keeps resolved: a route sees a handful of
+/// (status class, gRPC status, tls, peer) combinations, and looking one up
+/// here costs a few comparisons where `with_label_values` hashes seven labels.
+const MAX_RESPONSE_HANDLES: usize = 32;
+
 /// Metric handles of one (direction, service, route), resolved once and reused.
 pub struct RouteMetrics {
     pub direction: Direction,
@@ -76,19 +81,42 @@ pub struct RouteMetrics {
     pub requests: IntCounter,
     pub duration: Histogram,
     responses: IntCounterVec,
+    resolved: RwLock<Vec<(ResponseLabels, IntCounter)>>,
+}
+
+#[derive(PartialEq, Eq)]
+struct ResponseLabels {
+    status_class: &'static str,
+    grpc_status: &'static str,
+    tls: &'static str,
+    peer_identity: Box<str>,
 }
 
 impl RouteMetrics {
-    /// `tls` is "true" or "false"; `peer_identity` is the verified SPIFFE id
-    /// of the other side (the caller inbound, the endpoint outbound) or "".
-    pub fn response(
+    /// Counts one response. `tls` is "true" or "false"; `peer_identity` is
+    /// the verified SPIFFE id of the other side (the caller inbound, the
+    /// endpoint outbound) or "".
+    pub fn count_response(
         &self,
-        status_class: &str,
-        grpc_status: &str,
-        tls: &str,
+        status_class: &'static str,
+        grpc_status: &'static str,
+        tls: &'static str,
         peer_identity: &str,
-    ) -> IntCounter {
-        self.responses.with_label_values(&[
+    ) {
+        let same = |l: &ResponseLabels| {
+            l.status_class == status_class
+                && l.grpc_status == grpc_status
+                && l.tls == tls
+                && *l.peer_identity == *peer_identity
+        };
+        {
+            let read = self.resolved.read().unwrap_or_else(|p| p.into_inner());
+            if let Some((_, c)) = read.iter().find(|(l, _)| same(l)) {
+                c.inc();
+                return;
+            }
+        }
+        let counter = self.responses.with_label_values(&[
             self.direction.as_str(),
             &self.service,
             &self.route,
@@ -96,7 +124,18 @@ impl RouteMetrics {
             grpc_status,
             tls,
             peer_identity,
-        ])
+        ]);
+        let mut write = self.resolved.write().unwrap_or_else(|p| p.into_inner());
+        if write.len() < MAX_RESPONSE_HANDLES && !write.iter().any(|(l, _)| same(l)) {
+            let labels = ResponseLabels {
+                status_class,
+                grpc_status,
+                tls,
+                peer_identity: peer_identity.into(),
+            };
+            write.push((labels, counter.clone()));
+        }
+        counter.inc();
     }
 }
 
@@ -319,6 +358,7 @@ impl Metrics {
             requests: self.requests.with_label_values(&labels),
             duration: self.duration.with_label_values(&labels),
             responses: self.responses.clone(),
+            resolved: RwLock::default(),
         });
         routes.insert(key.into(), Arc::clone(&r));
         r
@@ -433,6 +473,34 @@ mod tests {
             .filter(|l| l.starts_with("tern_requests_total{"))
             .count();
         assert_eq!(routes, MAX_ROUTES_PER_SERVICE + 1);
+    }
+
+    #[test]
+    fn responses_count_per_label_set_beyond_the_resolved_handles() {
+        let m = Metrics::new().unwrap();
+        let svc: Arc<str> = "pay".into();
+        let r = m.route(Direction::Inbound, &svc, "pkg.Svc/M");
+        let peers: Vec<String> = (0..MAX_RESPONSE_HANDLES + 3)
+            .map(|i| format!("spiffe://cluster.local/ns/default/sa/c{i}"))
+            .collect();
+        for peer in &peers {
+            r.count_response("2xx", "OK", "true", peer);
+            r.count_response("2xx", "OK", "true", peer);
+        }
+        r.count_response("5xx", "UNAVAILABLE", "false", "");
+        let text = m.encode().unwrap();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("tern_responses_total{"))
+            .collect();
+        assert_eq!(lines.len(), peers.len() + 1, "{text}");
+        assert!(lines
+            .iter()
+            .all(|l| l.ends_with(" 2") || l.contains("UNAVAILABLE")));
+        let last = peers.last().unwrap();
+        assert!(lines
+            .iter()
+            .any(|l| l.contains(last.as_str()) && l.ends_with(" 2")));
     }
 
     #[test]

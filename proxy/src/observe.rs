@@ -131,16 +131,19 @@ where
             })
         });
         let tapped = sh.tap.as_ref().and_then(|t| t.start(&req));
-        let bytes_in = Arc::new(AtomicU64::new(0));
+        // Only the access log and spans report the bytes received: without
+        // them the body is passed on uncounted.
+        let bytes_in = (log.is_some() || span.is_some()).then(|| Arc::new(AtomicU64::new(0)));
         let attempts = match span {
             Some(_) => Attempts::recorded(),
             None => Attempts::default(),
         };
-        let mut req = req.map(|b| {
-            body::boxed(CountingBody {
+        let mut req = req.map(|b| match &bytes_in {
+            Some(bytes) => body::boxed(CountingBody {
                 inner: b,
-                bytes: Arc::clone(&bytes_in),
-            })
+                bytes: Arc::clone(bytes),
+            }),
+            None => body::boxed(b),
         });
         req.extensions_mut().insert(attempts.clone());
         // Inbound: what the caller's connection established. Outbound: set
@@ -214,7 +217,7 @@ struct Completion {
     grpc: bool,
     status: u16,
     grpc_status: Option<u32>,
-    bytes_in: Arc<AtomicU64>,
+    bytes_in: Option<Arc<AtomicU64>>,
     bytes_out: u64,
     upstream: Option<std::net::SocketAddr>,
     error: Option<&'static str>,
@@ -253,7 +256,7 @@ impl Completion {
                 ),
                 None => ("false", ""),
             };
-            self.route.response(class, grpc, tls, peer).inc();
+            self.route.count_response(class, grpc, tls, peer);
         }
         self.route.duration.observe(elapsed.as_secs_f64());
         let error = match outcome {
@@ -280,7 +283,7 @@ impl Completion {
                 status: self.status,
                 grpc_status: self.grpc_status,
                 duration_ms: elapsed.as_secs_f64() * 1000.0,
-                bytes_in: self.bytes_in.load(Ordering::Relaxed),
+                bytes_in: self.bytes_in(),
                 bytes_out: self.bytes_out,
                 upstream: self.upstream,
                 peer_identity: self.tls.as_ref().and_then(|t| t.peer_identity.as_deref()),
@@ -321,6 +324,12 @@ impl Completion {
         );
     }
 
+    fn bytes_in(&self) -> u64 {
+        self.bytes_in
+            .as_ref()
+            .map_or(0, |b| b.load(Ordering::Relaxed))
+    }
+
     fn record_span(&self, span: &SpanInfo, error: Option<&'static str>) {
         let tls = self.tls.as_ref();
         span.start.tracer.record(FinishedSpan {
@@ -339,7 +348,7 @@ impl Completion {
             error,
             attempts: self.attempts.0.load(Ordering::Relaxed),
             retries: self.attempts.retries(),
-            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            bytes_in: self.bytes_in(),
             bytes_out: self.bytes_out,
         });
     }

@@ -5,15 +5,23 @@
 //! at a fixed moderate rate, latency with one call in flight (what a sidecar
 //! adds to a quiet request), and each proxy's peak RSS and CPU per request.
 //! The load generator runs in this process on a one-thread runtime of its own,
-//! so it takes at most one core from pay and the proxies.
+//! so it takes at most one core from pay and the proxies. Beside it: h2load's
+//! figures when it is installed, instructions and allocations per request
+//! under callgrind when valgrind is, and memory per open connection.
+//! docs/PERFORMANCE.md states the method and the targets.
 
+mod callgrind;
+mod conns;
 mod cpu;
+mod h2load;
 mod load;
 mod paths;
 mod report;
+mod targets;
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -37,11 +45,22 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     concurrency: u32,
     /// Calls per second in the latency phase (open loop).
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     rate: u32,
     /// Measure only these paths (comma-separated).
     #[arg(long, value_enum, value_delimiter = ',', value_name = "PATHS")]
     only: Vec<PathKind>,
+    /// Calls counted per path under callgrind (instructions and allocations
+    /// per request); 0 skips it. Needs valgrind.
+    #[arg(long, default_value_t = 500)]
+    callgrind_calls: u64,
+    /// Open client HTTP/2 connections at which each tern-proxy's memory is
+    /// measured, in rising order (comma-separated); 0 skips it.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    connections: Vec<usize>,
+    /// Do not drive load with h2load even when it is installed.
+    #[arg(long)]
+    no_h2load: bool,
     /// Print only the final JSON line.
     #[arg(long)]
     json_only: bool,
@@ -99,6 +118,15 @@ pub struct PathResult {
     pub cpu_us_per_req: Option<PerPhase>,
     /// Everyone's CPU per phase: is the proxy, the client or a neighbour the limit?
     pub cpu_seconds: cpu::Breakdown,
+    /// The same calls driven by h2load, when installed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub h2load: Option<h2load::H2loadPhase>,
+    /// Instructions and allocations per request, under callgrind.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost: Option<callgrind::PathCost>,
+    /// RSS with many open connections (tern-proxy paths).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conn_memory: Option<conns::ConnMemory>,
 }
 
 /// A path that was asked for but not measured.
@@ -151,6 +179,16 @@ async fn bench(args: BenchArgs) -> anyhow::Result<i32> {
         load_average: cpu::load_average(),
     };
     let verbose = !args.json_only;
+    let h2load = if args.no_h2load {
+        None
+    } else {
+        h2load::H2load::find()?
+    };
+    let callgrind = if args.callgrind_calls == 0 {
+        None
+    } else {
+        callgrind::Callgrind::find()?.map(Arc::new)
+    };
 
     // Missing binaries fail before anything starts.
     procs::sibling("pay").context("ternctl bench needs the demo's pay server")?;
@@ -185,7 +223,44 @@ async fn bench(args: BenchArgs) -> anyhow::Result<i32> {
         if haproxy.is_none() && skipped.iter().any(|s| s.path.is_haproxy()) {
             println!("note: haproxy not found on PATH; skipping the haproxy paths");
         }
+        match &h2load {
+            Some(h) => println!(
+                "  h2load ({}): -t1 -c{} -m{} for {}s per path, after the phases above",
+                h.path().display(),
+                h2load::CONNECTIONS,
+                h2load::STREAMS,
+                args.duration.as_secs().max(1)
+            ),
+            None if !args.no_h2load => {
+                println!("note: h2load not found (apt-get install nghttp2-client); its figures are skipped")
+            }
+            None => {}
+        }
+        if callgrind.is_none() && args.callgrind_calls > 0 {
+            println!("note: valgrind not found (apt-get install valgrind); no instruction counts");
+        }
     }
+    let levels: Vec<usize> = args
+        .connections
+        .iter()
+        .copied()
+        .filter(|&n| n > 0)
+        .collect();
+    let max_level = levels.iter().copied().max().unwrap_or(0);
+    let fd_limit = conns::raise_fd_limit(conns::fds_needed(max_level));
+    let fit = conns::max_connections(fd_limit);
+    if max_level > fit && verbose {
+        println!(
+            "note: the open-file limit ({fd_limit}) allows {fit} client connections per proxy, \
+             not {max_level}: measuring at {fit}, and the target at {max_level} by extrapolation"
+        );
+    }
+    let mut levels: Vec<usize> = levels.into_iter().map(|n| n.min(fit)).collect();
+    levels.dedup();
+    let extras = Extras {
+        h2load: h2load.as_ref(),
+        levels: &levels,
+    };
 
     let sink = match args.trace_sample_rate {
         Some(rate) => {
@@ -202,9 +277,24 @@ async fn bench(args: BenchArgs) -> anyhow::Result<i32> {
         (pay_addr, pay_pid),
         haproxy.as_deref(),
         &args,
+        &extras,
         &mut skipped,
     )
     .await;
+    let measured = match (measured, &callgrind) {
+        (Ok(mut results), Some(cg)) => {
+            callgrind::count_all(
+                &mut results,
+                pay_addr,
+                haproxy.as_deref(),
+                cg,
+                (args.callgrind_calls, args.json_only),
+            )
+            .await;
+            Ok(results)
+        }
+        (r, _) => r,
+    };
     pay.stop(paths::GRACE).await;
     let results = measured?;
     if let (Some(sink), true) = (&sink, verbose) {
@@ -221,11 +311,19 @@ async fn bench(args: BenchArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// The optional measurements, and what they need.
+struct Extras<'a> {
+    h2load: Option<&'a h2load::H2load>,
+    /// Connection counts for the memory figures; empty: none.
+    levels: &'a [usize],
+}
+
 async fn measure_all(
     kinds: &[PathKind],
     (pay, pay_pid): (SocketAddr, u32),
     haproxy: Option<&Path>,
     args: &BenchArgs,
+    extras: &Extras<'_>,
     skipped: &mut Vec<Skipped>,
 ) -> anyhow::Result<Vec<PathResult>> {
     let mut results = Vec::new();
@@ -233,9 +331,9 @@ async fn measure_all(
         if !args.json_only {
             eprintln!("measuring {:<11} {}", kind.key(), kind.describe());
         }
-        let outcome = match Topology::start(kind, pay, haproxy).await {
+        let outcome = match Topology::start(kind, pay, haproxy, None).await {
             Ok(topo) => {
-                let r = measure(kind, &topo, pay_pid, args).await;
+                let r = measure(kind, &topo, pay_pid, args, extras).await;
                 topo.stop().await;
                 r
             }
@@ -265,6 +363,7 @@ async fn measure(
     topo: &Topology,
     pay_pid: u32,
     args: &BenchArgs,
+    extras: &Extras<'_>,
 ) -> anyhow::Result<PathResult> {
     let snap = || Snapshot::take(&topo.sidecars, pay_pid);
     let client = load::connect(topo.target).await?;
@@ -281,6 +380,41 @@ async fn measure(
     let single = load::closed_loop(&client, 1, args.duration).await;
     let s3 = snap()?;
     drop(client);
+    let h2load = match extras.h2load {
+        Some(h) => {
+            let before = snap()?;
+            let mut r = h.run(topo.target, args.duration).await?;
+            let after = snap()?;
+            if !topo.sidecars.is_empty() {
+                let cpu: f64 = (0..topo.sidecars.len())
+                    .map(|i| after.sidecars[i].1 - before.sidecars[i].1)
+                    .sum();
+                // CPU is read around the whole run, warm-up included.
+                let calls = r.rps * (r.seconds + 1.0);
+                r.proxies_cpu_us_per_req = Some(cpu * 1e6 / calls.max(1.0));
+            }
+            Some(r)
+        }
+        None => None,
+    };
+    let conn_memory = if kind.is_tern() && !extras.levels.is_empty() {
+        if !args.json_only {
+            eprintln!(
+                "memory     {:<11} with {:?} open connections",
+                kind.key(),
+                extras.levels
+            );
+        }
+        match conns::measure(topo.target, &topo.sidecars, extras.levels).await {
+            Ok(m) => Some(m),
+            Err(e) => {
+                eprintln!("no connection memory for {}: {e:#}", kind.key());
+                None
+            }
+        }
+    } else {
+        None
+    };
     let (u0, u1, u2, u3) = (&s0.sidecars, &s1.sidecars, &s2.sidecars, &s3.sidecars);
 
     for (phase, p) in [
@@ -332,6 +466,9 @@ async fn measure(
         sidecars,
         cpu_us_per_req,
         cpu_seconds: cpu::breakdown([&s0, &s1, &s2, &s3]),
+        h2load,
+        cost: None,
+        conn_memory,
     })
 }
 

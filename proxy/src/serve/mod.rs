@@ -223,6 +223,9 @@ where
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
+    /// Every path but serving HTTP is boxed: the task of each open connection
+    /// is as large as its future, so the handshake's and opaque TCP's states
+    /// must not size every idle HTTP/2 connection.
     async fn connection(&self, stream: TcpStream, peer: SocketAddr) {
         let name = self.l.name;
         let Ok(local) = stream.local_addr() else {
@@ -235,13 +238,14 @@ where
         match &self.l.mode {
             Mode::Outbound(out) => {
                 if let Some(dst) = intercept::original_dst(&stream) {
-                    match out.classify(&stream, dst).await {
+                    match Box::pin(out.classify(&stream, dst)).await {
                         OutboundConn::Http(dest) => info.dest = Some(dest),
                         OutboundConn::Mesh { target, pinned } => {
-                            return out.tcp.to_mesh(stream, peer, dst, target, pinned).await
+                            let tcp = out.tcp.to_mesh(stream, peer, dst, target, pinned);
+                            return Box::pin(tcp).await;
                         }
                         OutboundConn::Passthrough => {
-                            return out.tcp.passthrough(stream, peer, dst).await
+                            return Box::pin(out.tcp.passthrough(stream, peer, dst)).await
                         }
                         OutboundConn::Unanswered => {
                             if intercept::detect(&stream).await != intercept::Protocol::Http {
@@ -259,10 +263,10 @@ where
             }
             Mode::Inbound(inb) => {
                 if let Some(dst) = inb.redirected(&stream) {
-                    match inb.classify(&stream, dst).await {
+                    match Box::pin(inb.classify(&stream, dst)).await {
                         InboundConn::Http(dest) => info.dest = Some(dest),
                         InboundConn::Opaque => {
-                            return inb.tcp.to_app(stream, peer, inb.app(dst)).await
+                            return Box::pin(inb.tcp.to_app(stream, peer, inb.app(dst))).await
                         }
                         InboundConn::Refused => {
                             inb.ports.refuse(peer, dst.port(), "redirected connection");
@@ -276,7 +280,7 @@ where
         let Some(tls) = &self.l.tls else {
             return self.http(stream, peer, info).await;
         };
-        match tls.accept(stream).await {
+        match Box::pin(tls.accept(stream)).await {
             Err(e) => {
                 if e.reason == "timeout" {
                     self.reject("handshake_timeout");
@@ -292,10 +296,8 @@ where
             Ok(Accepted::Tls(stream, conn_tls)) => {
                 let opaque = stream.get_ref().1.alpn_protocol() == Some(ALPN_TERN_TCP);
                 if let (true, Mode::Inbound(inb)) = (opaque, &self.l.mode) {
-                    return inb
-                        .tcp
-                        .from_mesh(stream, peer, conn_tls, inb.app(local))
-                        .await;
+                    let tcp = inb.tcp.from_mesh(stream, peer, conn_tls, inb.app(local));
+                    return Box::pin(tcp).await;
                 }
                 info.tls = Some(conn_tls);
                 self.http(stream, peer, info).await

@@ -108,7 +108,7 @@ pub async fn check(client: &Client) -> anyhow::Result<()> {
     }
 }
 
-fn request() -> PayRequest {
+pub fn request() -> PayRequest {
     PayRequest {
         order_id: "bench-0001".into(),
         amount_cents: 1250,
@@ -160,6 +160,52 @@ pub async fn closed_loop(client: &Client, concurrency: usize, duration: Duration
                 errors += 1;
                 first_error.get_or_insert_with(|| format!("caller task failed: {e}"));
             }
+        }
+    }
+    Phase::new(lat, errors, 0, start.elapsed(), first_error)
+}
+
+/// `total` calls, `concurrency` at a time; the count, not a duration, bounds
+/// the phase, so runs under callgrind compare call for call.
+pub async fn fixed_count(client: &Client, concurrency: usize, total: u64) -> Phase {
+    let start = Instant::now();
+    let left = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(total));
+    let mut callers = JoinSet::new();
+    for _ in 0..concurrency.max(1) {
+        let mut client = client.clone();
+        let left = std::sync::Arc::clone(&left);
+        callers.spawn(async move {
+            let req = request();
+            let (mut lat, mut errors, mut first_error) = (Vec::new(), 0u64, None);
+            let take = |n: u64| n.checked_sub(1);
+            while left
+                .fetch_update(
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                    take,
+                )
+                .is_ok()
+            {
+                let t = Instant::now();
+                match client.pay(req.clone()).await {
+                    Ok(_) => lat.push(micros(t.elapsed())),
+                    Err(status) => {
+                        errors += 1;
+                        first_error.get_or_insert_with(|| status.to_string());
+                    }
+                }
+            }
+            (lat, errors, first_error)
+        });
+    }
+    let (mut lat, mut errors, mut first_error) = (Vec::new(), 0, None);
+    while let Some(done) = callers.join_next().await {
+        if let Ok((l, e, f)) = done {
+            lat.extend(l);
+            errors += e;
+            first_error = first_error.or(f);
+        } else {
+            errors += 1;
         }
     }
     Phase::new(lat, errors, 0, start.elapsed(), first_error)

@@ -11,16 +11,20 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use serde::Serialize;
 
+use super::callgrind::Callgrind;
 use crate::procs::{self, Proc};
 
 /// How long a stopped child may drain before it is killed.
 pub const GRACE: Duration = Duration::from_secs(3);
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Start-up under callgrind runs some 50 times slower.
+const READY_TIMEOUT_CALLGRIND: Duration = Duration::from_secs(90);
 
 /// One way from the load generator to `pay`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -68,6 +72,11 @@ impl PathKind {
         }
     }
 
+    /// A path through tern-proxy sidecars.
+    pub fn is_tern(self) -> bool {
+        matches!(self, PathKind::One | PathKind::Two | PathKind::TwoMtls)
+    }
+
     pub fn is_haproxy(self) -> bool {
         matches!(self, PathKind::HaproxyOne | PathKind::HaproxyTwo)
     }
@@ -86,6 +95,8 @@ impl PathKind {
 pub struct Sidecar {
     pub name: String,
     pub pid: u32,
+    /// The name as a file name (callgrind's dumps).
+    pub slug: String,
 }
 
 /// The processes of one path, and the address the load generator dials.
@@ -93,6 +104,8 @@ pub struct Topology {
     pub target: SocketAddr,
     pub sidecars: Vec<Sidecar>,
     procs: Vec<Proc>,
+    /// Every proxy runs under callgrind (see [`super::callgrind`]).
+    callgrind: Option<Arc<Callgrind>>,
     /// tern-control for the mTLS path: not measured, stopped last.
     ca: Option<Proc>,
     // haproxy's config, or the CA's state; removed when the path is done.
@@ -104,11 +117,13 @@ impl Topology {
         kind: PathKind,
         pay: SocketAddr,
         haproxy: Option<&Path>,
+        callgrind: Option<Arc<Callgrind>>,
     ) -> anyhow::Result<Self> {
         let mut t = Topology {
             target: pay,
             sidecars: Vec::new(),
             procs: Vec::new(),
+            callgrind,
             ca: None,
             _dir: None,
         };
@@ -179,6 +194,7 @@ impl Topology {
         self.sidecars.push(Sidecar {
             name: p.name.clone(),
             pid,
+            slug: slug(&p.name),
         });
         self.procs.push(p);
         Ok(())
@@ -199,7 +215,7 @@ impl Topology {
             "--endpoints".into(),
             format!("pay={endpoint}"),
         ]);
-        let (p, line) = start_tern(name, &args).await?;
+        let (p, line) = self.start_tern(name, &args).await?;
         self.keep(p)?;
         ready_addr(&line, "upstream")
     }
@@ -221,7 +237,7 @@ impl Topology {
             "--service-name".into(),
             "pay".into(),
         ]);
-        let (p, line) = start_tern(name, &args).await?;
+        let (p, line) = self.start_tern(name, &args).await?;
         self.keep(p)?;
         ready_addr(&line, "inbound")
     }
@@ -253,8 +269,8 @@ impl Topology {
                 String::from_utf8_lossy(&check.stderr).trim()
             );
         }
-        let mut p = Proc::spawn_program(name, bin, &["-db".into(), "-f".into(), cfg_arg])?;
-        wait_listening(&mut p, listen).await?;
+        let mut p = self.spawn(name, bin, &["-db".into(), "-f".into(), cfg_arg])?;
+        wait_listening(&mut p, listen, self.ready_timeout()).await?;
         self.keep(p)?;
         Ok(listen)
     }
@@ -369,10 +385,46 @@ fn base_tern_args() -> Vec<String> {
     .into()
 }
 
-async fn start_tern(name: &str, args: &[String]) -> anyhow::Result<(Proc, String)> {
-    let mut p = Proc::spawn(name, "tern-proxy", args)?;
-    let line = p.wait_for_line("tern-proxy ready:", READY_TIMEOUT).await?;
-    Ok((p, line))
+impl Topology {
+    async fn start_tern(&self, name: &str, args: &[String]) -> anyhow::Result<(Proc, String)> {
+        let bin = procs::sibling("tern-proxy")?;
+        let mut p = self.spawn(name, &bin, args)?;
+        let line = p
+            .wait_for_line("tern-proxy ready:", self.ready_timeout())
+            .await?;
+        Ok((p, line))
+    }
+
+    fn spawn(&self, name: &str, program: &Path, args: &[String]) -> anyhow::Result<Proc> {
+        match &self.callgrind {
+            Some(cg) => {
+                let (valgrind, args) = cg.wrap(&slug(name), program, args);
+                Proc::spawn_program(name, &valgrind, &args)
+            }
+            None => Proc::spawn_program(name, program, args),
+        }
+    }
+
+    fn ready_timeout(&self) -> Duration {
+        if self.callgrind.is_some() {
+            READY_TIMEOUT_CALLGRIND
+        } else {
+            READY_TIMEOUT
+        }
+    }
+}
+
+/// `tern-proxy (outbound)` → `tern-proxy-outbound`.
+fn slug(name: &str) -> String {
+    let mut s = String::new();
+    for c in name.chars() {
+        if c.is_ascii_alphanumeric() {
+            s.push(c);
+        } else if !s.ends_with('-') {
+            s.push('-');
+        }
+    }
+    s.trim_matches('-').to_string()
 }
 
 /// `key=ADDR` from `tern-proxy ready: outbound=… upstream=… inbound=… admin=…`.
@@ -411,7 +463,7 @@ backend app
 }
 
 /// haproxy prints nothing when ready: wait until its port accepts.
-async fn wait_listening(p: &mut Proc, addr: SocketAddr) -> anyhow::Result<()> {
+async fn wait_listening(p: &mut Proc, addr: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
     let start = Instant::now();
     loop {
         if let Ok(Some(status)) = p.child.try_wait() {
@@ -420,11 +472,8 @@ async fn wait_listening(p: &mut Proc, addr: SocketAddr) -> anyhow::Result<()> {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
             return Ok(());
         }
-        if start.elapsed() > READY_TIMEOUT {
-            bail!(
-                "{} did not listen on {addr} within {READY_TIMEOUT:?}",
-                p.name
-            );
+        if start.elapsed() > timeout {
+            bail!("{} did not listen on {addr} within {timeout:?}", p.name);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -447,5 +496,11 @@ mod tests {
             Some(SocketAddr::from(([127, 0, 0, 1], 39002)))
         );
         assert!(ready_addr("tern-proxy ready: admin=x", "admin").is_err());
+    }
+
+    #[test]
+    fn slugs_are_file_names() {
+        assert_eq!(slug("tern-proxy (outbound)"), "tern-proxy-outbound");
+        assert_eq!(slug("haproxy (client side)"), "haproxy-client-side");
     }
 }

@@ -1,22 +1,16 @@
 //! The benchmark's output: a header saying how it was measured, one table of
 //! paths, one of proxies, comparisons against direct and against haproxy of
-//! the same shape, the spec's targets, and the JSON line.
+//! the same shape, h2load's figures, instructions and allocations per request,
+//! memory per connection, the targets, and the JSON line.
 
 use std::path::Path;
 
 use serde::Serialize;
 
 use super::paths::PathKind;
-use super::{PathResult, Settings, Skipped};
+use super::{targets, PathResult, Settings, Skipped};
 
 const MIB: f64 = 1024.0 * 1024.0;
-
-/// The spec's targets for two sidecars at one call in flight, and per request
-/// under load; stated for mTLS, which this run does not use.
-const TARGET_P50_US: i64 = 50;
-const TARGET_P99_US: i64 = 150;
-const TARGET_CPU_US: f64 = 14.0;
-const TARGET_IDLE_RSS_MIB: f64 = 8.0;
 
 /// One path against a baseline: ratios above 1 and deltas above 0 mean "more".
 #[derive(Debug, Serialize)]
@@ -215,7 +209,10 @@ pub fn print_tables(s: &Settings, results: &[PathResult], skipped: &[Skipped]) {
         &vs_haproxy(results),
         true,
     );
-    print_targets(results);
+    super::h2load::print(results);
+    super::callgrind::print(results);
+    super::conns::print(results);
+    targets::print(&targets::checks(results));
     for sk in skipped {
         println!("skipped {}: {}", sk.path.key(), sk.reason);
     }
@@ -292,62 +289,6 @@ fn print_cpu(s: &Settings, results: &[PathResult]) {
     }
 }
 
-/// The spec's figures for two sidecars, next to what this run measured.
-fn print_targets(results: &[PathResult]) {
-    // The targets are stated for the mTLS path; plaintext stands in when it was not run.
-    let mtls = find(results, PathKind::TwoMtls);
-    let (Some(two), Some(direct)) = (
-        mtls.or_else(|| find(results, PathKind::Two)),
-        find(results, PathKind::Direct),
-    ) else {
-        return;
-    };
-    let c = compare(two, direct);
-    let cpu = two.cpu_us_per_req.map_or(0.0, |c| c.load);
-    let idle = two
-        .sidecars
-        .iter()
-        .map(|s| s.rss_idle_bytes)
-        .max()
-        .unwrap_or(0) as f64
-        / MIB;
-    println!();
-    if mtls.is_some() {
-        println!("spec targets, two sidecars with mTLS:");
-    } else {
-        println!("spec targets, two sidecars (stated for mTLS; this run is plaintext):");
-    }
-    let line = |what: &str, got: String, target: String, ok: bool| {
-        let mark = if ok { "ok" } else { "over" };
-        println!("  {what:<32} {got:>10}   target {target:<10} {mark}");
-    };
-    let [p50, p99, _] = c.single_delta_us;
-    line(
-        "added p50, 1 call in flight",
-        format!("{p50:+} µs"),
-        format!("≤ +{TARGET_P50_US} µs"),
-        p50 <= TARGET_P50_US,
-    );
-    line(
-        "added p99, 1 call in flight",
-        format!("{p99:+} µs"),
-        format!("≤ +{TARGET_P99_US} µs"),
-        p99 <= TARGET_P99_US,
-    );
-    line(
-        "CPU per call, both proxies",
-        format!("{cpu:.1} µs"),
-        format!("≤ {TARGET_CPU_US} µs"),
-        cpu <= TARGET_CPU_US,
-    );
-    line(
-        "idle RSS, largest proxy",
-        format!("{idle:.1} MiB"),
-        format!("≤ {TARGET_IDLE_RSS_MIB} MiB"),
-        idle <= TARGET_IDLE_RSS_MIB,
-    );
-}
-
 /// Everything in one line, last on stdout, for scripts; `type` comes first so
 /// a reader can pick the line out by its prefix.
 pub fn json_line(s: &Settings, results: &[PathResult], skipped: &[Skipped]) -> String {
@@ -358,6 +299,7 @@ pub fn json_line(s: &Settings, results: &[PathResult], skipped: &[Skipped]) -> S
         paths: &'a [PathResult],
         vs_direct: Vec<Comparison>,
         vs_haproxy: Vec<Comparison>,
+        targets: Vec<targets::Check>,
         skipped: &'a [Skipped],
     }
     let line = Line {
@@ -366,6 +308,7 @@ pub fn json_line(s: &Settings, results: &[PathResult], skipped: &[Skipped]) -> S
         paths: results,
         vs_direct: vs_direct(results),
         vs_haproxy: vs_haproxy(results),
+        targets: targets::checks(results),
         skipped,
     };
     serde_json::to_string(&line).unwrap_or_else(|e| {
@@ -412,6 +355,9 @@ mod tests {
             }),
             sidecars,
             cpu_seconds: Default::default(),
+            h2load: None,
+            cost: None,
+            conn_memory: None,
         }
     }
 
