@@ -324,7 +324,10 @@ mod tests {
         let mut req = Request::new(crate::body::empty());
         req.extensions_mut().insert(UnservedPort(6060));
         let result = svc.ready().await.unwrap().call(req).await;
-        assert!(matches!(result, Err(ProxyError::PortNotServed { port: 6060 })));
+        assert!(matches!(
+            result,
+            Err(ProxyError::PortNotServed { port: 6060 })
+        ));
         let mut req = Request::new(crate::body::empty());
         req.extensions_mut().insert(Arc::clone(&target));
         let result = svc.ready().await.unwrap().call(req).await;
