@@ -21,6 +21,7 @@ pub mod containers;
 pub mod control;
 pub mod control_mesh;
 pub mod demo;
+pub mod go;
 pub mod goaway_server;
 pub mod http1;
 pub mod identity;

@@ -234,3 +234,115 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::config::policy::ServicePolicy;
+    use crate::routes::Routes;
+    use tower::{Layer as _, Service as _, ServiceExt as _};
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    async fn target(ports: &[u16]) -> Arc<Target> {
+        let metrics = crate::metrics::Metrics::new().unwrap();
+        let policy = ServicePolicy::local_app();
+        let params = super::super::ClientParams::for_service(
+            &metrics,
+            "svc",
+            Default::default(),
+            policy.accrual.clone(),
+            false,
+        );
+        let addrs: Vec<SocketAddr> = ports.iter().map(|p| addr(*p)).collect();
+        let updates = tokio::sync::watch::channel(crate::discovery::fixed(&addrs)).1;
+        let balancer = Balancer::spawn(Arc::from("svc"), updates, params);
+        for _ in 0..100 {
+            if balancer.endpoint_addrs().len() == ports.len() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        Arc::new(Target::new(
+            Arc::from("svc"),
+            balancer,
+            Routes::single("test", policy),
+        ))
+    }
+
+    /// Answers with the endpoint the balance layer chose.
+    fn echo_endpoint() -> impl tower::Service<
+        Request<Body>,
+        Response = Response<Body>,
+        Error = ProxyError,
+        Future = impl Future<Output = Result<Response<Body>, ProxyError>>,
+    > + Clone {
+        tower::service_fn(|req: Request<Body>| async move {
+            let ep = req
+                .extensions()
+                .get::<Arc<EndpointClient>>()
+                .unwrap()
+                .addr();
+            let mut rsp = Response::new(crate::body::empty());
+            rsp.extensions_mut().insert(super::super::Upstream(ep));
+            Ok(rsp)
+        })
+    }
+
+    fn request(target: &Arc<Target>, tried: Option<&Tried>) -> Request<Body> {
+        let mut req = Request::new(crate::body::empty());
+        let rule = SelectedRule::select(target.routes.load_full(), &req).unwrap();
+        req.extensions_mut().insert(rule);
+        req.extensions_mut().insert(Arc::clone(target));
+        if let Some(t) = tried {
+            req.extensions_mut().insert(t.clone());
+        }
+        req
+    }
+
+    fn served_by(rsp: &Response<Body>) -> SocketAddr {
+        rsp.extensions().get::<super::super::Upstream>().unwrap().0
+    }
+
+    #[tokio::test]
+    async fn each_attempt_avoids_the_endpoint_the_last_one_went_to() {
+        let target = target(&[7001, 7002, 7003]).await;
+        let mut svc = BalanceLayer.layer(echo_endpoint());
+        let tried = Tried::default();
+        let mut last = None;
+        for _ in 0..6 {
+            let req = request(&target, Some(&tried));
+            let rsp = svc.ready().await.unwrap().call(req).await.unwrap();
+            let now = served_by(&rsp);
+            assert_eq!(tried.get(), Some(now), "the attempt's endpoint is recorded");
+            assert_ne!(last, Some(now), "a retry goes elsewhere when it can");
+            last = Some(now);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pinned_endpoint_is_used_and_an_unrouted_request_is_refused() {
+        let target = target(&[7001, 7002]).await;
+        let mut svc = BalanceLayer.layer(echo_endpoint());
+        for _ in 0..3 {
+            let mut req = request(&target, None);
+            req.extensions_mut().insert(PinnedEndpoint(addr(7002)));
+            let rsp = svc.ready().await.unwrap().call(req).await.unwrap();
+            assert_eq!(served_by(&rsp), addr(7002));
+        }
+        let mut req = Request::new(crate::body::empty());
+        req.extensions_mut().insert(UnservedPort(6060));
+        let result = svc.ready().await.unwrap().call(req).await;
+        assert!(matches!(
+            result,
+            Err(ProxyError::PortNotServed { port: 6060 })
+        ));
+        let mut req = Request::new(crate::body::empty());
+        req.extensions_mut().insert(Arc::clone(&target));
+        let result = svc.ready().await.unwrap().call(req).await;
+        assert!(matches!(result, Err(ProxyError::NoRoute { .. })), "no rule");
+    }
+}

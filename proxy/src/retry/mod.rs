@@ -6,11 +6,13 @@
 //! kept for replay ([`replay`]) and each attempt goes through the balance
 //! layer below, which picks its endpoint (another one than the last failure
 //! where there is one, see [`crate::balance::layer`]). An attempt is
-//! retried only when nothing of its response has
-//! reached the caller: a refused or timed-out connection, a refused stream,
-//! a retryable gRPC status, a 502/503/504 to an idempotent HTTP request. A
-//! per-service budget (a share of recent requests plus a floor per second)
-//! bounds the extra load; backoff is exponential with full jitter. The whole
+//! retried only when nothing of its response has reached the caller: a
+//! refused or timed-out connection, a refused stream, a retryable gRPC
+//! status, a 502/503/504 to an idempotent HTTP request. A per-service budget
+//! (a share of recent requests plus a floor per second) bounds the extra
+//! load; backoff is exponential with full jitter. A stream the server never
+//! processed is resent at once, spending neither an attempt nor the budget
+//! (see [`ProxyError::is_unprocessed`]). The whole
 //! call is bounded by the configured overall timeout and by an incoming
 //! `grpc-timeout`, whichever is shorter, and each attempt passes on what is
 //! left of it.
