@@ -120,8 +120,6 @@ pub async fn start(c: &Cluster, dir: &Path, spec: &PodSpec<'_>) -> Result<Pod> {
         "TERN_OUTBOUND_LISTEN=127.0.0.1:4140".into(),
         "TERN_ADMIN_LISTEN=0.0.0.0:4191".into(),
         "TERN_DRAIN_GRACE=5s".into(),
-        // Like an injected pod: the app may dial any service.
-        "TERN_WATCH_ALL_SERVICES=true".into(),
         "TERN_LOG=info".into(),
     ];
     env.extend(spec.extra_env.iter().map(ToString::to_string));

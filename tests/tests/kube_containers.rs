@@ -310,6 +310,13 @@ async fn scenario(kube: &Kube) -> Result<()> {
     docker(&["network", "connect", "--ip", &first_ip, net, &first]).await?;
     control_ready(kube, CONTROLS[0]).await?;
     let target = format!("{}:50052", order.ip);
+    // Nothing tells order's sidecar it calls pay, as in an injected pod: the first call to pay's
+    // ClusterIP makes it look the address up, and that call waits for the answer, not fails.
+    let first = pods::load(&kube.cluster, &target, 1).await?;
+    ensure!(
+        failed(&first) == 0,
+        "first calls, pay looked up on first use: {first}"
+    );
     pay_endpoints(&order, 2.0).await?;
 
     balanced_over_mtls(kube, &order, &target).await?;

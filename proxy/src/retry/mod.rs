@@ -279,8 +279,10 @@ where
         .get::<Attempts>()
         .cloned()
         .unwrap_or_default();
+    // The budget is a share of all recent requests to the service, those
+    // whose rule allows no retry included: one deposit, a few atomics.
+    rule.budget().deposit();
     if rule.rule().policy.retry.max_attempts > 1 {
-        rule.budget().deposit();
         retrying(inner, &target, &rule, &timing, &attempts, req).await
     } else {
         once(inner, &rule, &timing, &attempts, req).await
