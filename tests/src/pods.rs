@@ -54,7 +54,7 @@ pub struct PodSpec<'a> {
     pub last_octet: u8,
     pub service: &'a str,
     pub service_account: &'a str,
-    /// The app's command in the `tern/demo` image.
+    /// The app's command in the `tern/demo` image; empty: a pod without an app container.
     pub app: &'a [&'a str],
     /// The ports the app serves, comma-separated; the first is `--inbound-app`'s.
     pub ports: &'a str,
@@ -63,6 +63,8 @@ pub struct PodSpec<'a> {
     pub extra_env: &'a [&'a str],
     /// `--add-host` entries (`name:ip`) of the pod.
     pub hosts: &'a [&'a str],
+    /// More containers sharing the pod: name suffix, then `docker run` arguments (image, command).
+    pub sidecars: &'a [(&'a str, &'a [&'a str])],
 }
 
 /// Starts the pod and waits for its sidecar's `/ready`.
@@ -143,10 +145,17 @@ pub async fn start(c: &Cluster, dir: &Path, spec: &PodSpec<'_>) -> Result<Pod> {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     c.run(&format!("{}-proxy", pod.name), &args).await?;
 
-    let demo = image("demo");
-    let mut args = vec!["--network", ns.as_str(), demo.as_str()];
-    args.extend_from_slice(spec.app);
-    c.run(&format!("{}-app", pod.name), &args).await?;
+    for (suffix, command) in spec.sidecars {
+        let mut args = vec!["--network", ns.as_str()];
+        args.extend_from_slice(command);
+        c.run(&format!("{}-{suffix}", pod.name), &args).await?;
+    }
+    if !spec.app.is_empty() {
+        let demo = image("demo");
+        let mut args = vec!["--network", ns.as_str(), demo.as_str()];
+        args.extend_from_slice(spec.app);
+        c.run(&format!("{}-app", pod.name), &args).await?;
+    }
     let admin = pod.admin();
     eventually(READY_TIMEOUT, || async move {
         let status = http1::get(admin, "/ready").await.map(|r| r.status);

@@ -11,14 +11,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context as _, Result};
 use serde_json::Value;
-use tern_tests::containers::{
-    build_images, docker, engine_available, which, Cluster, CONTROL_UID, READY_TIMEOUT, VERSION,
-};
+use tern_tests::containers::{build_images, docker, engine_available, which, Cluster, CONTROL_UID};
+use tern_tests::pods::{self, failed, image, Pod, PodSpec};
 use tern_tests::process::TestDir;
 use tern_tests::{eventually, http1, Must};
 
@@ -53,43 +51,11 @@ spec:
     budget: {percent: 50, minPerSecond: 20}
 ";
 
-fn image(name: &str) -> String {
-    format!("tern/{name}:{VERSION}")
-}
-
 struct Mesh {
     cluster: Cluster,
     dir: TestDir,
-    control_ip: Ipv4Addr,
-}
-
-/// One pod: its pause container's name (the network namespace) and IP.
-struct Pod {
-    name: String,
-    ip: Ipv4Addr,
-}
-
-impl Pod {
-    fn ns(&self) -> String {
-        format!("container:{}", self.name)
-    }
-
-    fn admin(&self) -> SocketAddr {
-        SocketAddr::from((self.ip, 4191))
-    }
-}
-
-struct PodSpec<'a> {
-    name: &'a str,
-    last_octet: u8,
-    service: &'a str,
-    service_account: &'a str,
-    app: &'a [&'a str],
-    ports: &'a str,
-    extra_env: &'a [&'a str],
-    hosts: &'a [&'a str],
-    /// Extra containers sharing the pod (name suffix, image and command).
-    sidecars: &'a [(&'a str, &'a [&'a str])],
+    /// `TERN_CONTROL_PLANE` of every pod.
+    control_plane: String,
 }
 
 impl Mesh {
@@ -154,150 +120,26 @@ impl Mesh {
         Ok(Self {
             cluster,
             dir,
-            control_ip,
+            control_plane: format!("https://{control_ip}:8090"),
         })
     }
 
-    /// pause → tern-init (must exit 0) → tern-proxy → app, like an injected pod.
+    /// pause → tern-init (must exit 0) → tern-proxy → app, like an injected pod, subscribed to
+    /// this mesh's tern-control; every pod's sidecar carries redis (6379) as opaque TCP.
     async fn pod(&self, spec: &PodSpec<'_>) -> Result<Pod> {
-        let c = &self.cluster;
-        let pod = Pod {
-            name: format!("{}-{}", c.network, spec.name),
-            ip: c.ip(spec.last_octet),
+        let mut env = vec!["TERN_OPAQUE_PORTS=6379"];
+        env.extend_from_slice(spec.extra_env);
+        let spec = PodSpec {
+            extra_env: &env,
+            ..*spec
         };
-        let ip = pod.ip.to_string();
-        let mut args = vec!["--network", &c.network, "--ip", &ip];
-        let hosts: Vec<String> = spec
-            .hosts
-            .iter()
-            .map(|h| format!("--add-host={h}"))
-            .collect();
-        args.extend(hosts.iter().map(String::as_str));
-        let init_image = image("init");
-        args.extend([
-            "--entrypoint",
-            "/usr/local/bin/tern-pause",
-            init_image.as_str(),
-        ]);
-        c.run(&pod.name, &args).await?;
-
-        let ns = pod.ns();
-        let (ok, out, err) = c
-            .run_once(&[
-                "--network",
-                &ns,
-                "--cap-drop",
-                "ALL",
-                "--cap-add",
-                "NET_ADMIN",
-                "--cap-add",
-                "NET_RAW",
-                &init_image,
-                "--proxy-uid",
-                "2102",
-            ])
-            .await?;
-        ensure!(ok, "tern-init in {} failed:\n{out}\n{err}", spec.name);
-
-        let state = self.dir.path().join("state");
-        let tokens = self.dir.path().join("tokens");
-        let mut env = vec![
-            format!("TERN_SERVICE_NAME={}", spec.service),
-            format!("TERN_SERVICE_ACCOUNT={}", spec.service_account),
-            format!("TERN_CONTROL_PLANE=https://{}:8090", self.control_ip),
-            "TERN_IDENTITY_TRUST_ANCHORS=/var/lib/tern/trust-anchor.pem".into(),
-            format!(
-                "TERN_IDENTITY_TOKEN_FILE=/var/run/tern/{}.token",
-                spec.service_account
-            ),
-            "TERN_INBOUND_LISTEN=0.0.0.0:4143".into(),
-            "TERN_INBOUND_TRANSPARENT=true".into(),
-            // tern-init redirects every port; the sidecar forwards to these only.
-            format!("TERN_INBOUND_PORTS={}", spec.ports),
-            // Mesh connections arrive at the inbound port itself; redirected ones keep their port.
-            format!(
-                "TERN_INBOUND_APP=127.0.0.1:{}",
-                spec.ports.split(',').next().unwrap_or("80")
-            ),
-            "TERN_OUTBOUND_LISTEN=127.0.0.1:4140".into(),
-            "TERN_ADMIN_LISTEN=0.0.0.0:4191".into(),
-            "TERN_DRAIN_GRACE=5s".into(),
-            "TERN_OPAQUE_PORTS=6379".into(),
-            "TERN_LOG=info".into(),
-        ];
-        env.extend(spec.extra_env.iter().map(ToString::to_string));
-        let mut args: Vec<String> = vec![
-            "--network".into(),
-            ns.clone(),
-            "--read-only".into(),
-            "--cap-drop".into(),
-            "ALL".into(),
-            "-v".into(),
-            format!("{}:/var/lib/tern:ro", state.display()),
-            "-v".into(),
-            format!("{}:/var/run/tern:ro", tokens.display()),
-        ];
-        for e in &env {
-            args.extend(["-e".into(), e.clone()]);
-        }
-        args.push(image("proxy"));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        c.run(&format!("{}-proxy", pod.name), &args).await?;
-
-        for (suffix, command) in spec.sidecars {
-            let mut args = vec!["--network", ns.as_str()];
-            args.extend_from_slice(command);
-            c.run(&format!("{}-{suffix}", pod.name), &args).await?;
-        }
-        if !spec.app.is_empty() {
-            let mut args = vec!["--network", ns.as_str()];
-            let demo = image("demo");
-            args.push(&demo);
-            args.extend_from_slice(spec.app);
-            c.run(&format!("{}-app", pod.name), &args).await?;
-        }
-        let admin = pod.admin();
-        eventually(READY_TIMEOUT, || async move {
-            let status = http1::get(admin, "/ready").await.map(|r| r.status);
-            Ok((!matches!(status, Ok(200))).then(|| format!("{admin}/ready: {status:?}")))
-        })
-        .await
-        .with_context(|| format!("the {} pod's sidecar never became ready", spec.name))?;
-        Ok(pod)
+        pods::start(&self.cluster, self.dir.path(), &spec).await
     }
 
     /// loadgen outside the mesh calling order's pod for `secs`; returns its JSON summary.
     async fn load(&self, order: &Pod, secs: u32) -> Result<Value> {
-        let target = format!("{}:50052", order.ip);
-        let duration = format!("{secs}s");
-        let (_, out, err) = self
-            .cluster
-            .run_once(&[
-                "--network",
-                &self.cluster.network,
-                &image("demo"),
-                "/usr/local/bin/loadgen",
-                "--target",
-                &target,
-                "--rate",
-                "40",
-                "--duration",
-                &duration,
-            ])
-            .await?;
-        let last = out.lines().last().unwrap_or_default();
-        serde_json::from_str(last).with_context(|| format!("loadgen printed {out:?} {err:?}"))
+        pods::load(&self.cluster, &format!("{}:50052", order.ip), secs).await
     }
-
-    async fn metric(&self, pod: &Pod, name: &str, matching: &[(&str, &str)]) -> Result<f64> {
-        let text = http1::get(pod.admin(), "/metrics").await?.text();
-        let samples = tern_tests::metrics::parse(&text)?;
-        Ok(tern_tests::metrics::sum(&samples, name, matching))
-    }
-}
-
-fn failed(summary: &Value) -> u64 {
-    summary["failed"].as_u64().unwrap_or(u64::MAX)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -345,6 +187,7 @@ async fn scenario(mesh: &Mesh) -> Result<()> {
             service_account: "pay",
             app: &app,
             ports: "50051,6379",
+            control_plane: &mesh.control_plane,
             extra_env: &["TERN_LABELS=version=v1"],
             hosts: pay_hosts,
             sidecars: if i == 0 { pay_sidecars } else { &[] },
@@ -369,6 +212,7 @@ async fn scenario(mesh: &Mesh) -> Result<()> {
             service_account: "order",
             app: &order_app,
             ports: "50052",
+            control_plane: &mesh.control_plane,
             // loadgen calls from outside the mesh. Nothing tells order's sidecar it calls pay:
             // it looks pay's virtual IP up when order first dials it.
             extra_env: &["TERN_INBOUND_TLS=permissive"],
@@ -384,8 +228,8 @@ async fn scenario(mesh: &Mesh) -> Result<()> {
     );
     // order's sidecar must know both pay pods before the measured load starts.
     eventually(Duration::from_secs(15), || async {
-        let n = mesh
-            .metric(&order, "tern_endpoints", &[("service", "pay")])
+        let n = order
+            .metric("tern_endpoints", &[("service", "pay")])
             .await?;
         Ok((n < 2.0).then(|| format!("order's sidecar knows {n} pay endpoints")))
     })
@@ -500,7 +344,7 @@ async fn scenario(mesh: &Mesh) -> Result<()> {
     ensure!(rules.contains("4191"), "no admin port exemption:\n{rules}");
     let metrics = http1::get(order.admin(), "/metrics").await?;
     ensure!(metrics.status == 200 && metrics.text().contains("tern_requests_total"));
-    let connected = mesh.metric(&order, "tern_control_connected", &[]).await?;
+    let connected = order.metric("tern_control_connected", &[]).await?;
     ensure!(
         connected == 1.0,
         "order's sidecar is not connected to tern-control"
@@ -529,12 +373,8 @@ async fn scenario(mesh: &Mesh) -> Result<()> {
         })
         .await?;
         ensure!(pong.trim() == "PONG");
-        let tls = mesh
-            .metric(
-                &pays[0],
-                "tern_tls_handshakes_total",
-                &[("direction", "inbound")],
-            )
+        let tls = pays[0]
+            .metric("tern_tls_handshakes_total", &[("direction", "inbound")])
             .await?;
         ensure!(tls >= 2.0, "pay-1 saw {tls} inbound handshakes");
     } else {
@@ -598,6 +438,7 @@ async fn job_pod(mesh: &Mesh) -> Result<()> {
             service_account: "job",
             app: &app,
             ports: "9",
+            control_plane: &mesh.control_plane,
             extra_env: &[],
             hosts: &[],
             sidecars: &[],

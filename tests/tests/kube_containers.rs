@@ -274,6 +274,7 @@ async fn pod(kube: &Kube, name: &str, octet: u8, extra_env: &[&str]) -> Result<P
         control_plane: &control_plane,
         extra_env,
         hosts: &[&pay_host],
+        sidecars: &[],
     };
     pods::start(&kube.cluster, kube.dir.path(), &spec).await
 }
