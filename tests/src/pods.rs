@@ -192,3 +192,57 @@ pub async fn load(c: &Cluster, target: &str, secs: u32) -> Result<Value> {
 pub fn failed(summary: &Value) -> u64 {
     summary["failed"].as_u64().unwrap_or(u64::MAX)
 }
+
+/// [`load`] while tcpdump records the sidecars' inbound port (4143) on the cluster's bridge
+/// into `pcap`, for [`ensure_tls_only`].
+pub async fn load_captured(c: &Cluster, target: &str, secs: u32, pcap: &Path) -> Result<Value> {
+    let mut capture = tokio::process::Command::new("tcpdump")
+        .args(["-i", &c.bridge, "-U", "-w"])
+        .arg(pcap)
+        .args(["tcp", "port", "4143"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("starting tcpdump")?;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let summary = load(c, target, secs).await;
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(capture.id().unwrap_or(0) as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    let _ = capture.wait().await;
+    summary
+}
+
+/// The capture holds TLS application data between the sidecars, and never the gRPC method or
+/// the HTTP/2 preface in the clear.
+pub fn ensure_tls_only(pcap: &Path) -> Result<()> {
+    let bytes = std::fs::read(pcap).context("reading the capture")?;
+    let contains = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+    ensure!(
+        bytes.len() > 10_000,
+        "the capture is nearly empty ({} bytes)",
+        bytes.len()
+    );
+    ensure!(
+        !contains(b"PayService") && !contains(b"PRI * HTTP/2.0"),
+        "gRPC in plaintext on the bridge"
+    );
+    ensure!(
+        contains(&[0x17, 0x03, 0x03]),
+        "no TLS application data on the bridge"
+    );
+    Ok(())
+}
+
+/// No call failed, and pay-1 and pay-2 answered about half each; their counts.
+pub fn ensure_round_robin(summary: &Value) -> Result<(u64, u64)> {
+    ensure!(failed(summary) == 0, "calls failed: {summary}");
+    let by = |r: &str| summary["by_replica"][r].as_u64().unwrap_or(0);
+    let (p1, p2) = (by("pay-1"), by("pay-2"));
+    ensure!(
+        p1 > 0 && p2 > 0 && p1.abs_diff(p2) <= 2 + (p1 + p2) / 20,
+        "not round robin over the pay pods: {summary}"
+    );
+    Ok((p1, p2))
+}

@@ -238,45 +238,10 @@ async fn scenario(mesh: &Mesh) -> Result<()> {
     // Round robin over both pay pods, mTLS on the wire: a capture on the bridge sees TLS records
     // between the sidecars and never the gRPC method in the clear.
     let pcap = mesh.dir.path().join("mesh.pcap");
-    let mut capture = tokio::process::Command::new("tcpdump")
-        .args(["-i", &mesh.cluster.bridge, "-U", "-w"])
-        .arg(&pcap)
-        .args(["tcp", "port", "4143"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .context("starting tcpdump")?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let summary = mesh.load(&order, 6).await?;
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(capture.id().unwrap_or(0) as i32),
-        nix::sys::signal::Signal::SIGINT,
-    );
-    let _ = capture.wait().await;
-    ensure!(failed(&summary) == 0, "calls failed: {summary}");
-    let (p1, p2) = (
-        summary["by_replica"]["pay-1"].as_u64().unwrap_or(0),
-        summary["by_replica"]["pay-2"].as_u64().unwrap_or(0),
-    );
-    ensure!(
-        p1 > 0 && p2 > 0 && p1.abs_diff(p2) <= 2 + (p1 + p2) / 20,
-        "not round robin over the pay pods: {summary}"
-    );
-    let bytes = std::fs::read(&pcap).context("reading the capture")?;
-    let contains = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
-    ensure!(
-        bytes.len() > 10_000,
-        "the capture is nearly empty ({} bytes)",
-        bytes.len()
-    );
-    ensure!(
-        !contains(b"PayService") && !contains(b"PRI * HTTP/2.0"),
-        "gRPC in plaintext on the bridge"
-    );
-    ensure!(
-        contains(&[0x17, 0x03, 0x03]),
-        "no TLS application data on the bridge"
-    );
+    let target = format!("{}:50052", order.ip);
+    let summary = pods::load_captured(&mesh.cluster, &target, 6, &pcap).await?;
+    pods::ensure_round_robin(&summary)?;
+    pods::ensure_tls_only(&pcap)?;
 
     // A destination outside the mesh passes through untouched (a server that speaks first).
     let outside = mesh.cluster.ip(30).to_string();

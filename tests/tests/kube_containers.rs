@@ -22,10 +22,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context as _, Result};
+use anyhow::{ensure, Result};
 use k8s_openapi::api::core::v1::{Pod as KubePod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::{json, Value};
@@ -340,28 +339,8 @@ async fn pay_endpoints(order: &Pod, n: f64) -> Result<()> {
 /// the gRPC method or the HTTP/2 preface in the clear.
 async fn balanced_over_mtls(kube: &Kube, order: &Pod, target: &str) -> Result<()> {
     let pcap = kube.dir.path().join("kube.pcap");
-    let mut capture = tokio::process::Command::new("tcpdump")
-        .args(["-i", &kube.cluster.bridge, "-U", "-w"])
-        .arg(&pcap)
-        .args(["tcp", "port", "4143"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .context("starting tcpdump")?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let summary = pods::load(&kube.cluster, target, 5).await?;
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(capture.id().unwrap_or(0) as i32),
-        nix::sys::signal::Signal::SIGINT,
-    );
-    let _ = capture.wait().await;
-    ensure!(failed(&summary) == 0, "calls failed: {summary}");
-    let by = |r: &str| summary["by_replica"][r].as_u64().unwrap_or(0);
-    let (p1, p2) = (by("pay-1"), by("pay-2"));
-    ensure!(
-        p1 > 0 && p2 > 0 && p1.abs_diff(p2) <= 2 + (p1 + p2) / 20,
-        "not round robin over the pay pods: {summary}"
-    );
+    let summary = pods::load_captured(&kube.cluster, target, 5, &pcap).await?;
+    let (p1, p2) = pods::ensure_round_robin(&summary)?;
     let outbound = order
         .metric(
             "tern_requests_total",
@@ -372,26 +351,7 @@ async fn balanced_over_mtls(kube: &Kube, order: &Pod, target: &str) -> Result<()
         outbound >= (p1 + p2) as f64,
         "order's sidecar did not carry the calls to pay ({outbound})"
     );
-    check_capture(&pcap)
-}
-
-fn check_capture(pcap: &Path) -> Result<()> {
-    let bytes = std::fs::read(pcap).context("reading the capture")?;
-    let contains = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
-    ensure!(
-        bytes.len() > 10_000,
-        "the capture is nearly empty ({} bytes)",
-        bytes.len()
-    );
-    ensure!(
-        !contains(b"PayService") && !contains(b"PRI * HTTP/2.0"),
-        "gRPC in plaintext on the bridge"
-    );
-    ensure!(
-        contains(&[0x17, 0x03, 0x03]),
-        "no TLS application data on the bridge"
-    );
-    Ok(())
+    pods::ensure_tls_only(&pcap)
 }
 
 /// pay-2 taken out of pay's EndpointSlice under load: from 1 s after, it answers no call,
