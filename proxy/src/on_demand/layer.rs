@@ -108,12 +108,12 @@ impl<S> Discover<S> {
             return None;
         }
         let auth = authority(req);
-        let host = auth.rsplit_once(':').map_or(auth, |(h, _)| h);
-        let literal = host.starts_with('[') || host.parse::<std::net::IpAddr>().is_ok();
-        if host.is_empty() || literal || host == "localhost" || table.load().lookup(auth).is_some()
-        {
+        // Known names, the common case, stop at the first check.
+        if table.load().lookup(auth).is_some() {
             return None;
         }
-        Some(auth.to_owned())
+        let host = auth.rsplit_once(':').map_or(auth, |(h, _)| h);
+        let literal = host.starts_with('[') || host.parse::<std::net::IpAddr>().is_ok();
+        (!host.is_empty() && !literal && host != "localhost").then(|| auth.to_owned())
     }
 }
