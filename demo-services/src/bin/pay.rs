@@ -16,7 +16,6 @@ use tern_demo::process::{init_tracing, shutdown_signal};
 use tern_proto::demo::v1::pay_service_server::{PayService, PayServiceServer};
 use tern_proto::demo::v1::{PayReply, PayRequest};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Code, Request, Response, Status};
 
 /// Tern demo payment service (gRPC PayService).
@@ -151,7 +150,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tonic::transport::Server::builder()
         .layer(tower::util::option_layer(split))
         .add_service(PayServiceServer::new(pay))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal())
+        .serve_with_incoming_shutdown(tern_demo::net::incoming(listener), shutdown_signal())
         .await
         .context("gRPC server failed")?;
     eprintln!(
