@@ -19,7 +19,7 @@ use http::{header, HeaderValue, Request, Response, StatusCode};
 use crate::balance::Upstream;
 use crate::body::{self, Body};
 use crate::metrics::{Direction, Metrics};
-use crate::router::Target;
+use crate::router::Routed;
 
 pub const PROXY_ERROR_HEADER: &str = "x-tern-proxy-error";
 
@@ -313,10 +313,7 @@ where
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         let grpc = is_grpc(req.headers());
-        let service = req
-            .extensions()
-            .get::<Arc<Target>>()
-            .map(|t| Arc::clone(&t.service));
+        let service = Routed::of(&req).map(|r| Arc::clone(&r.target.service));
         let layer = self.layer.clone();
         let checked = self.layer.check_head(&req);
         let fut = checked.map(|()| self.inner.call(req));

@@ -25,7 +25,8 @@ use crate::body::{self, Body, BoxError};
 use crate::errors::{self, grpc_status, ProxyErrorReason};
 use crate::metrics::{Direction, Metrics, RouteMetrics};
 use crate::retry::Attempts;
-use crate::router::Target;
+use crate::router::Routed;
+use crate::serve::ConnInfo;
 use crate::tap::{self, Tap};
 use crate::telemetry::{FinishedSpan, SpanStart};
 use crate::trace_context;
@@ -108,10 +109,8 @@ where
         });
         let sh = &self.shared;
         let grpc = errors::is_grpc(req.headers());
-        let service = req
-            .extensions()
-            .get::<Arc<Target>>()
-            .map(|t| Arc::clone(&t.service))
+        let service = Routed::of(&req)
+            .map(|r| Arc::clone(&r.target.service))
             .unwrap_or_else(|| Arc::clone(&sh.unknown));
         let path = req.uri().path();
         let route_name = if grpc {
@@ -134,22 +133,25 @@ where
         // Only the access log and spans report the bytes received: without
         // them the body is passed on uncounted.
         let bytes_in = (log.is_some() || span.is_some()).then(|| Arc::new(AtomicU64::new(0)));
-        let attempts = match span {
-            Some(_) => Attempts::recorded(),
-            None => Attempts::default(),
-        };
-        let mut req = req.map(|b| match &bytes_in {
+        // Routing made the request's attempts counter (an unrouted request
+        // makes none); a sampled request's also records each retry.
+        let attempts = req.extensions_mut().get_mut::<Routed>().map(|r| {
+            if span.is_some() {
+                r.attempts = Attempts::recorded();
+            }
+            r.attempts.clone()
+        });
+        let req = req.map(|b| match &bytes_in {
             Some(bytes) => body::boxed(CountingBody {
                 inner: b,
                 bytes: Arc::clone(bytes),
             }),
             None => body::boxed(b),
         });
-        req.extensions_mut().insert(attempts.clone());
         // Inbound: what the caller's connection established. Outbound: set
         // from the response, once an endpoint was chosen.
         let tls = match sh.direction {
-            Direction::Inbound => req.extensions().get::<ConnTls>().cloned(),
+            Direction::Inbound => ConnInfo::of(&req).and_then(|c| c.tls.clone()),
             Direction::Outbound => None,
         };
         let mut pending = Pending(Some(Box::new(Completion {
@@ -221,7 +223,7 @@ struct Completion {
     bytes_out: u64,
     upstream: Option<std::net::SocketAddr>,
     error: Option<&'static str>,
-    attempts: Attempts,
+    attempts: Option<Attempts>,
     tls: Option<ConnTls>,
     log: Option<Box<LogInfo>>,
     span: Option<Box<SpanInfo>>,
@@ -288,7 +290,7 @@ impl Completion {
                 upstream: self.upstream,
                 peer_identity: self.tls.as_ref().and_then(|t| t.peer_identity.as_deref()),
                 tls: self.tls.as_ref().and_then(|t| t.version),
-                attempts: self.attempts.0.load(Ordering::Relaxed),
+                attempts: self.attempts(),
                 trace_id: &info.trace_id,
                 error,
             });
@@ -317,11 +319,17 @@ impl Completion {
                 latency_ms,
                 peer_identity: tls.and_then(|t| t.peer_identity.as_deref()),
                 tls: tls.and_then(|t| t.version),
-                attempts: self.attempts.0.load(Ordering::Relaxed),
+                attempts: self.attempts(),
                 upstream: self.upstream,
                 error,
             },
         );
+    }
+
+    fn attempts(&self) -> u32 {
+        self.attempts
+            .as_ref()
+            .map_or(0, |a| a.0.load(Ordering::Relaxed))
     }
 
     fn bytes_in(&self) -> u64 {
@@ -346,8 +354,12 @@ impl Completion {
             tls_version: tls.and_then(|t| t.version),
             peer_identity: tls.and_then(|t| t.peer_identity.clone()),
             error,
-            attempts: self.attempts.0.load(Ordering::Relaxed),
-            retries: self.attempts.retries(),
+            attempts: self.attempts(),
+            retries: self
+                .attempts
+                .as_ref()
+                .map(Attempts::retries)
+                .unwrap_or_default(),
             bytes_in: self.bytes_in(),
             bytes_out: self.bytes_out,
         });

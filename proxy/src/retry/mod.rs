@@ -34,11 +34,11 @@ use tern_backoff::{ExpBackoff, Jitter};
 use tower::retry::budget::Budget as _;
 use tower::ServiceExt as _;
 
-use crate::balance::{self, MayHold, Tried};
+use crate::balance::{self, Tried};
 use crate::body::Body;
 use crate::errors::{is_grpc, ProxyError};
 use crate::metrics::Metrics;
-use crate::router::{PinnedEndpoint, Target};
+use crate::router::{Routed, Target};
 use crate::routes::SelectedRule;
 use classify::Classified;
 use replay::Replay;
@@ -140,9 +140,8 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> BoxFuture {
-        let ext = req.extensions();
-        match (ext.get::<Arc<Target>>(), ext.get::<SelectedRule>()) {
-            (Some(target), Some(rule)) => Box::pin(run(
+        match Routed::of(&req).and_then(|r| Some((&r.target, r.rule.as_ref()?))) {
+            Some((target, rule)) => Box::pin(run(
                 self.inner.clone(),
                 Arc::clone(target),
                 rule.clone(),
@@ -274,18 +273,13 @@ where
     S::Future: Send,
 {
     let timing = Timing::new(&req, &rule, &target, &metrics, response_timeout)?;
-    let attempts = req
-        .extensions()
-        .get::<Attempts>()
-        .cloned()
-        .unwrap_or_default();
     // The budget is a share of all recent requests to the service, those
     // whose rule allows no retry included: one deposit, a few atomics.
     rule.budget().deposit();
     if rule.rule().policy.retry.max_attempts > 1 {
-        retrying(inner, &target, &rule, &timing, &attempts, req).await
+        retrying(inner, &rule, &timing, req).await
     } else {
-        once(inner, &rule, &timing, &attempts, req).await
+        once(inner, &rule, &timing, req).await
     }
 }
 
@@ -295,21 +289,20 @@ async fn once<S>(
     inner: S,
     rule: &SelectedRule,
     timing: &Timing<'_>,
-    attempts: &Attempts,
     mut req: Request<Body>,
 ) -> Result<Response<Body>, ProxyError>
 where
     S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError> + Send,
     S::Future: Send,
 {
-    attempts.0.store(1, Ordering::Relaxed);
     let per_try = rule.rule().policy.timeout.per_try;
     let limit = timing.per_try(per_try)?;
     timing.pass_on(req.headers_mut());
     // Only a per-try timeout needs to know the endpoint it hit.
     let tried = per_try.map(|_| Tried::default());
-    if let Some(t) = &tried {
-        req.extensions_mut().insert(t.clone());
+    if let Some(routed) = req.extensions_mut().get_mut::<Routed>() {
+        routed.attempts.0.store(1, Ordering::Relaxed);
+        routed.tried.clone_from(&tried);
     }
     let Some(limit) = limit else {
         return inner.oneshot(req).await;
@@ -324,19 +317,24 @@ where
 /// or the time run out.
 async fn retrying<S>(
     inner: S,
-    target: &Arc<Target>,
     rule: &SelectedRule,
     timing: &Timing<'_>,
-    attempts: &Attempts,
-    req: Request<Body>,
+    mut req: Request<Body>,
 ) -> Result<Response<Body>, ProxyError>
 where
     S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError> + Clone + Send,
     S::Future: Send,
 {
     let policy = &rule.rule().policy;
+    let target = timing.target;
     let service = target.service.as_ref();
-    let pinned = req.extensions().get::<PinnedEndpoint>().copied();
+    // `call` found it; each attempt goes down with its own copy.
+    let Some(mut routed) = req.extensions_mut().remove::<Routed>() else {
+        return Err(ProxyError::NoRoute {
+            authority: crate::router::authority(&req).to_string(),
+        });
+    };
+    let attempts = routed.attempts.clone();
     let (parts, body) = req.into_parts();
     let source = Replay::new(body, policy.retry.buffer_bytes);
     let creq = classify::Request {
@@ -345,6 +343,7 @@ where
         policy: &policy.retry,
     };
     let tried = Tried::default();
+    routed.tried = Some(tried.clone());
     let mut attempt = 0u32;
     // Attempts the server never processed (refused, or above its GOAWAY's
     // last-stream-id): retried without counting against the policy.
@@ -359,19 +358,11 @@ where
         *req.version_mut() = parts.version;
         *req.headers_mut() = parts.headers.clone();
         timing.pass_on(req.headers_mut());
-        // What the balance layer chooses the endpoint by.
-        let ext = req.extensions_mut();
-        ext.insert(Arc::clone(target));
-        ext.insert(rule.clone());
-        ext.insert(tried.clone());
-        if let Some(p) = pinned {
-            ext.insert(p);
-        }
         let allowed = policy.retry.max_attempts + unprocessed;
         let may_retry = attempt < allowed && source.can_replay();
-        if may_retry {
-            req.extensions_mut().insert(MayHold);
-        }
+        // What the balance layer chooses the endpoint by.
+        routed.may_hold = may_retry;
+        req.extensions_mut().insert(routed.clone());
         let svc = inner.clone();
         let send = async {
             let rsp = svc.oneshot(req).await?;
