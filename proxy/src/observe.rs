@@ -179,13 +179,8 @@ where
             if let Some(c) = done.as_mut() {
                 c.status = parts.status.as_u16();
                 c.grpc_status = grpc_status(&parts.headers);
-                c.upstream = parts.extensions.get::<Upstream>().map(|u| u.0);
                 c.error = parts.extensions.get::<ProxyErrorReason>().map(|r| r.0);
-                if let Some(t) = parts.extensions.get::<ConnTls>() {
-                    if c.tls.is_none() {
-                        c.tls = Some(t.clone());
-                    }
-                }
+                c.upstream_from(&parts.extensions);
             }
             let mut body = ObservedBody { inner, done };
             if body.inner.is_end_stream() {
@@ -241,6 +236,24 @@ enum Outcome {
 }
 
 impl Completion {
+    /// The endpoint that answered: an upstream's response came from the
+    /// latest attempt's endpoint (which also says, outbound, what its mTLS
+    /// connection established); the proxy's own error names the one it
+    /// concerns, if any.
+    fn upstream_from(&mut self, ext: &http::Extensions) {
+        if self.error.is_some() {
+            self.upstream = ext.get::<Upstream>().map(|u| u.0);
+            return;
+        }
+        let Some((addr, tls)) = self.attempts.as_ref().and_then(Attempts::upstream) else {
+            return;
+        };
+        self.upstream = Some(addr);
+        if self.tls.is_none() {
+            self.tls = tls;
+        }
+    }
+
     fn finish(mut self, outcome: Outcome) {
         let elapsed = self.start.elapsed();
         let sh = &self.shared;
@@ -327,9 +340,7 @@ impl Completion {
     }
 
     fn attempts(&self) -> u32 {
-        self.attempts
-            .as_ref()
-            .map_or(0, |a| a.0.load(Ordering::Relaxed))
+        self.attempts.as_ref().map_or(0, Attempts::count)
     }
 
     fn bytes_in(&self) -> u64 {

@@ -24,7 +24,7 @@ use http::{header, HeaderName, HeaderValue, Request, Response};
 
 use arc_swap::ArcSwap;
 
-use crate::balance::{Balancer, Upstream};
+use crate::balance::Balancer;
 use crate::body::Body;
 use crate::endpoint::EndpointClient;
 use crate::errors::ProxyError;
@@ -231,12 +231,9 @@ impl tower::Service<Request<Body>> for Forward {
         };
         Box::pin(async move {
             name_target_port(&mut req, &ep, pinned);
-            let mut rsp = ep.send(req).await?;
-            rsp.extensions_mut().insert(Upstream(ep.addr()));
-            if ep.uses_tls() {
-                rsp.extensions_mut().insert(ep.conn_tls());
-            }
-            Ok(rsp)
+            // Which endpoint answered, and over what, Observe learns from the
+            // request's attempts record (see crate::retry::Attempts).
+            ep.send(req).await
         })
     }
 }

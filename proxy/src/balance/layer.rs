@@ -5,18 +5,18 @@
 //! endpoint is the one the app dialed ([`Routed::pinned`]), else the
 //! balancer's pick within the backend its route rule drew
 //! ([`SelectedRule::subset`]), passing over the endpoint the previous attempt
-//! failed on ([`Tried`]); the request takes it down to Forward in its
-//! [`Routed`]. The outcome goes back to the balancer: an error of
+//! failed on (recorded in the request's [`crate::retry::Attempts`]); the
+//! request takes it down to Forward in its [`Routed`]. The outcome goes back to the balancer: an error of
 //! the endpoint or a failed response head counts against it for failure
 //! accrual, a good head for it; load-aware algorithms count the request in
 //! flight until its response ends and learn its latency. What only the retry
 //! layer learns (a per-try timeout, a status it read past a held head) it
-//! reports itself, on the endpoint [`Tried`] names.
+//! reports itself, on the endpoint the attempts record names.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -29,24 +29,6 @@ use crate::errors::{grpc_status, is_grpc, ProxyError};
 use crate::on_demand::Unanswered;
 use crate::router::{authority, Routed, UnservedPort};
 use crate::routes::SelectedRule;
-
-/// The endpoint of a request's latest attempt, shared between the retry
-/// layer (which avoids it next time and names it in errors) and this one.
-/// Only requests that may be retried or time out per try carry one.
-#[derive(Clone, Default)]
-pub struct Tried(Arc<Mutex<Option<SocketAddr>>>);
-
-impl Tried {
-    pub fn get(&self) -> Option<SocketAddr> {
-        self.0.lock().ok().and_then(|a| *a)
-    }
-
-    fn set(&self, addr: SocketAddr) {
-        if let Ok(mut a) = self.0.lock() {
-            *a = Some(addr);
-        }
-    }
-}
 
 /// Whether a response's verdict waits for its first frame. The retry layer
 /// reads the first frame of a gRPC response whose head carries no status
@@ -97,7 +79,7 @@ where
         let picked = match routed.pinned {
             Some(addr) => balancer.get(addr),
             None => {
-                let avoid = routed.tried.as_ref().and_then(Tried::get);
+                let avoid = routed.attempts.latest_addr();
                 balancer.pick(rule.subset(), avoid)
             }
         };
@@ -109,9 +91,7 @@ where
                 }
             }
         };
-        if let Some(tried) = &routed.tried {
-            tried.set(ep.addr());
-        }
+        routed.attempts.sent_to(&ep);
         let hold = routed.may_hold;
         let balancer = Arc::clone(balancer);
         let algorithm = balancer.algorithm();
@@ -254,6 +234,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::config::policy::ServicePolicy;
+    use crate::retry::Attempts;
     use crate::router::Target;
     use crate::routes::Routes;
     use tower::{Layer as _, Service as _, ServiceExt as _};
@@ -306,13 +287,15 @@ mod tests {
 
     fn request(
         target: &Arc<Target>,
-        tried: Option<&Tried>,
+        attempts: Option<&Attempts>,
         pinned: Option<SocketAddr>,
     ) -> Request<Body> {
         let mut req = Request::new(crate::body::empty());
         let rule = SelectedRule::select(target.routes.load_full(), &req).unwrap();
         let mut routed = Routed::new(Arc::clone(target), Some(rule), pinned);
-        routed.tried = tried.cloned();
+        if let Some(a) = attempts {
+            routed.attempts = a.clone();
+        }
         req.extensions_mut().insert(routed);
         req
     }
@@ -325,13 +308,14 @@ mod tests {
     async fn each_attempt_avoids_the_endpoint_the_last_one_went_to() {
         let target = target(&[7001, 7002, 7003]).await;
         let mut svc = BalanceLayer.layer(echo_endpoint());
-        let tried = Tried::default();
+        let attempts = Attempts::default();
         let mut last = None;
         for _ in 0..6 {
-            let req = request(&target, Some(&tried), None);
+            let req = request(&target, Some(&attempts), None);
             let rsp = svc.ready().await.unwrap().call(req).await.unwrap();
             let now = served_by(&rsp);
-            assert_eq!(tried.get(), Some(now), "the attempt's endpoint is recorded");
+            let recorded = attempts.latest_addr();
+            assert_eq!(recorded, Some(now), "the attempt's endpoint is recorded");
             assert_ne!(last, Some(now), "a retry goes elsewhere when it can");
             last = Some(now);
         }

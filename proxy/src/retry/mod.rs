@@ -17,6 +17,7 @@
 //! `grpc-timeout`, whichever is shorter, and each attempt passes on what is
 //! left of it.
 
+mod attempts;
 pub mod classify;
 pub mod deadline;
 pub mod replay;
@@ -24,67 +25,24 @@ pub mod replay;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use tern_backoff::{ExpBackoff, Jitter};
 use tower::retry::budget::Budget as _;
 use tower::ServiceExt as _;
 
-use crate::balance::{self, Tried};
+use crate::balance;
 use crate::body::Body;
 use crate::errors::{is_grpc, ProxyError};
 use crate::metrics::Metrics;
 use crate::router::{Routed, Target};
 use crate::routes::SelectedRule;
+pub use attempts::{Attempts, RetryEvent};
 use classify::Classified;
 use replay::Replay;
-
-/// Attempts made for a request so far; shared with the access log. The retries'
-/// record is kept only for a sampled request, whose span shows them as events.
-#[derive(Clone, Default)]
-pub struct Attempts(pub Arc<AtomicU32>, pub Option<Arc<Mutex<Vec<RetryEvent>>>>);
-
-impl Attempts {
-    /// Attempts that also remember each retry, for a span.
-    pub fn recorded() -> Self {
-        Self(Arc::default(), Some(Arc::default()))
-    }
-
-    fn retrying(&self, attempt: u32, endpoint: SocketAddr, reason: &'static str) {
-        if let Some(log) = &self.1 {
-            if let Ok(mut log) = log.lock() {
-                log.push(RetryEvent {
-                    time: SystemTime::now(),
-                    attempt,
-                    endpoint,
-                    reason,
-                });
-            }
-        }
-    }
-
-    /// The retries recorded so far (none unless [`Attempts::recorded`]).
-    pub fn retries(&self) -> Vec<RetryEvent> {
-        self.1
-            .as_ref()
-            .and_then(|l| l.lock().ok().map(|l| l.clone()))
-            .unwrap_or_default()
-    }
-}
-
-/// An attempt that failed and was retried.
-#[derive(Clone, Debug)]
-pub struct RetryEvent {
-    pub time: SystemTime,
-    /// Which attempt failed, the first being 1.
-    pub attempt: u32,
-    pub endpoint: SocketAddr,
-    pub reason: &'static str,
-}
 
 #[derive(Clone)]
 pub struct RetryLayer {
@@ -298,18 +256,16 @@ where
     let per_try = rule.rule().policy.timeout.per_try;
     let limit = timing.per_try(per_try)?;
     timing.pass_on(req.headers_mut());
-    // Only a per-try timeout needs to know the endpoint it hit.
-    let tried = per_try.map(|_| Tried::default());
-    if let Some(routed) = req.extensions_mut().get_mut::<Routed>() {
-        routed.attempts.0.store(1, Ordering::Relaxed);
-        routed.tried.clone_from(&tried);
+    let attempts = Routed::of(&req).map(|r| r.attempts.clone());
+    if let Some(a) = &attempts {
+        a.set_count(1);
     }
     let Some(limit) = limit else {
         return inner.oneshot(req).await;
     };
     match tokio::time::timeout(limit, inner.oneshot(req)).await {
         Ok(result) => result,
-        Err(_) => Err(timing.timed_out(per_try, tried.and_then(|t| t.get()))),
+        Err(_) => Err(timing.timed_out(per_try, attempts.and_then(|a| a.latest_addr()))),
     }
 }
 
@@ -342,15 +298,13 @@ where
         method: &parts.method,
         policy: &policy.retry,
     };
-    let tried = Tried::default();
-    routed.tried = Some(tried.clone());
     let mut attempt = 0u32;
     // Attempts the server never processed (refused, or above its GOAWAY's
     // last-stream-id): retried without counting against the policy.
     let mut unprocessed = 0u32;
     loop {
         attempt += 1;
-        attempts.0.store(attempt, Ordering::Relaxed);
+        attempts.set_count(attempt);
         let per_try = timing.per_try(policy.timeout.per_try)?;
         let mut req = Request::new(source.attempt());
         *req.method_mut() = parts.method.clone();
@@ -374,7 +328,7 @@ where
             Some(t) => tokio::time::timeout(t, send).await.ok(),
             None => Some(send.await),
         };
-        let addr = tried.get().unwrap_or(NO_ENDPOINT);
+        let addr = attempts.latest_addr().unwrap_or(NO_ENDPOINT);
         let (last, reason): (Result<Response<Body>, ProxyError>, &'static str) = match result {
             Some(Ok((verdict, held))) => {
                 // The balance layer left a held response's verdict to us.

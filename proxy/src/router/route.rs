@@ -19,7 +19,6 @@ use futures::future::Either;
 use http::{HeaderValue, Request};
 
 use super::{authority, RouteTable, Selector, Target, DST_PORT};
-use crate::balance::Tried;
 use crate::endpoint::EndpointClient;
 use crate::inbound::AppPorts;
 use crate::on_demand::{OnDemand, Outcome, Unanswered};
@@ -38,11 +37,9 @@ pub struct Routed {
     /// Every attempt goes to this endpoint: the app dialed its IP (see
     /// [`super::Destination`]).
     pub pinned: Option<SocketAddr>,
-    /// Attempts made so far; Observe keeps a clone to log and count them.
+    /// Attempts made so far and the latest one's endpoint; Observe keeps a
+    /// clone to log and count them.
     pub attempts: Attempts,
-    /// Set by the retry layer: the endpoint of the latest attempt, when the
-    /// request may be retried or time out per try.
-    pub tried: Option<Tried>,
     /// Set by the retry layer: the attempt's response head may be held
     /// (see [`crate::balance::layer::held`]).
     pub may_hold: bool,
@@ -61,7 +58,6 @@ impl Routed {
             rule,
             pinned,
             attempts: Attempts::default(),
-            tried: None,
             may_hold: false,
             endpoint: None,
         }
