@@ -10,7 +10,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{header, HeaderName, HeaderValue, Response, StatusCode};
 
 use crate::body::{self, Body};
 
@@ -293,9 +293,13 @@ pub fn percent_encode(msg: &str) -> String {
 }
 
 /// The `grpc-status` of a header or trailer block, if it carries one.
+/// A `HeaderName`, not a `&str`: a lookup by `&str` parses the name first,
+/// and this one runs several times per request.
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
 pub fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
     headers
-        .get("grpc-status")
+        .get(GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
         .and_then(|s| s.trim().parse().ok())
 }
