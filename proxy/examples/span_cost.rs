@@ -24,7 +24,6 @@
 //! (building the incoming headers), to subtract from both. Add `unsampled` after the count for
 //! the cost of an unsampled request. Without valgrind it prints wall time per span.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -79,7 +78,7 @@ fn ours_spans(tracer: &Arc<Tracer>, n: usize, sampled: bool) {
         let method = http::Method::POST;
         let path = PATH.to_string();
         let attempts = Attempts::recorded();
-        attempts.0.store(1, Ordering::Relaxed);
+        attempts.set_count(1);
         tracer.record(FinishedSpan {
             start: start.clone(),
             end: std::time::SystemTime::now(),
@@ -94,7 +93,7 @@ fn ours_spans(tracer: &Arc<Tracer>, n: usize, sampled: bool) {
             tls_version: Some("TLSv1.3"),
             peer_identity: Some(Arc::clone(&peer)),
             error: None,
-            attempts: attempts.0.load(Ordering::Relaxed),
+            attempts: attempts.count(),
             retries: attempts.retries(),
             bytes_in: 42,
             bytes_out: 64,

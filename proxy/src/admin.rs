@@ -16,6 +16,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -30,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::body::{self, Body};
 use crate::explain::{Explainer, Question};
 use crate::metrics::Metrics;
-use crate::serve::ClientAddr;
+use crate::serve::ConnInfo;
 use crate::tap::{Filter, Tap};
 
 /// What `/config` shows: produced on demand from the live state.
@@ -63,7 +64,7 @@ impl tower::Service<Request<Incoming>> for Admin {
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        let peer = req.extensions().get::<ClientAddr>().copied();
+        let peer = ConnInfo::of(&req).map(|c| c.peer);
         let uri = req.uri();
         let rsp = self.respond(req.method(), uri.path(), uri.query(), peer);
         Box::pin(async move { Ok(rsp) })
@@ -76,7 +77,7 @@ impl Admin {
         method: &Method,
         path: &str,
         query: Option<&str>,
-        peer: Option<ClientAddr>,
+        peer: Option<SocketAddr>,
     ) -> Response<Body> {
         match (method, path) {
             (&Method::GET, "/metrics") => match self.metrics.encode() {
@@ -166,12 +167,12 @@ impl Admin {
 
 impl Admin {
     /// 403 for a peer off loopback asking for a loopback-only path; counted and logged.
-    fn refuse_remote(&self, path: &str, peer: Option<ClientAddr>) -> Response<Body> {
+    fn refuse_remote(&self, path: &str, peer: Option<SocketAddr>) -> Response<Body> {
         self.metrics
             .protocol_rejections
             .with_label_values(&["admin", "not_loopback"])
             .inc();
-        tracing::warn!(path, peer = ?peer.map(|p| p.0), "refused an admin request from a peer not on loopback");
+        tracing::warn!(path, peer = ?peer, "refused an admin request from a peer not on loopback");
         reply(
             StatusCode::FORBIDDEN,
             "text/plain",
@@ -181,8 +182,8 @@ impl Admin {
 }
 
 /// A request with no known peer is treated as remote.
-fn is_loopback(peer: Option<ClientAddr>) -> bool {
-    peer.is_some_and(|p| p.is_loopback())
+fn is_loopback(peer: Option<SocketAddr>) -> bool {
+    peer.is_some_and(|p| p.ip().to_canonical().is_loopback())
 }
 
 /// A query `/tap` or `/explain` cannot answer: 400 naming why; logged and counted.
@@ -208,8 +209,6 @@ fn reply(status: StatusCode, content_type: &'static str, text: String) -> Respon
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
-
-    use std::net::SocketAddr;
 
     use http_body_util::BodyExt;
 
@@ -237,8 +236,8 @@ mod tests {
         }
     }
 
-    fn peer(addr: &str) -> Option<ClientAddr> {
-        Some(ClientAddr(addr.parse::<SocketAddr>().unwrap()))
+    fn peer(addr: &str) -> Option<SocketAddr> {
+        Some(addr.parse::<SocketAddr>().unwrap())
     }
 
     fn refusals(a: &Admin) -> u64 {

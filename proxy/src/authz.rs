@@ -25,12 +25,13 @@ use std::task::{Context, Poll};
 use arc_swap::ArcSwap;
 use futures::future::Either;
 use http::{Request, Response};
-use tern_identity::{ConnTls, SpiffeId};
+use tern_identity::SpiffeId;
 
 use crate::body::Body;
 use crate::errors::{is_grpc, ProxyError};
 use crate::metrics::{Direction, Metrics};
-use crate::router::Target;
+use crate::router::Routed;
+use crate::serve::ConnInfo;
 
 /// The policy storage: written by the control client, read by the inbound
 /// stack on every request.
@@ -224,10 +225,10 @@ pub fn grpc_method<B>(req: &Request<B>) -> Option<(&str, &str)> {
 }
 
 /// The caller's verified identity: only a TLS connection has one. No
-/// [`ConnTls`] at all (a unit test, a listener without TLS) is plaintext.
+/// [`tern_identity::ConnTls`] at all (a unit test, a listener without TLS) is plaintext.
 pub fn peer_identity<B>(req: &Request<B>) -> Option<&str> {
-    req.extensions()
-        .get::<ConnTls>()
+    ConnInfo::of(req)
+        .and_then(|c| c.tls.as_ref())
         .filter(|t| t.is_tls())
         .and_then(|t| t.peer_identity.as_deref())
 }
@@ -304,10 +305,8 @@ impl<S> Authorize<S> {
         peer: Option<&str>,
         grpc: Option<(&str, &str)>,
     ) -> ProxyError {
-        let service = req
-            .extensions()
-            .get::<Arc<Target>>()
-            .map(|t| Arc::clone(&t.service))
+        let service = Routed::of(req)
+            .map(|r| Arc::clone(&r.target.service))
             .unwrap_or_else(|| Arc::from("unknown"));
         self.layer
             .metrics

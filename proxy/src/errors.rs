@@ -7,19 +7,16 @@
 //! carries `x-tern-proxy-error` so a caller can tell the proxy's failure from
 //! the application's.
 
-use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use http::{header, HeaderValue, Request, Response, StatusCode};
+use http::{header, HeaderName, HeaderValue, Response, StatusCode};
 
-use crate::balance::Upstream;
 use crate::body::{self, Body};
-use crate::metrics::{Direction, Metrics};
-use crate::router::Target;
+
+mod layer;
+
+pub use layer::{ErrorFuture, ErrorResponse, ErrorResponseLayer};
 
 pub const PROXY_ERROR_HEADER: &str = "x-tern-proxy-error";
 
@@ -246,117 +243,6 @@ impl ProxyError {
 #[derive(Clone, Copy, Debug)]
 pub struct ProxyErrorReason(pub &'static str);
 
-/// Turns a [`ProxyError`] into the caller's response, with a log line and a metric.
-#[derive(Clone)]
-pub struct ErrorResponseLayer {
-    direction: Direction,
-    metrics: Arc<Metrics>,
-    max_header_list_size: u32,
-}
-
-impl ErrorResponseLayer {
-    pub fn new(direction: Direction, metrics: Arc<Metrics>, max_header_list_size: u32) -> Self {
-        Self {
-            direction,
-            metrics,
-            max_header_list_size,
-        }
-    }
-
-    /// A request head over the limit: hyper and h2 let up to twice the limit
-    /// through (see [`crate::limits`]) so that it can be answered and counted here.
-    fn check_head(&self, req: &Request<Body>) -> Result<(), ProxyError> {
-        let size = crate::limits::header_list_size(req.headers());
-        let limit = self.max_header_list_size;
-        if size <= limit as usize {
-            return Ok(());
-        }
-        self.metrics
-            .protocol_rejections
-            .with_label_values(&[self.direction.as_str(), "header_list_size"])
-            .inc();
-        Err(ProxyError::RequestHeadersTooLarge { size, limit })
-    }
-}
-
-impl<S> tower::Layer<S> for ErrorResponseLayer {
-    type Service = ErrorResponse<S>;
-    fn layer(&self, inner: S) -> ErrorResponse<S> {
-        ErrorResponse {
-            layer: self.clone(),
-            inner,
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct ErrorResponse<S> {
-    layer: ErrorResponseLayer,
-    inner: S,
-}
-
-impl<S> tower::Service<Request<Body>> for ErrorResponse<S>
-where
-    S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError>,
-    S::Future: Send + 'static,
-{
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        // The stack's services are always ready; an error here would be a
-        // programming error, surfaced per request by `call` instead.
-        let _ = self.inner.poll_ready(cx);
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let grpc = is_grpc(req.headers());
-        let service = req
-            .extensions()
-            .get::<Arc<Target>>()
-            .map(|t| Arc::clone(&t.service));
-        let layer = self.layer.clone();
-        let checked = self.layer.check_head(&req);
-        let fut = checked.map(|()| self.inner.call(req));
-        Box::pin(async move {
-            let result = match fut {
-                Ok(fut) => fut.await,
-                Err(e) => Err(e),
-            };
-            match result {
-                Ok(rsp) => Ok(rsp),
-                Err(e) => {
-                    let service = service.as_deref().unwrap_or("unknown");
-                    // A refused port was logged, rate-limited, where it was
-                    // refused (`AppPorts::refuse`): any caller can cause it.
-                    if !matches!(e, ProxyError::PortNotServed { .. }) {
-                        tracing::warn!(
-                            direction = layer.direction.as_str(),
-                            service,
-                            reason = e.reason(),
-                            error = %e,
-                            "request failed in proxy"
-                        );
-                    }
-                    layer
-                        .metrics
-                        .proxy_errors
-                        .with_label_values(&[layer.direction.as_str(), service, e.reason()])
-                        .inc();
-                    let mut rsp = e.to_response(grpc);
-                    rsp.extensions_mut().insert(ProxyErrorReason(e.reason()));
-                    if let Some(addr) = e.endpoint() {
-                        rsp.extensions_mut().insert(Upstream(addr));
-                    }
-                    Ok(rsp)
-                }
-            }
-        })
-    }
-}
-
 /// h2 refused what the peer sent on this stream (a response head over the
 /// header limit, or a malformed one): a reset h2 made itself, not the peer.
 pub fn local_protocol_error(e: &hyper::Error) -> bool {
@@ -407,9 +293,13 @@ pub fn percent_encode(msg: &str) -> String {
 }
 
 /// The `grpc-status` of a header or trailer block, if it carries one.
+/// A `HeaderName`, not a `&str`: a lookup by `&str` parses the name first,
+/// and this one runs several times per request.
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
 pub fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
     headers
-        .get("grpc-status")
+        .get(GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
         .and_then(|s| s.trim().parse().ok())
 }

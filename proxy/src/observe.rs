@@ -7,8 +7,6 @@
 //! request's metadata to [`crate::tap`]; otherwise tapping costs one atomic load.
 
 use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -16,19 +14,23 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::{Request, Response, Version};
-use http_body::{Body as _, Frame, SizeHint};
 use tern_identity::ConnTls;
 
 use crate::access_log::{self, AccessLog};
 use crate::balance::Upstream;
 use crate::body::{self, Body, BoxError};
-use crate::errors::{self, grpc_status, ProxyErrorReason};
+use crate::errors;
 use crate::metrics::{Direction, Metrics, RouteMetrics};
 use crate::retry::Attempts;
-use crate::router::Target;
+use crate::router::Routed;
+use crate::serve::ConnInfo;
 use crate::tap::{self, Tap};
 use crate::telemetry::{FinishedSpan, SpanStart};
 use crate::trace_context;
+use response::{CountingBody, Pending};
+pub use response::{ObserveFuture, ObservedBody};
+
+mod response;
 
 const UNKNOWN_SERVICE: &str = "unknown";
 const HTTP_ROUTE: &str = "http";
@@ -90,7 +92,7 @@ where
 {
     type Response = Response<ObservedBody>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+    type Future = ObserveFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -108,10 +110,8 @@ where
         });
         let sh = &self.shared;
         let grpc = errors::is_grpc(req.headers());
-        let service = req
-            .extensions()
-            .get::<Arc<Target>>()
-            .map(|t| Arc::clone(&t.service))
+        let service = Routed::of(&req)
+            .map(|r| Arc::clone(&r.target.service))
             .unwrap_or_else(|| Arc::clone(&sh.unknown));
         let path = req.uri().path();
         let route_name = if grpc {
@@ -134,25 +134,28 @@ where
         // Only the access log and spans report the bytes received: without
         // them the body is passed on uncounted.
         let bytes_in = (log.is_some() || span.is_some()).then(|| Arc::new(AtomicU64::new(0)));
-        let attempts = match span {
-            Some(_) => Attempts::recorded(),
-            None => Attempts::default(),
-        };
-        let mut req = req.map(|b| match &bytes_in {
+        // Routing made the request's attempts counter (an unrouted request
+        // makes none); a sampled request's also records each retry.
+        let attempts = req.extensions_mut().get_mut::<Routed>().map(|r| {
+            if span.is_some() {
+                r.attempts = Attempts::recorded();
+            }
+            r.attempts.clone()
+        });
+        let req = req.map(|b| match &bytes_in {
             Some(bytes) => body::boxed(CountingBody {
                 inner: b,
                 bytes: Arc::clone(bytes),
             }),
             None => body::boxed(b),
         });
-        req.extensions_mut().insert(attempts.clone());
         // Inbound: what the caller's connection established. Outbound: set
         // from the response, once an endpoint was chosen.
         let tls = match sh.direction {
-            Direction::Inbound => req.extensions().get::<ConnTls>().cloned(),
+            Direction::Inbound => ConnInfo::of(&req).and_then(|c| c.tls.clone()),
             Direction::Outbound => None,
         };
-        let mut pending = Pending(Some(Box::new(Completion {
+        let pending = Pending(Some(Box::new(Completion {
             shared: Arc::clone(sh),
             route,
             start,
@@ -169,28 +172,7 @@ where
             span,
             tapped,
         })));
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            let Ok(rsp) = fut.await;
-            let (parts, inner) = rsp.into_parts();
-            let mut done = pending.0.take();
-            if let Some(c) = done.as_mut() {
-                c.status = parts.status.as_u16();
-                c.grpc_status = grpc_status(&parts.headers);
-                c.upstream = parts.extensions.get::<Upstream>().map(|u| u.0);
-                c.error = parts.extensions.get::<ProxyErrorReason>().map(|r| r.0);
-                if let Some(t) = parts.extensions.get::<ConnTls>() {
-                    if c.tls.is_none() {
-                        c.tls = Some(t.clone());
-                    }
-                }
-            }
-            let mut body = ObservedBody { inner, done };
-            if body.inner.is_end_stream() {
-                body.finish(Outcome::Complete);
-            }
-            Ok(Response::from_parts(parts, body))
-        })
+        ObserveFuture::new(self.inner.call(req), pending)
     }
 }
 
@@ -221,7 +203,7 @@ struct Completion {
     bytes_out: u64,
     upstream: Option<std::net::SocketAddr>,
     error: Option<&'static str>,
-    attempts: Attempts,
+    attempts: Option<Attempts>,
     tls: Option<ConnTls>,
     log: Option<Box<LogInfo>>,
     span: Option<Box<SpanInfo>>,
@@ -239,6 +221,24 @@ enum Outcome {
 }
 
 impl Completion {
+    /// The endpoint that answered: an upstream's response came from the
+    /// latest attempt's endpoint (which also says, outbound, what its mTLS
+    /// connection established); the proxy's own error names the one it
+    /// concerns, if any.
+    fn upstream_from(&mut self, ext: &http::Extensions) {
+        if self.error.is_some() {
+            self.upstream = ext.get::<Upstream>().map(|u| u.0);
+            return;
+        }
+        let Some((addr, tls)) = self.attempts.as_ref().and_then(Attempts::upstream) else {
+            return;
+        };
+        self.upstream = Some(addr);
+        if self.tls.is_none() {
+            self.tls = tls;
+        }
+    }
+
     fn finish(mut self, outcome: Outcome) {
         let elapsed = self.start.elapsed();
         let sh = &self.shared;
@@ -288,7 +288,7 @@ impl Completion {
                 upstream: self.upstream,
                 peer_identity: self.tls.as_ref().and_then(|t| t.peer_identity.as_deref()),
                 tls: self.tls.as_ref().and_then(|t| t.version),
-                attempts: self.attempts.0.load(Ordering::Relaxed),
+                attempts: self.attempts(),
                 trace_id: &info.trace_id,
                 error,
             });
@@ -317,11 +317,15 @@ impl Completion {
                 latency_ms,
                 peer_identity: tls.and_then(|t| t.peer_identity.as_deref()),
                 tls: tls.and_then(|t| t.version),
-                attempts: self.attempts.0.load(Ordering::Relaxed),
+                attempts: self.attempts(),
                 upstream: self.upstream,
                 error,
             },
         );
+    }
+
+    fn attempts(&self) -> u32 {
+        self.attempts.as_ref().map_or(0, Attempts::count)
     }
 
     fn bytes_in(&self) -> u64 {
@@ -346,137 +350,15 @@ impl Completion {
             tls_version: tls.and_then(|t| t.version),
             peer_identity: tls.and_then(|t| t.peer_identity.clone()),
             error,
-            attempts: self.attempts.0.load(Ordering::Relaxed),
-            retries: self.attempts.retries(),
+            attempts: self.attempts(),
+            retries: self
+                .attempts
+                .as_ref()
+                .map(Attempts::retries)
+                .unwrap_or_default(),
             bytes_in: self.bytes_in(),
             bytes_out: self.bytes_out,
         });
-    }
-}
-
-/// Records a request whose caller left before any response came back.
-struct Pending(Option<Box<Completion>>);
-
-impl Drop for Pending {
-    fn drop(&mut self) {
-        if let Some(c) = self.0.take() {
-            (*c).finish(Outcome::Cancelled);
-        }
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// The response body, passed through frame by frame while it is measured.
-    pub struct ObservedBody {
-        #[pin]
-        inner: Body,
-        done: Option<Box<Completion>>,
-    }
-
-    impl PinnedDrop for ObservedBody {
-        fn drop(this: Pin<&mut Self>) {
-            if let Some(c) = this.project().done.take() {
-                (*c).finish(Outcome::Cancelled);
-            }
-        }
-    }
-}
-
-impl ObservedBody {
-    fn finish(&mut self, outcome: Outcome) {
-        if let Some(c) = self.done.take() {
-            (*c).finish(outcome);
-        }
-    }
-}
-
-impl http_body::Body for ObservedBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let mut this = self.project();
-        let polled = this.inner.as_mut().poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(c) = this.done.as_mut() {
-                    if let Some(d) = frame.data_ref() {
-                        c.bytes_out += d.len() as u64;
-                    } else if let Some(t) = frame.trailers_ref() {
-                        c.grpc_status = grpc_status(t).or(c.grpc_status);
-                    }
-                }
-                // A server writing a Content-Length body stops polling after the
-                // last byte, so the end is seen here rather than as `None`.
-                if this.inner.is_end_stream() {
-                    if let Some(c) = this.done.take() {
-                        (*c).finish(Outcome::Complete);
-                    }
-                }
-            }
-            Poll::Ready(Some(Err(_))) => {
-                if let Some(c) = this.done.take() {
-                    (*c).finish(Outcome::Reset);
-                }
-            }
-            Poll::Ready(None) => {
-                if let Some(c) = this.done.take() {
-                    (*c).finish(Outcome::Complete);
-                }
-            }
-            Poll::Pending => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// The request body, counted as it streams upstream.
-    struct CountingBody<B> {
-        #[pin]
-        inner: B,
-        bytes: Arc<AtomicU64>,
-    }
-}
-
-impl<B> http_body::Body for CountingBody<B>
-where
-    B: http_body::Body<Data = Bytes>,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(d) = frame.data_ref() {
-                this.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
-            }
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 

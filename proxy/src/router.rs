@@ -2,17 +2,19 @@
 //!
 //! [`RouteLayer`] names the target (fixed per listener, or looked up by
 //! `:authority`/`Host`) and the route rule the request falls under
-//! ([`SelectedRule`]), and records both in the request's extensions, so every
-//! layer below (metrics, logs, errors, retries, balancing) knows them;
-//! [`Forward`] at the bottom of the stack sends each attempt on the
-//! connection of the endpoint the balance layer chose. With transparent
-//! interception the connection's original destination names the target too:
-//! the accept loop resolves it once per connection ([`crate::intercept`]) and
-//! puts the [`Destination`] in each request.
+//! ([`crate::routes::SelectedRule`]), and records both in the request's extensions
+//! ([`Routed`]), so every layer below (metrics, logs, errors, retries,
+//! balancing) knows them; [`Forward`] at the bottom of the stack sends each
+//! attempt on the connection of the endpoint the balance layer chose. With
+//! transparent interception the connection's original destination names the
+//! target too: the accept loop resolves it once per connection
+//! ([`crate::intercept`]) into the connection's [`crate::serve::ConnInfo`].
+
+mod route;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -22,19 +24,21 @@ use http::{header, HeaderName, HeaderValue, Request, Response};
 
 use arc_swap::ArcSwap;
 
-use crate::balance::{Balancer, Upstream};
+use crate::balance::Balancer;
 use crate::body::Body;
 use crate::endpoint::EndpointClient;
 use crate::errors::ProxyError;
 use crate::inbound::AppPorts;
-use crate::routes::{Routes, SelectedRule};
+use crate::routes::Routes;
+
+pub use route::{Route, RouteLayer, Routed, UnservedPort};
 
 /// The port an intercepted request was sent to, told by the calling sidecar
 /// to the receiving one, whose transparent inbound forwards it to that port
-/// of the app if the app serves it ([`AppPorts`]). Never reaches the app.
+/// of the app if the app serves it ([`crate::inbound::AppPorts`]). Never reaches the app.
 pub const DST_PORT: HeaderName = HeaderName::from_static("tern-dst-port");
 
-/// Where an intercepted connection was going, in each of its requests.
+/// Where an intercepted connection was going (in its [`crate::serve::ConnInfo`]).
 #[derive(Clone)]
 pub struct Destination {
     pub target: Arc<Target>,
@@ -43,23 +47,6 @@ pub struct Destination {
     /// The port the app dialed (outbound), sent on as [`DST_PORT`].
     pub port: Option<u16>,
 }
-
-/// The two ends of the connection a request came on, in its extensions.
-#[derive(Clone, Copy, Debug)]
-pub struct ConnAddrs {
-    /// The address the client dialed (on the inbound port: the pod IP).
-    pub local: SocketAddr,
-    pub peer: SocketAddr,
-}
-
-/// The request named a port ([`DST_PORT`]) the app does not serve:
-/// [`Forward`] answers it with [`ProxyError::PortNotServed`].
-#[derive(Clone, Copy, Debug)]
-pub struct UnservedPort(pub u16);
-
-/// Every attempt of the request goes to this endpoint (see [`Destination`]).
-#[derive(Clone, Copy, Debug)]
-pub struct PinnedEndpoint(pub SocketAddr);
 
 /// A service requests can be sent to. Long-lived: a config push swaps its
 /// routes and its balancer's endpoints, never the target itself.
@@ -202,110 +189,12 @@ pub fn authority<B>(req: &Request<B>) -> &str {
         .unwrap_or("")
 }
 
-#[derive(Clone)]
-pub struct RouteLayer {
-    selector: Selector,
-}
-
-impl RouteLayer {
-    pub fn new(selector: Selector) -> Self {
-        Self { selector }
-    }
-}
-
-impl<S> tower::Layer<S> for RouteLayer {
-    type Service = Route<S>;
-    fn layer(&self, inner: S) -> Route<S> {
-        Route {
-            selector: self.selector.clone(),
-            inner,
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct Route<S> {
-    selector: Selector,
-    inner: S,
-}
-
-impl<S, B> tower::Service<Request<B>> for Route<S>
-where
-    S: tower::Service<Request<B>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        // Only this sidecar says which port a request was sent to.
-        let dst_port = req.headers_mut().remove(DST_PORT);
-        let target = match &self.selector {
-            Selector::Fixed(t) => Some(Arc::clone(t)),
-            Selector::Authority(table) => table.load().lookup(authority(&req)).cloned(),
-            Selector::Intercepted(table) => {
-                let named = table.load().lookup(authority(&req)).cloned();
-                named.or_else(|| original_destination(&mut req))
-            }
-            Selector::Local { app, ports } => {
-                let named = dst_port.and_then(|v| v.to_str().ok()?.parse::<u16>().ok());
-                let dest = req.extensions().get::<Destination>();
-                match (dest.map(|d| Arc::clone(&d.target)), named, ports) {
-                    (Some(t), _, _) => Some(t),
-                    (None, Some(port), Some(ports)) => named_port(&mut req, ports, port),
-                    _ => app.clone(),
-                }
-            }
-        };
-        if let Some(t) = target {
-            t.touch();
-            if let Some(rule) = SelectedRule::select(t.routes.load_full(), &req) {
-                req.extensions_mut().insert(rule);
-            }
-            req.extensions_mut().insert(t);
-        }
-        self.inner.call(req)
-    }
-}
-
-/// The app's `port` at the address the request's connection came in on,
-/// or, for a port the app does not serve, none (and the request is marked
-/// [`UnservedPort`]).
-fn named_port<B>(req: &mut Request<B>, ports: &AppPorts, port: u16) -> Option<Arc<Target>> {
-    let conn = req.extensions().get::<ConnAddrs>().copied();
-    let local = conn.map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |c| c.local.ip());
-    let target = ports.get(SocketAddr::new(local, port));
-    if target.is_none() {
-        let peer = conn.map_or(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)), |c| c.peer);
-        ports.refuse(peer, port, "tern-dst-port");
-        req.extensions_mut().insert(UnservedPort(port));
-    }
-    target
-}
-
-/// The target of an intercepted connection's request; pins the endpoint the
-/// app dialed and tells the next sidecar which port that was.
-fn original_destination<B>(req: &mut Request<B>) -> Option<Arc<Target>> {
-    let d = req.extensions().get::<Destination>()?.clone();
-    if let Some(ep) = d.endpoint {
-        req.extensions_mut().insert(PinnedEndpoint(ep));
-    }
-    if let Some(port) = d.port {
-        req.headers_mut().insert(DST_PORT, HeaderValue::from(port));
-    }
-    Some(d.target)
-}
-
 /// A request sent to a Service port (on the virtual IP) names, in
 /// [`DST_PORT`], the port this attempt's endpoint serves it on (its target
-/// port). One sent to an endpoint's own IP ([`PinnedEndpoint`]) named the
-/// port its app serves already.
-fn name_target_port<B>(req: &mut Request<B>, ep: &EndpointClient) {
-    if ep.target_ports().is_empty() || req.extensions().get::<PinnedEndpoint>().is_some() {
+/// port). One sent to an endpoint's own IP (`pinned`, see [`Routed::pinned`])
+/// named the port its app serves already.
+fn name_target_port<B>(req: &mut Request<B>, ep: &EndpointClient, pinned: bool) {
+    if ep.target_ports().is_empty() || pinned {
         return;
     }
     let named = req.headers().get(DST_PORT);
@@ -334,18 +223,17 @@ impl tower::Service<Request<Body>> for Forward {
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        let Some(ep) = req.extensions_mut().remove::<Arc<EndpointClient>>() else {
+        let routed = req.extensions_mut().get_mut::<Routed>();
+        let pinned = routed.as_ref().is_some_and(|r| r.pinned.is_some());
+        let Some(ep) = routed.and_then(|r| r.endpoint.take()) else {
             let authority = authority(&req).to_string();
             return Box::pin(async move { Err(ProxyError::NoRoute { authority }) });
         };
         Box::pin(async move {
-            name_target_port(&mut req, &ep);
-            let mut rsp = ep.send(req).await?;
-            rsp.extensions_mut().insert(Upstream(ep.addr()));
-            if ep.uses_tls() {
-                rsp.extensions_mut().insert(ep.conn_tls());
-            }
-            Ok(rsp)
+            name_target_port(&mut req, &ep, pinned);
+            // Which endpoint answered, and over what, Observe learns from the
+            // request's attempts record (see crate::retry::Attempts).
+            ep.send(req).await
         })
     }
 }

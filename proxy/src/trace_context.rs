@@ -8,12 +8,14 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::{HeaderMap, HeaderValue, Request};
+use http::{HeaderMap, HeaderName, HeaderValue, Request};
 
 use crate::telemetry::Tracer;
 
-pub const TRACEPARENT: &str = "traceparent";
-pub const TRACESTATE: &str = "tracestate";
+// Header names as `HeaderName`s: a lookup by `&str` parses the name first,
+// which cost more than the lookup itself.
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 /// The `sampled` bit of the trace flags.
 pub const SAMPLED: u8 = 0x01;
 

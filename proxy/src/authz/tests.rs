@@ -13,7 +13,18 @@ use crate::config::policy::ServicePolicy;
 use crate::config::AccessLogTarget;
 use crate::errors::PROXY_ERROR_HEADER;
 use crate::router::Selector;
+use crate::router::Target;
 use crate::routes::Routes;
+use tern_identity::ConnTls;
+
+/// What the accept loop would put in each request of a connection with `tls`.
+fn conn(tls: ConnTls) -> Arc<ConnInfo> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 4143));
+    Arc::new(ConnInfo {
+        tls: Some(tls),
+        ..ConnInfo::new(addr, addr)
+    })
+}
 
 const ORDER: &str = "spiffe://cluster.local/ns/default/sa/order";
 const BILLING: &str = "spiffe://other.domain/ns/payments/sa/billing";
@@ -117,7 +128,7 @@ fn a_plaintext_caller_has_no_identity() {
             .body(())
             .unwrap();
         if let Some(t) = tls {
-            r.extensions_mut().insert(t);
+            r.extensions_mut().insert(conn(t));
         }
         r
     };
@@ -221,12 +232,12 @@ fn grpc_call(peer: Option<&str>) -> Request<Body> {
         .body(crate::body::empty())
         .unwrap();
     if let Some(id) = peer {
-        r.extensions_mut().insert(ConnTls {
+        r.extensions_mut().insert(conn(ConnTls {
             version: Some("TLSv1.3"),
             peer_identity: Some(Arc::from(id)),
-        });
+        }));
     } else {
-        r.extensions_mut().insert(ConnTls::plaintext());
+        r.extensions_mut().insert(conn(ConnTls::plaintext()));
     }
     r
 }
@@ -296,7 +307,7 @@ async fn a_denied_call_is_answered_logged_and_counted_without_reaching_the_app()
         .uri("http://pay/refunds")
         .body(crate::body::empty())
         .unwrap();
-    http1.extensions_mut().insert(ConnTls::plaintext());
+    http1.extensions_mut().insert(conn(ConnTls::plaintext()));
     let (rsp, body) = send(&mut stack, http1).await;
     assert_eq!(rsp.status, StatusCode::FORBIDDEN);
     assert!(String::from_utf8_lossy(&body).contains("permission denied"));

@@ -2,20 +2,21 @@
 //! the balancer.
 //!
 //! Under [`crate::retry`], each attempt of a request passes here once. The
-//! endpoint is the one the app dialed ([`PinnedEndpoint`]), else the
+//! endpoint is the one the app dialed ([`Routed::pinned`]), else the
 //! balancer's pick within the backend its route rule drew
 //! ([`SelectedRule::subset`]), passing over the endpoint the previous attempt
-//! failed on ([`Tried`]). The outcome goes back to the balancer: an error of
+//! failed on (recorded in the request's [`crate::retry::Attempts`]); the
+//! request takes it down to Forward in its [`Routed`]. The outcome goes back to the balancer: an error of
 //! the endpoint or a failed response head counts against it for failure
 //! accrual, a good head for it; load-aware algorithms count the request in
 //! flight until its response ends and learn its latency. What only the retry
 //! layer learns (a per-try timeout, a status it read past a held head) it
-//! reports itself, on the endpoint [`Tried`] names.
+//! reports itself, on the endpoint the attempts record names.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -26,34 +27,13 @@ use crate::body::Body;
 use crate::endpoint::EndpointClient;
 use crate::errors::{grpc_status, is_grpc, ProxyError};
 use crate::on_demand::Unanswered;
-use crate::router::{authority, PinnedEndpoint, Target, UnservedPort};
+use crate::router::{authority, Routed, UnservedPort};
 use crate::routes::SelectedRule;
 
-/// The endpoint of a request's latest attempt, shared between the retry
-/// layer (which avoids it next time and names it in errors) and this one.
-/// Only requests that may be retried or time out per try carry one.
-#[derive(Clone, Default)]
-pub struct Tried(Arc<Mutex<Option<SocketAddr>>>);
-
-impl Tried {
-    pub fn get(&self) -> Option<SocketAddr> {
-        self.0.lock().ok().and_then(|a| *a)
-    }
-
-    fn set(&self, addr: SocketAddr) {
-        if let Ok(mut a) = self.0.lock() {
-            *a = Some(addr);
-        }
-    }
-}
-
-/// The retry layer reads the first frame of a gRPC response whose head
-/// carries no status before deciding ([`crate::retry::classify`]); such a
-/// response's verdict is its to report.
-#[derive(Clone, Copy, Debug)]
-pub struct MayHold;
-
-/// Whether a response's verdict waits for its first frame (see [`MayHold`]).
+/// Whether a response's verdict waits for its first frame. The retry layer
+/// reads the first frame of a gRPC response whose head carries no status
+/// before deciding ([`crate::retry::classify`]) when the request may be
+/// retried ([`Routed::may_hold`]); such a response's verdict is its to report.
 pub fn held(rsp: &Response<Body>) -> bool {
     grpc_status(rsp.headers()).is_none() && !http_body::Body::is_end_stream(rsp.body())
 }
@@ -86,7 +66,8 @@ where
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        let (target, rule) = match routed(&req) {
+        let grpc = is_grpc(req.headers());
+        let (routed, rule) = match routed(&mut req) {
             Ok(routed) => routed,
             Err(e) => {
                 return Feedback::Failed {
@@ -94,12 +75,12 @@ where
                 }
             }
         };
-        let ext = req.extensions();
-        let picked = match ext.get::<PinnedEndpoint>() {
-            Some(PinnedEndpoint(addr)) => target.balancer.get(*addr),
+        let balancer = &routed.target.balancer;
+        let picked = match routed.pinned {
+            Some(addr) => balancer.get(addr),
             None => {
-                let avoid = ext.get::<Tried>().and_then(Tried::get);
-                target.balancer.pick(rule.subset(), avoid)
+                let avoid = routed.attempts.latest_addr();
+                balancer.pick(rule.subset(), avoid)
             }
         };
         let ep = match picked {
@@ -110,19 +91,16 @@ where
                 }
             }
         };
-        if let Some(tried) = ext.get::<Tried>() {
-            tried.set(ep.addr());
-        }
-        let hold = ext.get::<MayHold>().is_some();
-        let grpc = is_grpc(req.headers());
-        let balancer = Arc::clone(&target.balancer);
+        routed.attempts.sent_to(&ep);
+        let hold = routed.may_hold;
+        let balancer = Arc::clone(balancer);
         let algorithm = balancer.algorithm();
         // Load-aware balancers need requests in flight counted until the
         // response ends; round robin does not pay for it.
         let in_flight = (algorithm != Algorithm::RoundRobin).then(|| start_request(&ep));
         let latency = (algorithm == Algorithm::P2cEwma).then(|| (Arc::clone(&ep), Instant::now()));
         let addr = ep.addr();
-        req.extensions_mut().insert(ep);
+        routed.endpoint = Some(ep);
         Feedback::Sending {
             inner: self.inner.call(req),
             state: Some(Sent {
@@ -138,29 +116,45 @@ where
     }
 }
 
-/// The target and rule routing chose, or why there is none.
-fn routed(req: &Request<Body>) -> Result<(Arc<Target>, SelectedRule), ProxyError> {
+/// What routing chose, with its rule, or why there is none.
+fn routed(req: &mut Request<Body>) -> Result<(&mut Routed, SelectedRule), ProxyError> {
+    let Some(rule) = Routed::of(req).and_then(|r| r.rule.clone()) else {
+        return Err(unrouted(req));
+    };
+    // Present: it had the rule.
+    let routed = req.extensions_mut().get_mut::<Routed>();
+    routed
+        .map(|r| (r, rule))
+        .ok_or_else(|| ProxyError::NoRoute {
+            authority: String::new(),
+        })
+}
+
+/// Why routing found no target or no rule for the request.
+fn unrouted(req: &Request<Body>) -> ProxyError {
     let ext = req.extensions();
-    match (ext.get::<Arc<Target>>(), ext.get::<SelectedRule>()) {
-        (Some(t), Some(r)) => Ok((Arc::clone(t), r.clone())),
-        (None, _) if ext.get::<UnservedPort>().is_some() => {
+    match ext.get::<Routed>() {
+        Some(_) => ProxyError::NoRoute {
+            authority: authority(req).to_string(),
+        },
+        None if ext.get::<UnservedPort>().is_some() => {
             let port = ext.get::<UnservedPort>().map_or(0, |p| p.0);
-            Err(ProxyError::PortNotServed { port })
+            ProxyError::PortNotServed { port }
         }
         // The control plane did not say in time which service the authority is.
-        (None, _) if ext.get::<Unanswered>().is_some() => {
+        None if ext.get::<Unanswered>().is_some() => {
             let (destination, waited) = ext
                 .get::<Unanswered>()
                 .map(|u| (u.destination.clone(), u.waited))
                 .unwrap_or_default();
-            Err(ProxyError::Unanswered {
+            ProxyError::Unanswered {
                 destination,
                 waited_ms: u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
-            })
+            }
         }
-        _ => Err(ProxyError::NoRoute {
+        None => ProxyError::NoRoute {
             authority: authority(req).to_string(),
-        }),
+        },
     }
 }
 
@@ -240,6 +234,8 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::config::policy::ServicePolicy;
+    use crate::retry::Attempts;
+    use crate::router::Target;
     use crate::routes::Routes;
     use tower::{Layer as _, Service as _, ServiceExt as _};
 
@@ -281,25 +277,26 @@ mod tests {
         Future = impl Future<Output = Result<Response<Body>, ProxyError>>,
     > + Clone {
         tower::service_fn(|req: Request<Body>| async move {
-            let ep = req
-                .extensions()
-                .get::<Arc<EndpointClient>>()
-                .unwrap()
-                .addr();
+            let routed = req.extensions().get::<Routed>().unwrap();
+            let ep = routed.endpoint.as_ref().unwrap().addr();
             let mut rsp = Response::new(crate::body::empty());
             rsp.extensions_mut().insert(super::super::Upstream(ep));
             Ok(rsp)
         })
     }
 
-    fn request(target: &Arc<Target>, tried: Option<&Tried>) -> Request<Body> {
+    fn request(
+        target: &Arc<Target>,
+        attempts: Option<&Attempts>,
+        pinned: Option<SocketAddr>,
+    ) -> Request<Body> {
         let mut req = Request::new(crate::body::empty());
         let rule = SelectedRule::select(target.routes.load_full(), &req).unwrap();
-        req.extensions_mut().insert(rule);
-        req.extensions_mut().insert(Arc::clone(target));
-        if let Some(t) = tried {
-            req.extensions_mut().insert(t.clone());
+        let mut routed = Routed::new(Arc::clone(target), Some(rule), pinned);
+        if let Some(a) = attempts {
+            routed.attempts = a.clone();
         }
+        req.extensions_mut().insert(routed);
         req
     }
 
@@ -311,13 +308,14 @@ mod tests {
     async fn each_attempt_avoids_the_endpoint_the_last_one_went_to() {
         let target = target(&[7001, 7002, 7003]).await;
         let mut svc = BalanceLayer.layer(echo_endpoint());
-        let tried = Tried::default();
+        let attempts = Attempts::default();
         let mut last = None;
         for _ in 0..6 {
-            let req = request(&target, Some(&tried));
+            let req = request(&target, Some(&attempts), None);
             let rsp = svc.ready().await.unwrap().call(req).await.unwrap();
             let now = served_by(&rsp);
-            assert_eq!(tried.get(), Some(now), "the attempt's endpoint is recorded");
+            let recorded = attempts.latest_addr();
+            assert_eq!(recorded, Some(now), "the attempt's endpoint is recorded");
             assert_ne!(last, Some(now), "a retry goes elsewhere when it can");
             last = Some(now);
         }
@@ -328,8 +326,7 @@ mod tests {
         let target = target(&[7001, 7002]).await;
         let mut svc = BalanceLayer.layer(echo_endpoint());
         for _ in 0..3 {
-            let mut req = request(&target, None);
-            req.extensions_mut().insert(PinnedEndpoint(addr(7002)));
+            let req = request(&target, None, Some(addr(7002)));
             let rsp = svc.ready().await.unwrap().call(req).await.unwrap();
             assert_eq!(served_by(&rsp), addr(7002));
         }
@@ -341,7 +338,8 @@ mod tests {
             Err(ProxyError::PortNotServed { port: 6060 })
         ));
         let mut req = Request::new(crate::body::empty());
-        req.extensions_mut().insert(Arc::clone(&target));
+        req.extensions_mut()
+            .insert(Routed::new(Arc::clone(&target), None, None));
         let result = svc.ready().await.unwrap().call(req).await;
         assert!(matches!(result, Err(ProxyError::NoRoute { .. })), "no rule");
     }

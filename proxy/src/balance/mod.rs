@@ -27,7 +27,7 @@ use crate::discovery::{EndpointSet, Labels, TargetPorts};
 use crate::endpoint::EndpointClient;
 use crate::errors::ProxyError;
 
-pub use layer::{Balance, BalanceLayer, MayHold, Tried};
+pub use layer::{Balance, BalanceLayer};
 pub use p2c::{start as start_request, InFlight, InFlightBody, Load};
 
 /// Which endpoint served a response; read by the access log and metrics.

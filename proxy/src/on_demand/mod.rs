@@ -11,7 +11,6 @@
 //! passed through without asking again. A service found this way and unused
 //! for `idle_timeout` is dropped, and the control plane told (`Forget`).
 
-mod layer;
 mod metrics;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -29,11 +28,20 @@ use tokio::sync::{mpsc, watch};
 use crate::config::on_demand::OnDemandConfig;
 use crate::targets::Targets;
 
-pub use layer::{Discover, DiscoverLayer, Unanswered};
 use metrics::LookupMetrics;
 
 /// How many outside-mesh addresses are remembered at most.
 const MAX_OUTSIDE: usize = 10_000;
+
+/// The destination a request was for, when the control plane did not say
+/// what it is in time: the balance layer answers UNAVAILABLE naming it. The
+/// Route layer waits for lookups of request authorities
+/// ([`crate::router::Route`]); the accept loop for intercepted connections.
+#[derive(Clone, Debug)]
+pub struct Unanswered {
+    pub destination: String,
+    pub waited: Duration,
+}
 
 /// What a lookup came to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -6,9 +6,9 @@
 
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
-pub const GRPC_TIMEOUT: &str = "grpc-timeout";
+pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
 /// The request's deadline: `Ok(None)` without `grpc-timeout`, `Err` with the
 /// offending value when it is not exactly one valid timeout. An invalid one

@@ -17,6 +17,7 @@
 //! `grpc-timeout`, whichever is shorter, and each attempt passes on what is
 //! left of it.
 
+mod attempts;
 pub mod classify;
 pub mod deadline;
 pub mod replay;
@@ -24,67 +25,24 @@ pub mod replay;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use tern_backoff::{ExpBackoff, Jitter};
 use tower::retry::budget::Budget as _;
 use tower::ServiceExt as _;
 
-use crate::balance::{self, MayHold, Tried};
+use crate::balance;
 use crate::body::Body;
 use crate::errors::{is_grpc, ProxyError};
 use crate::metrics::Metrics;
-use crate::router::{PinnedEndpoint, Target};
+use crate::router::{Routed, Target};
 use crate::routes::SelectedRule;
+pub use attempts::{Attempts, RetryEvent};
 use classify::Classified;
 use replay::Replay;
-
-/// Attempts made for a request so far; shared with the access log. The retries'
-/// record is kept only for a sampled request, whose span shows them as events.
-#[derive(Clone, Default)]
-pub struct Attempts(pub Arc<AtomicU32>, pub Option<Arc<Mutex<Vec<RetryEvent>>>>);
-
-impl Attempts {
-    /// Attempts that also remember each retry, for a span.
-    pub fn recorded() -> Self {
-        Self(Arc::default(), Some(Arc::default()))
-    }
-
-    fn retrying(&self, attempt: u32, endpoint: SocketAddr, reason: &'static str) {
-        if let Some(log) = &self.1 {
-            if let Ok(mut log) = log.lock() {
-                log.push(RetryEvent {
-                    time: SystemTime::now(),
-                    attempt,
-                    endpoint,
-                    reason,
-                });
-            }
-        }
-    }
-
-    /// The retries recorded so far (none unless [`Attempts::recorded`]).
-    pub fn retries(&self) -> Vec<RetryEvent> {
-        self.1
-            .as_ref()
-            .and_then(|l| l.lock().ok().map(|l| l.clone()))
-            .unwrap_or_default()
-    }
-}
-
-/// An attempt that failed and was retried.
-#[derive(Clone, Debug)]
-pub struct RetryEvent {
-    pub time: SystemTime,
-    /// Which attempt failed, the first being 1.
-    pub attempt: u32,
-    pub endpoint: SocketAddr,
-    pub reason: &'static str,
-}
 
 #[derive(Clone)]
 pub struct RetryLayer {
@@ -140,9 +98,8 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> BoxFuture {
-        let ext = req.extensions();
-        match (ext.get::<Arc<Target>>(), ext.get::<SelectedRule>()) {
-            (Some(target), Some(rule)) => Box::pin(run(
+        match Routed::of(&req).and_then(|r| Some((&r.target, r.rule.as_ref()?))) {
+            Some((target, rule)) => Box::pin(run(
                 self.inner.clone(),
                 Arc::clone(target),
                 rule.clone(),
@@ -274,18 +231,13 @@ where
     S::Future: Send,
 {
     let timing = Timing::new(&req, &rule, &target, &metrics, response_timeout)?;
-    let attempts = req
-        .extensions()
-        .get::<Attempts>()
-        .cloned()
-        .unwrap_or_default();
     // The budget is a share of all recent requests to the service, those
     // whose rule allows no retry included: one deposit, a few atomics.
     rule.budget().deposit();
     if rule.rule().policy.retry.max_attempts > 1 {
-        retrying(inner, &target, &rule, &timing, &attempts, req).await
+        retrying(inner, &rule, &timing, req).await
     } else {
-        once(inner, &rule, &timing, &attempts, req).await
+        once(inner, &rule, &timing, req).await
     }
 }
 
@@ -295,28 +247,25 @@ async fn once<S>(
     inner: S,
     rule: &SelectedRule,
     timing: &Timing<'_>,
-    attempts: &Attempts,
     mut req: Request<Body>,
 ) -> Result<Response<Body>, ProxyError>
 where
     S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError> + Send,
     S::Future: Send,
 {
-    attempts.0.store(1, Ordering::Relaxed);
     let per_try = rule.rule().policy.timeout.per_try;
     let limit = timing.per_try(per_try)?;
     timing.pass_on(req.headers_mut());
-    // Only a per-try timeout needs to know the endpoint it hit.
-    let tried = per_try.map(|_| Tried::default());
-    if let Some(t) = &tried {
-        req.extensions_mut().insert(t.clone());
+    let attempts = Routed::of(&req).map(|r| r.attempts.clone());
+    if let Some(a) = &attempts {
+        a.set_count(1);
     }
     let Some(limit) = limit else {
         return inner.oneshot(req).await;
     };
     match tokio::time::timeout(limit, inner.oneshot(req)).await {
         Ok(result) => result,
-        Err(_) => Err(timing.timed_out(per_try, tried.and_then(|t| t.get()))),
+        Err(_) => Err(timing.timed_out(per_try, attempts.and_then(|a| a.latest_addr()))),
     }
 }
 
@@ -324,19 +273,24 @@ where
 /// or the time run out.
 async fn retrying<S>(
     inner: S,
-    target: &Arc<Target>,
     rule: &SelectedRule,
     timing: &Timing<'_>,
-    attempts: &Attempts,
-    req: Request<Body>,
+    mut req: Request<Body>,
 ) -> Result<Response<Body>, ProxyError>
 where
     S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError> + Clone + Send,
     S::Future: Send,
 {
     let policy = &rule.rule().policy;
+    let target = timing.target;
     let service = target.service.as_ref();
-    let pinned = req.extensions().get::<PinnedEndpoint>().copied();
+    // `call` found it; each attempt goes down with its own copy.
+    let Some(mut routed) = req.extensions_mut().remove::<Routed>() else {
+        return Err(ProxyError::NoRoute {
+            authority: crate::router::authority(&req).to_string(),
+        });
+    };
+    let attempts = routed.attempts.clone();
     let (parts, body) = req.into_parts();
     let source = Replay::new(body, policy.retry.buffer_bytes);
     let creq = classify::Request {
@@ -344,14 +298,13 @@ where
         method: &parts.method,
         policy: &policy.retry,
     };
-    let tried = Tried::default();
     let mut attempt = 0u32;
     // Attempts the server never processed (refused, or above its GOAWAY's
     // last-stream-id): retried without counting against the policy.
     let mut unprocessed = 0u32;
     loop {
         attempt += 1;
-        attempts.0.store(attempt, Ordering::Relaxed);
+        attempts.set_count(attempt);
         let per_try = timing.per_try(policy.timeout.per_try)?;
         let mut req = Request::new(source.attempt());
         *req.method_mut() = parts.method.clone();
@@ -359,19 +312,11 @@ where
         *req.version_mut() = parts.version;
         *req.headers_mut() = parts.headers.clone();
         timing.pass_on(req.headers_mut());
-        // What the balance layer chooses the endpoint by.
-        let ext = req.extensions_mut();
-        ext.insert(Arc::clone(target));
-        ext.insert(rule.clone());
-        ext.insert(tried.clone());
-        if let Some(p) = pinned {
-            ext.insert(p);
-        }
         let allowed = policy.retry.max_attempts + unprocessed;
         let may_retry = attempt < allowed && source.can_replay();
-        if may_retry {
-            req.extensions_mut().insert(MayHold);
-        }
+        // What the balance layer chooses the endpoint by.
+        routed.may_hold = may_retry;
+        req.extensions_mut().insert(routed.clone());
         let svc = inner.clone();
         let send = async {
             let rsp = svc.oneshot(req).await?;
@@ -383,7 +328,7 @@ where
             Some(t) => tokio::time::timeout(t, send).await.ok(),
             None => Some(send.await),
         };
-        let addr = tried.get().unwrap_or(NO_ENDPOINT);
+        let addr = attempts.latest_addr().unwrap_or(NO_ENDPOINT);
         let (last, reason): (Result<Response<Body>, ProxyError>, &'static str) = match result {
             Some(Ok((verdict, held))) => {
                 // The balance layer left a held response's verdict to us.

@@ -1,6 +1,7 @@
 //! Target selection per listener kind, and the route table's names.
 #![allow(clippy::unwrap_used)]
 use super::*;
+use crate::serve::ConnInfo;
 use tower::{Layer as _, Service as _, ServiceExt as _};
 
 type Seen = (
@@ -13,15 +14,14 @@ type Seen = (
 /// and the DST_PORT header the layers below would see.
 async fn route(selector: &Selector, req: Request<()>) -> Seen {
     let probe = tower::service_fn(|req: Request<()>| async move {
+        let routed = Routed::of(&req);
         Ok::<Seen, std::convert::Infallible>((
-            req.extensions()
-                .get::<Arc<Target>>()
-                .map(|t| t.balancer.endpoint_addrs()),
-            req.extensions().get::<PinnedEndpoint>().map(|p| p.0),
+            routed.map(|r| r.target.balancer.endpoint_addrs()),
+            routed.and_then(|r| r.pinned),
             req.headers().get(DST_PORT).cloned(),
         ))
     });
-    let mut svc = RouteLayer::new(selector.clone()).layer(probe);
+    let mut svc = RouteLayer::new(selector.clone(), None).layer(probe);
     svc.ready().await.unwrap().call(req).await.unwrap()
 }
 
@@ -53,7 +53,11 @@ async fn intercepted_requests_follow_their_destination() {
             .header(DST_PORT, "4191")
             .body(())
             .unwrap();
-        req.extensions_mut().insert(dest.clone());
+        let a = addr("127.0.0.1:40000");
+        req.extensions_mut().insert(Arc::new(ConnInfo {
+            dest: Some(dest.clone()),
+            ..ConnInfo::new(a, addr("127.0.0.1:4140"))
+        }));
         req
     };
     // The pod IP the app dialed: that endpoint, and the port goes along
@@ -86,10 +90,10 @@ async fn intercepted_requests_follow_their_destination() {
     };
     let named = |port: &str| {
         let mut req = Request::builder().header(DST_PORT, port).body(()).unwrap();
-        req.extensions_mut().insert(ConnAddrs {
-            local: addr("10.1.0.7:4143"),
-            peer: addr("10.1.0.9:40000"),
-        });
+        req.extensions_mut().insert(Arc::new(ConnInfo::new(
+            addr("10.1.0.9:40000"),
+            addr("10.1.0.7:4143"),
+        )));
         req
     };
     // A served port, at the pod IP the connection came in on.
@@ -121,18 +125,14 @@ fn a_service_port_is_named_as_the_endpoints_target_port() {
     let ep = EndpointClient::new("web".into(), e, Default::default(), gauge, counter, None);
     let named = |port: &str, pinned: bool| {
         let mut req = Request::builder().header(DST_PORT, port).body(()).unwrap();
-        if pinned {
-            req.extensions_mut()
-                .insert(PinnedEndpoint(addr("10.1.0.7:4143")));
-        }
-        name_target_port(&mut req, &ep);
+        name_target_port(&mut req, &ep, pinned);
         req.headers().get(DST_PORT).cloned().unwrap()
     };
     assert_eq!(named("80", false), "8080", "dialed on the virtual IP");
     assert_eq!(named("9000", false), "9000", "no mapping: as dialed");
     assert_eq!(named("80", true), "80", "dialed at the pod's own IP");
     let mut req = Request::new(());
-    name_target_port(&mut req, &ep);
+    name_target_port(&mut req, &ep, false);
     assert_eq!(
         req.headers().get(DST_PORT),
         None,

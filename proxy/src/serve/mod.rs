@@ -11,19 +11,20 @@
 //! The inbound listener may take mTLS ([`crate::identity::tls::Inbound`]):
 //! the handshake runs in the connection's own task, so a slow or hostile
 //! peer never holds up the accept loop, and what it established
-//! ([`ConnTls`]) rides in every request's extensions. A connection may also
+//! ([`ConnTls`]) rides in every request's extensions, with the rest of what
+//! is known about the connection ([`ConnInfo`]). A connection may also
 //! turn out not to be HTTP at all ([`Mode`]): one iptables redirected to a
 //! destination outside the mesh, or opaque TCP (ALPN `tern.tcp/1` from
 //! another sidecar); those go to [`crate::tcp`].
 
 pub mod bind;
+pub mod conn_info;
 pub mod conn_state;
 pub mod fd_budget;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -44,9 +45,10 @@ use crate::config::limits::Limits;
 use crate::identity::tls::{Accepted, Inbound};
 use crate::intercept::{self, InboundConn, OutboundConn};
 use crate::limits::hard_header_list_size;
-use crate::router::{ConnAddrs, Destination};
 use crate::warn_limit::WarnLimiter;
-use conn_state::{ConnState, Tracked};
+pub use conn_info::ConnInfo;
+use conn_info::WithConn;
+use conn_state::ConnState;
 
 #[derive(Clone)]
 pub struct ConnMetrics {
@@ -201,17 +203,6 @@ struct Ctx<S> {
     l: Listener<S>,
 }
 
-/// What the HTTP stack learns about its connection: the handshake's result
-/// and, for an intercepted one, where it was going.
-#[derive(Clone, Default)]
-struct ConnInfo {
-    tls: Option<ConnTls>,
-    dest: Option<Destination>,
-    addrs: Option<ConnAddrs>,
-    /// An intercepted connection whose destination went unanswered.
-    unanswered: Option<crate::on_demand::Unanswered>,
-}
-
 impl<S, B> Ctx<S>
 where
     S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
@@ -231,10 +222,7 @@ where
         let Ok(local) = stream.local_addr() else {
             return; // the connection is already gone
         };
-        let mut info = ConnInfo {
-            addrs: Some(ConnAddrs { local, peer }),
-            ..ConnInfo::default()
-        };
+        let mut info = ConnInfo::new(peer, local);
         match &self.l.mode {
             Mode::Outbound(out) => {
                 if let Some(dst) = intercept::original_dst(&stream) {
@@ -278,7 +266,7 @@ where
             Mode::Http => {}
         }
         let Some(tls) = &self.l.tls else {
-            return self.http(stream, peer, info).await;
+            return self.http(stream, info).await;
         };
         match Box::pin(tls.accept(stream)).await {
             Err(e) => {
@@ -291,7 +279,7 @@ where
             }
             Ok(Accepted::Plain(stream)) => {
                 info.tls = Some(ConnTls::plaintext());
-                self.http(stream, peer, info).await
+                self.http(stream, info).await
             }
             Ok(Accepted::Tls(stream, conn_tls)) => {
                 let opaque = stream.get_ref().1.alpn_protocol() == Some(ALPN_TERN_TCP);
@@ -300,7 +288,7 @@ where
                     return Box::pin(tcp).await;
                 }
                 info.tls = Some(conn_tls);
-                self.http(stream, peer, info).await
+                self.http(stream, info).await
             }
         }
     }
@@ -315,15 +303,15 @@ where
 
     /// Serves HTTP until the client is done, the proxy drains, or the
     /// connection's limits close it (GOAWAY, then requests in flight finish).
-    async fn http<I>(&self, io: I, peer: SocketAddr, info: ConnInfo)
+    async fn http<I>(&self, io: I, info: ConnInfo)
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        let peer = info.peer;
         let state = ConnState::new(self.l.limits);
         let svc = WithConn {
             inner: self.l.svc.clone(),
-            info,
-            peer: ClientAddr(peer),
+            info: Arc::new(info),
             state: Arc::clone(&state),
         };
         let conn = self
@@ -350,56 +338,5 @@ where
         if let Err(e) = result {
             tracing::debug!(listener = self.l.name, %peer, error = %e, "connection ended with error");
         }
-    }
-}
-
-/// The downstream peer's address, in every request's extensions.
-#[derive(Clone, Copy, Debug)]
-pub struct ClientAddr(pub SocketAddr);
-
-impl ClientAddr {
-    /// Whether the peer is on this host's loopback (IPv4-mapped included).
-    pub fn is_loopback(&self) -> bool {
-        self.0.ip().to_canonical().is_loopback()
-    }
-}
-
-/// Puts what is known about the connection into each request.
-#[derive(Clone)]
-struct WithConn<S> {
-    inner: S,
-    info: ConnInfo,
-    peer: ClientAddr,
-    state: Arc<ConnState>,
-}
-
-impl<S, B> tower::Service<Request<Incoming>> for WithConn<S>
-where
-    S: tower::Service<Request<Incoming>, Response = Response<B>>,
-    B: http_body::Body,
-{
-    type Response = Response<Tracked<B>>;
-    type Error = S::Error;
-    type Future = Tracked<S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
-        req.extensions_mut().insert(self.peer);
-        if let Some(tls) = &self.info.tls {
-            req.extensions_mut().insert(tls.clone());
-        }
-        if let Some(dest) = &self.info.dest {
-            req.extensions_mut().insert(dest.clone());
-        }
-        if let Some(addrs) = self.info.addrs {
-            req.extensions_mut().insert(addrs);
-        }
-        if let Some(u) = &self.info.unanswered {
-            req.extensions_mut().insert(u.clone());
-        }
-        Tracked::new(self.inner.call(req), &self.state)
     }
 }
