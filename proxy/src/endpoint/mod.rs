@@ -1,7 +1,7 @@
 //! A client for one endpoint: the last hop of every stack.
 //!
 //! HTTP/2 requests share one multiplexed connection per endpoint, made on first
-//! use and remade when it closes; HTTP/1.1 requests take an idle keep-alive
+//! use and remade when it closes or after a burst ([`h2_pool`]); HTTP/1.1 requests take an idle keep-alive
 //! connection from a small pool, or open one. The request keeps the protocol
 //! its caller spoke. Dropping the client (the endpoint left discovery) lets its
 //! connections close once the requests in flight on them finish.
@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use arc_swap::ArcSwapOption;
 use http::{header, uri, HeaderMap, HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -34,6 +33,10 @@ use crate::identity::tls::ClientIo;
 use crate::identity::{Alpn, Identity};
 use crate::limits::{hard_header_list_size, header_list_size, CheckedTrailers};
 
+mod h2_pool;
+
+use h2_pool::{Counted, H2Pool, Pooled, StreamGuard};
+
 /// Idle HTTP/1.1 connections kept per endpoint; more are closed when freed.
 const MAX_IDLE_H1: usize = 32;
 
@@ -43,7 +46,7 @@ pub struct EndpointClient {
     endpoint: Endpoint,
     pub load: Load,
     limits: ClientLimits,
-    h2: ArcSwapOption<Conn<http2::SendRequest<Body>>>,
+    h2: H2Pool,
     /// Serialises HTTP/2 connects so a burst of first requests opens one connection.
     h2_connecting: tokio::sync::Mutex<()>,
     h1_idle: Mutex<Vec<Conn<http1::SendRequest<Body>>>>,
@@ -87,7 +90,7 @@ impl EndpointClient {
             endpoint,
             load: Load::default(),
             limits,
-            h2: ArcSwapOption::empty(),
+            h2: H2Pool::default(),
             h2_connecting: tokio::sync::Mutex::new(()),
             h1_idle: Mutex::new(Vec::new()),
             open_connections,
@@ -166,9 +169,10 @@ impl EndpointClient {
     ) -> Result<Response<Body>, ProxyError> {
         // HTTP/2 has no connection-level headers (h2 refuses them), so only
         // HTTP/1 hops need them stripped.
-        let rsp = if req.version() == Version::HTTP_2 {
+        let (rsp, stream) = if req.version() == Version::HTTP_2 {
             self.absolute_uri(&mut req);
-            self.send_h2(req).await?
+            let (rsp, stream) = self.send_h2(req).await?;
+            (rsp, Some(stream))
         } else {
             strip_hop_by_hop(req.headers_mut());
             origin_form(&mut req);
@@ -177,12 +181,15 @@ impl EndpointClient {
             let rsp = Box::pin(self.send_h1(req)).await?;
             let (mut parts, body) = rsp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            Response::from_parts(parts, body)
+            (Response::from_parts(parts, body), None)
         };
         self.check_head(&rsp)?;
         let grpc = crate::errors::is_grpc(rsp.headers());
         let (limit, oversized) = (self.limits.max_header_list_size, self.oversized.clone());
-        Ok(rsp.map(|b| crate::body::boxed(CheckedTrailers::new(b, limit, grpc, oversized))))
+        Ok(rsp.map(|b| {
+            let checked = CheckedTrailers::new(b, limit, grpc, oversized);
+            crate::body::boxed(Counted::new(checked, stream))
+        }))
     }
 
     /// A response head over the header limit is the app's answer, not a
@@ -202,45 +209,42 @@ impl EndpointClient {
         })
     }
 
-    async fn send_h2(&self, req: Request<Body>) -> Result<Response<Incoming>, ProxyError> {
+    /// The response, and its stream counted on the connection that carries it.
+    async fn send_h2(
+        &self,
+        req: Request<Body>,
+    ) -> Result<(Response<Incoming>, StreamGuard), ProxyError> {
         // Connecting (TCP, TLS, the HTTP/2 handshake) is rare and its future
         // large: boxed, it does not make every request's future that large.
-        let mut tx = match self.pooled_h2() {
-            Some(tx) => tx,
+        let (mut tx, guard) = match self.h2.checkout() {
+            Some(c) => c,
             None => Box::pin(self.h2_sender()).await?,
         };
         match tx.try_send_request(req).await {
-            Ok(rsp) => Ok(rsp),
+            Ok(rsp) => Ok((rsp, guard)),
             Err(mut e) => match e.take_message() {
                 // The connection closed before the stream was sent (GOAWAY,
                 // peer restart): the request is untouched, so one fresh
                 // connection may carry it.
                 Some(req) => {
-                    self.h2.store(None);
-                    let mut tx = Box::pin(self.h2_sender()).await?;
-                    tx.send_request(req).await.map_err(|e| self.upstream(e))
+                    drop(guard);
+                    self.h2.forget();
+                    let (mut tx, guard) = Box::pin(self.h2_sender()).await?;
+                    let rsp = tx.send_request(req).await.map_err(|e| self.upstream(e))?;
+                    Ok((rsp, guard))
                 }
                 None => Err(self.upstream(e.into_error())),
             },
         }
     }
 
-    /// The pooled HTTP/2 connection, when it can take a request.
-    fn pooled_h2(&self) -> Option<http2::SendRequest<Body>> {
-        let c = self.h2.load();
-        let c = c.as_deref()?;
-        (!c.tx.is_closed() && !c.retired()).then(|| c.tx.clone())
-    }
-
-    async fn h2_sender(&self) -> Result<http2::SendRequest<Body>, ProxyError> {
-        if let Some(tx) = self.pooled_h2() {
-            return Ok(tx);
+    async fn h2_sender(&self) -> Result<(http2::SendRequest<Body>, StreamGuard), ProxyError> {
+        if let Some(c) = self.h2.checkout() {
+            return Ok(c);
         }
         let _connecting = self.h2_connecting.lock().await;
-        if let Some(c) = self.h2.load().as_deref() {
-            if !c.tx.is_closed() && !c.retired() {
-                return Ok(c.tx.clone());
-            }
+        if let Some(c) = self.h2.checkout() {
+            return Ok(c);
         }
         // A retired connection finishes the requests it carries and then
         // closes, once its last sender is gone.
@@ -255,11 +259,7 @@ impl EndpointClient {
             .await
             .map_err(|e| self.upstream(e))?;
         self.spawn_conn(conn);
-        self.h2.store(Some(Arc::new(Conn {
-            tx: tx.clone(),
-            retire_at,
-        })));
-        Ok(tx)
+        Ok(self.h2.insert(Pooled::new(tx, retire_at)))
     }
 
     async fn send_h1(
