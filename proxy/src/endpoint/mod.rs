@@ -1,8 +1,8 @@
 //! A client for one endpoint: the last hop of every stack.
 //!
 //! HTTP/2 requests share one multiplexed connection per endpoint, made on first
-//! use and remade when it closes or after a burst ([`h2_pool`]); HTTP/1.1 requests take an idle keep-alive
-//! connection from a small pool, or open one. The request keeps the protocol
+//! use and remade when it closes or after a burst (`h2_pool`); HTTP/1.1
+//! requests take an idle keep-alive connection from a small pool, or open one. The request keeps the protocol
 //! its caller spoke. Dropping the client (the endpoint left discovery) lets its
 //! connections close once the requests in flight on them finish.
 //!
@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use http::{header, uri, HeaderMap, HeaderValue, Request, Response, Uri, Version};
+use http::{header, uri, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -34,8 +34,11 @@ use crate::identity::{Alpn, Identity};
 use crate::limits::{hard_header_list_size, header_list_size, CheckedTrailers};
 
 mod h2_pool;
+mod hop;
 
 use h2_pool::{Counted, H2Pool, Pooled, StreamGuard};
+pub use hop::h1_buf_size;
+use hop::{origin_form, strip_hop_by_hop};
 
 /// Idle HTTP/1.1 connections kept per endpoint; more are closed when freed.
 const MAX_IDLE_H1: usize = 32;
@@ -488,81 +491,4 @@ fn source_chain(e: &(dyn std::error::Error + 'static)) -> String {
         next = s.source();
     }
     out
-}
-
-/// hyper's HTTP/1 read buffer bounds a message head; it must hold at least 8 KiB.
-pub fn h1_buf_size(max_header_list_size: u32) -> usize {
-    (max_header_list_size as usize).max(8192)
-}
-
-/// HTTP/1.1 origin servers expect `GET /path`, with the name in `Host`.
-fn origin_form(req: &mut Request<Body>) {
-    let uri = req.uri().clone();
-    if let Some(authority) = uri.authority() {
-        if !req.headers().contains_key(header::HOST) {
-            if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
-                req.headers_mut().insert(header::HOST, v);
-            }
-        }
-        let pq = uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| uri::PathAndQuery::from_static("/"));
-        *req.uri_mut() = Uri::from(pq);
-    }
-}
-
-/// Connection-level headers belong to one hop; the next hop frames its own.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if let Some(conn) = headers.remove(header::CONNECTION) {
-        if let Ok(list) = conn.to_str() {
-            for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-                if !name.eq_ignore_ascii_case("te") {
-                    headers.remove(name);
-                }
-            }
-        }
-    }
-    for h in ["keep-alive", "proxy-connection", "upgrade"] {
-        headers.remove(h);
-    }
-    headers.remove(header::TRANSFER_ENCODING);
-    if headers
-        .get(header::TE)
-        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
-    {
-        headers.remove(header::TE);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hop_by_hop_headers_are_removed_but_te_trailers_kept() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-hop"),
-        );
-        h.insert("x-hop", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
-        h.insert("x-end", HeaderValue::from_static("kept"));
-        strip_hop_by_hop(&mut h);
-        assert!(h.get("x-hop").is_none());
-        assert!(h.get("keep-alive").is_none());
-        assert_eq!(h[header::TE], "trailers");
-        assert_eq!(h["x-end"], "kept");
-    }
-
-    #[test]
-    fn origin_form_moves_authority_to_host() {
-        let mut req = Request::new(crate::body::empty());
-        *req.uri_mut() = Uri::from_static("http://pay:50051/orders?x=1");
-        origin_form(&mut req);
-        assert_eq!(req.uri(), "/orders?x=1");
-        assert_eq!(req.headers()[header::HOST], "pay:50051");
-    }
 }
