@@ -39,6 +39,50 @@ pub fn hint_plus(hint: SizeHint, n: u64) -> SizeHint {
     h
 }
 
+pin_project_lite::pin_project! {
+    /// A body that keeps `guard` (a request counted in flight, a stream
+    /// counted on its connection) until it ends, fails or is dropped.
+    pub struct Guarded<B, G> {
+        #[pin]
+        inner: B,
+        guard: Option<G>,
+    }
+}
+
+impl<B, G> Guarded<B, G> {
+    pub fn new(inner: B, guard: Option<G>) -> Self {
+        Self { inner, guard }
+    }
+}
+
+impl<B, G> http_body::Body for Guarded<B, G>
+where
+    B: http_body::Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            this.guard.take();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 pub fn empty() -> Body {
     boxed(Empty::<Bytes>::new())
 }

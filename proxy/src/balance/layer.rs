@@ -22,8 +22,8 @@ use std::time::Instant;
 
 use http::{Request, Response};
 
-use super::{start_request, Algorithm, Balancer, InFlight, InFlightBody};
-use crate::body::Body;
+use super::{start_request, Algorithm, Balancer, InFlight};
+use crate::body::{Body, Guarded};
 use crate::endpoint::EndpointClient;
 use crate::errors::{grpc_status, is_grpc, ProxyError};
 use crate::on_demand::Unanswered;
@@ -194,7 +194,7 @@ impl Sent {
             self.balancer.report(self.addr, !failed);
         }
         Ok(match self.in_flight {
-            Some(guard) => rsp.map(|b| crate::body::boxed(InFlightBody::new(b, guard))),
+            Some(guard) => rsp.map(|b| crate::body::boxed(Guarded::new(b, Some(guard)))),
             None => rsp,
         })
     }

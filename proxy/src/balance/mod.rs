@@ -28,7 +28,7 @@ use crate::endpoint::EndpointClient;
 use crate::errors::ProxyError;
 
 pub use layer::{Balance, BalanceLayer};
-pub use p2c::{start as start_request, InFlight, InFlightBody, Load};
+pub use p2c::{start as start_request, InFlight, Load};
 
 /// Which endpoint served a response; read by the access log and metrics.
 #[derive(Clone, Copy, Debug)]

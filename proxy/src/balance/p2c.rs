@@ -6,18 +6,12 @@
 //! decays slowly, so it sheds load as soon as it slows down.
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
-
-use bytes::Bytes;
-use http_body::{Frame, SizeHint};
 
 use super::{badness, Algorithm};
 use crate::accrual::now_ms;
-use crate::body::{Body, BoxError};
 use crate::endpoint::EndpointClient;
 
 /// Decay time constant of the latency estimate.
@@ -116,47 +110,4 @@ pub(super) fn pick(
         _ => return None,
     };
     choice.accrual.try_acquire(now).then(|| Arc::clone(choice))
-}
-
-pin_project_lite::pin_project! {
-    /// A response body that keeps its request counted in flight until it ends.
-    pub struct InFlightBody {
-        #[pin]
-        inner: Body,
-        guard: Option<InFlight>,
-    }
-}
-
-impl InFlightBody {
-    pub fn new(inner: Body, guard: InFlight) -> Self {
-        Self {
-            inner,
-            guard: Some(guard),
-        }
-    }
-}
-
-impl http_body::Body for InFlightBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
-        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            this.guard.take();
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
 }

@@ -12,12 +12,9 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwapOption;
-use bytes::Bytes;
-use http_body::{Frame, SizeHint};
 use hyper::client::conn::http2;
 
 use crate::body::Body;
@@ -133,49 +130,6 @@ impl Streams {
             return false;
         }
         !self.replaced.swap(true, Ordering::Relaxed)
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A response body that keeps its stream counted on its connection.
-    pub struct Counted<B> {
-        #[pin]
-        inner: B,
-        guard: Option<StreamGuard>,
-    }
-}
-
-impl<B> Counted<B> {
-    pub fn new(inner: B, guard: Option<StreamGuard>) -> Self {
-        Self { inner, guard }
-    }
-}
-
-impl<B> http_body::Body for Counted<B>
-where
-    B: http_body::Body<Data = Bytes>,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
-        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            this.guard.take();
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 

@@ -25,7 +25,7 @@ use tern_backoff::ExpBackoff;
 use tokio::net::TcpStream;
 
 use crate::balance::Load;
-use crate::body::Body;
+use crate::body::{Body, Guarded};
 use crate::config::limits::ClientLimits;
 use crate::discovery::{Endpoint, Labels, TargetPorts};
 use crate::errors::ProxyError;
@@ -36,7 +36,7 @@ use crate::limits::{hard_header_list_size, header_list_size, CheckedTrailers};
 mod h2_pool;
 mod hop;
 
-use h2_pool::{Counted, H2Pool, Pooled, StreamGuard};
+use h2_pool::{H2Pool, Pooled, StreamGuard};
 pub use hop::h1_buf_size;
 use hop::{origin_form, strip_hop_by_hop};
 
@@ -191,7 +191,7 @@ impl EndpointClient {
         let (limit, oversized) = (self.limits.max_header_list_size, self.oversized.clone());
         Ok(rsp.map(|b| {
             let checked = CheckedTrailers::new(b, limit, grpc, oversized);
-            crate::body::boxed(Counted::new(checked, stream))
+            crate::body::boxed(Guarded::new(checked, stream))
         }))
     }
 
