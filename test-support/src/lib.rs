@@ -1,11 +1,13 @@
 //! Helpers shared by Tern's tests that run real processes: a guard for a child process that
 //! logs to files and always stops it ([`Proc`]), a per-test log directory ([`TestDir`]), free
-//! loopback ports, a real dnsmasq ([`dnsmasq::Dnsmasq`]), and the rule for skipping a test whose
+//! loopback ports, a real dnsmasq ([`dnsmasq::Dnsmasq`]), the key paths of a JSON value
+//! ([`key_paths::walk`]), and the rule for skipping a test whose
 //! tools are missing ([`missing`]).
 //!
 //! For tests only: nothing here belongs in a shipped binary.
 
 pub mod dnsmasq;
+pub mod key_paths;
 pub mod ports;
 pub mod process;
 

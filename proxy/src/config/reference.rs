@@ -6,7 +6,7 @@
 
 use std::collections::BTreeSet;
 
-use serde_json::Value;
+use tern_test_support::key_paths::walk;
 
 use super::FileConfig;
 
@@ -21,37 +21,6 @@ fn yaml_after<'a>(doc: &'a str, marker: &str) -> &'a str {
     let start = rest.find("```yaml\n").unwrap() + "```yaml\n".len();
     let len = rest[start..].find("\n```").unwrap();
     &rest[start..start + len]
-}
-
-/// Every key path in `v` (`a.b`, `list[].c`), and those with a value: not
-/// null, not an empty list.
-fn walk(v: &Value, path: &str, all: &mut BTreeSet<String>, set: &mut BTreeSet<String>) {
-    match v {
-        Value::Object(m) => {
-            set.insert(path.to_string());
-            for (k, v) in m {
-                let p = if path.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{path}.{k}")
-                };
-                all.insert(p.clone());
-                walk(v, &p, all, set);
-            }
-        }
-        Value::Array(items) => {
-            if !items.is_empty() {
-                set.insert(path.to_string());
-            }
-            for item in items {
-                walk(item, &format!("{path}[]"), all, set);
-            }
-        }
-        Value::Null => {}
-        _ => {
-            set.insert(path.to_string());
-        }
-    }
 }
 
 fn keys() -> BTreeSet<String> {

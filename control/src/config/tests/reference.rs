@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use tern_test_support::key_paths::walk;
 
 use super::super::raw;
 use super::*;
@@ -19,32 +20,6 @@ fn example() -> String {
     let start = rest.find("```yaml\n").unwrap() + "```yaml\n".len();
     let len = rest[start..].find("\n```").unwrap();
     rest[start..start + len].to_string()
-}
-
-/// Every key path under `path`, and those with a value (not null, not an empty list).
-fn walk(v: &Value, path: &str, all: &mut BTreeSet<String>, set: &mut BTreeSet<String>) {
-    match v {
-        Value::Object(m) => {
-            set.insert(path.to_string());
-            for (k, v) in m {
-                let p = format!("{path}.{k}");
-                all.insert(p.clone());
-                walk(v, &p, all, set);
-            }
-        }
-        Value::Array(items) => {
-            if !items.is_empty() {
-                set.insert(path.to_string());
-            }
-            for item in items {
-                walk(item, &format!("{path}[]"), all, set);
-            }
-        }
-        Value::Null => {}
-        _ => {
-            set.insert(path.to_string());
-        }
-    }
 }
 
 fn typed<T: DeserializeOwned + Serialize>(v: serde_yaml::Value) -> Value {
